@@ -1,0 +1,19 @@
+# locnet-study: from raw CT volumes and landmark annotations to every table and figure of
+# "Volumetric landmark detection with a multi-scale shift equivariant neural network".
+#
+#   snakemake --cores 8 --resources gpu=1                          # default synthetic study
+#   snakemake --cores 8 --resources gpu=1 --configfile config/paper.yaml
+#
+# The config is validated (and defaults filled) by workflow/rules/common.smk.
+
+configfile: "config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+
+
+rule all:
+    input:
+        study_outputs(),
+    default_target: True

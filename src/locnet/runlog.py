@@ -1,0 +1,55 @@
+"""Logging for Snakemake script jobs: everything a job says goes to its ``log:`` file.
+
+Usage in a workflow script::
+
+    from locnet.runlog import job_logging
+    with job_logging(snakemake) as log:
+        log.info("...")
+
+Python warnings, ``logging`` records and an uncaught exception (with traceback) all land in
+the rule's log file as well as on stderr, so a failed job explains itself in one place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import time
+
+
+@contextlib.contextmanager
+def job_logging(smk=None, log_path: str | None = None, name: str = "locnet"):
+    if log_path is None and smk is not None and len(smk.log) > 0:
+        log_path = str(smk.log[0])
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    handlers = []
+    if log_path:
+        fh = logging.FileHandler(log_path, mode="a")
+        fh.setFormatter(fmt)
+        handlers.append(fh)
+    sh = logging.StreamHandler(sys.stderr)
+    sh.setFormatter(fmt)
+    handlers.append(sh)
+    for h in handlers:
+        root.addHandler(h)
+    logging.captureWarnings(True)
+    log = logging.getLogger(name)
+    rule = getattr(smk, "rule", None)
+    t0 = time.perf_counter()
+    if rule:
+        log.info("rule %s started (wildcards: %s)", rule, dict(getattr(smk, "wildcards", {})))
+    try:
+        yield log
+    except BaseException:
+        log.exception("job failed")
+        raise
+    else:
+        if rule:
+            log.info("rule %s done in %.1f s", rule, time.perf_counter() - t0)
+    finally:
+        for h in handlers:
+            root.removeHandler(h)
+            h.close()
