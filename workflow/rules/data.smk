@@ -5,9 +5,9 @@ rule synthetic_case:
     """One synthetic neck-CTA scan and its two bifurcation landmarks (world RAS mm)."""
     output:
         image=f"{RES}/synthetic/images/{{case}}.nii.gz",
-        landmarks=f"{RES}/synthetic/cases/{{case}}.csv",
     params:
         cfg=config["synthetic"],
+        index=lambda wc: int(wc.case.split("_")[-1]),
     log:
         f"{RES}/logs/synthetic_case/{{case}}.log",
     benchmark:
@@ -24,10 +24,11 @@ rule synthetic_cohort:
     """Gather the synthetic cases into a manifest and landmark table, laid out like user data."""
     input:
         images=expand(f"{RES}/synthetic/images/{{case}}.nii.gz", case=synthetic_case_ids()),
-        landmarks=expand(f"{RES}/synthetic/cases/{{case}}.csv", case=synthetic_case_ids()),
     output:
         manifest=f"{RES}/synthetic/manifest.csv",
         landmarks=f"{RES}/synthetic/landmarks.csv",
+    params:
+        cfg=config["synthetic"],
     log:
         f"{RES}/logs/synthetic_cohort.log",
     localrule: True

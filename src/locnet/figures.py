@@ -1,0 +1,596 @@
+"""Figures of the study (paper Figs. 3-5 and the training curves).
+
+Every function draws one figure, saves it as ``{out_prefix}.png`` (300 dpi) and
+``{out_prefix}.pdf`` (text kept as text), atomically, and returns ``[png_path, pdf_path]``.
+Figures are sized for a paper: 3.5 in wide for one column, 7 in for two columns, with 7 pt
+text. Methods always appear in Table 1's order, with the labels and fixed colours of
+:data:`locnet.metrics.METHODS`. No pyplot state is used (figures are plain
+``matplotlib.figure.Figure`` objects rendered by the Agg/PDF backends), so the functions are
+safe in headless jobs and do not leak figures.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import textwrap
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib as mpl
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib import patheffects
+from matplotlib.figure import Figure
+
+from .metrics import (
+    PROPOSED_METHOD,
+    errors_of,
+    landmark_order,
+    method_color,
+    method_label,
+    method_order,
+    select_subset,
+)
+from .stats import confidence_correlation, volumes_of
+
+__all__ = [
+    "DPI",
+    "COLUMN_WIDTH_IN",
+    "PAGE_WIDTH_IN",
+    "landmark_colors",
+    "save_figure",
+    "violin_errors",
+    "confidence_vs_error",
+    "training_curves",
+    "heatmap_figure",
+]
+
+DPI = 300
+COLUMN_WIDTH_IN = 3.5
+PAGE_WIDTH_IN = 7.0
+
+_RC = {
+    "font.size": 7,
+    "axes.titlesize": 7,
+    "axes.labelsize": 7,
+    "xtick.labelsize": 6,
+    "ytick.labelsize": 6,
+    "legend.fontsize": 6,
+    "legend.title_fontsize": 6,
+    "axes.linewidth": 0.6,
+    "xtick.major.width": 0.6,
+    "ytick.major.width": 0.6,
+    "lines.linewidth": 1.0,
+    "pdf.fonttype": 42,  # TrueType: text stays editable in the PDF
+    "ps.fonttype": 42,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+}
+_LANDMARK_COLORS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9",
+                    "#F0E442", "#000000")
+
+
+def landmark_colors(landmarks: Sequence[str]) -> dict[str, str]:
+    """Fixed colours for landmarks, in the given (configured) order."""
+    return {lm: _LANDMARK_COLORS[i % len(_LANDMARK_COLORS)] for i, lm in enumerate(landmarks)}
+
+
+def save_figure(fig: Figure, out_prefix: str | os.PathLike) -> list[Path]:
+    """Save ``fig`` as ``{out_prefix}.png`` and ``.pdf`` via temporary files + ``os.replace``."""
+    prefix = Path(out_prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for ext in ("png", "pdf"):
+        path = prefix.with_name(f"{prefix.name}.{ext}")
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".{ext}", dir=path.parent)
+        os.close(fd)
+        try:
+            fig.savefig(tmp, format=ext, dpi=DPI)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        paths.append(path)
+    return paths
+
+
+def _new_figure(width_in: float, height_in: float) -> Figure:
+    return Figure(figsize=(width_in, height_in), dpi=DPI, layout="constrained")
+
+
+def _empty_message(ax, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="0.4")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+# ---------------------------------------------------------------------------------------------
+# Fig. 4: error distribution per method
+# ---------------------------------------------------------------------------------------------
+
+
+def _wrap(label: str, width: int = 20) -> str:
+    return textwrap.fill(label, width, break_on_hyphens=False)
+
+
+def _plain_log_axis(axis) -> None:
+    """Log axis labelled with plain numbers (0.5, 1, 2, 5, 10, ...) rather than powers of 10.
+
+    Over more than two decades only the decades are labelled.
+    """
+    lo, hi = axis.get_view_interval()
+    span = np.log10(hi / lo) if lo > 0 and hi > lo else 0.0
+    subs = (1.0, 2.0, 5.0) if span <= 2.5 else (1.0,)
+    axis.set_major_locator(mpl.ticker.LogLocator(base=10, subs=subs))
+    axis.set_major_formatter(mpl.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(mpl.ticker.NullFormatter())
+
+
+def _long_errors(predictions: Mapping[str, pd.DataFrame], subset: str | None) -> pd.DataFrame:
+    parts = []
+    for m, df in predictions.items():
+        df = select_subset(df, subset)
+        parts.append(pd.DataFrame({"method": m, "landmark": df["landmark"].astype(str).values,
+                                   "error_mm": errors_of(df).values}))
+    if not parts:
+        return pd.DataFrame(columns=["method", "landmark", "error_mm"])
+    long = pd.concat(parts, ignore_index=True)
+    return long[np.isfinite(long["error_mm"].astype(float))]
+
+
+def violin_errors(
+    predictions: Mapping[str, pd.DataFrame],
+    out_prefix: str | os.PathLike,
+    subset: str | None = "test",
+    by_landmark: bool = False,
+    log_y: bool = False,
+    width_in: float = PAGE_WIDTH_IN,
+    height_in: float = 2.6,
+) -> list[Path]:
+    """Fig. 4: violin plot of the localisation error (mm) per method, in Table 1's order.
+
+    Violins are cut at the data range (``cut=0``) and show the quartiles (dashed: median);
+    every landmark is a light dot; a white diamond marks the mean (the number of Table 1).
+    With ``by_landmark`` the violins are split by landmark (hue). Missing landmarks are left
+    out; tick labels give the number of annotated landmarks.
+    """
+    order = method_order(predictions)
+    data = _long_errors({m: predictions[m] for m in order}, subset)
+    landmarks = landmark_order(predictions)
+    with mpl.rc_context(_RC):
+        fig = _new_figure(width_in, height_in)
+        ax = fig.add_subplot()
+        if data.empty:
+            _empty_message(ax, "no annotated landmarks")
+            return save_figure(fig, out_prefix)
+        common = dict(data=data, x="method", y="error_mm", order=order, ax=ax)
+        split = by_landmark and len(landmarks) > 1
+        if split:
+            pal = landmark_colors(landmarks)
+            sns.violinplot(**common, hue="landmark", hue_order=landmarks, palette=pal, cut=0,
+                           inner="quart", density_norm="width", linewidth=0.6, dodge=True,
+                           saturation=0.9, width=0.8)
+            sns.stripplot(**common, hue="landmark", hue_order=landmarks,
+                          palette={lm: "0.15" for lm in landmarks}, dodge=True, size=1.2,
+                          alpha=0.3, jitter=0.08, legend=False, zorder=5)
+            handles, labels = ax.get_legend_handles_labels()
+            ax.legend(handles, [lb.replace("_", " ") for lb in labels], frameon=False,
+                      loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(landmarks),
+                      handlelength=1.2, columnspacing=1.0)
+            # centres of the dodged violins (seaborn splits a width of 0.8 evenly)
+            k = len(landmarks)
+            offsets = {lm: -0.4 + 0.8 * (j + 0.5) / k for j, lm in enumerate(landmarks)}
+            means = data.groupby(["method", "landmark"])["error_mm"].mean()
+            pts = [(order.index(m) + offsets[lm], v) for (m, lm), v in means.items()
+                   if lm in offsets]
+        else:
+            pal = {m: method_color(m) for m in order}
+            sns.violinplot(**common, hue="method", hue_order=order, palette=pal, legend=False,
+                           cut=0, inner="quart", density_norm="width", linewidth=0.6,
+                           saturation=0.9)
+            sns.stripplot(**common, color="0.15", size=1.2, alpha=0.3, jitter=0.15, zorder=5)
+            means = data.groupby("method")["error_mm"].mean()
+            pts = [(order.index(m), v) for m, v in means.items()]
+        if pts:
+            px, py = zip(*pts)
+            ax.scatter(px, py, marker="D", s=10, color="white", edgecolor="black",
+                       linewidth=0.6, zorder=10, label="mean")
+        counts = data.groupby("method").size()
+        ax.set_xticks(range(len(order)))
+        ax.set_xticklabels([_wrap(method_label(m)) + f"\nn = {counts.get(m, 0)}"
+                            for m in order])
+        ax.set_xlabel("")
+        ax.set_ylabel("Localisation error (mm)")
+        if log_y:
+            ax.set_yscale("log")
+            ax.autoscale_view()
+            _plain_log_axis(ax.yaxis)
+        else:
+            ax.set_ylim(bottom=0)
+        ax.grid(axis="y", linewidth=0.3, color="0.85")
+        ax.set_axisbelow(True)
+        return save_figure(fig, out_prefix)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fig. 5: confidence volume versus error
+# ---------------------------------------------------------------------------------------------
+
+
+def _fmt_p(p: float) -> str:
+    if not np.isfinite(p):
+        return "n/a"
+    return f"{p:.2g}" if p >= 1e-3 else f"{p:.1e}"
+
+
+def confidence_vs_error(
+    pred_noise_df: pd.DataFrame,
+    out_prefix: str | os.PathLike,
+    subset: str | None = "test",
+    level: float = 0.90,
+    method: str = PROPOSED_METHOD,
+    width_in: float = COLUMN_WIDTH_IN,
+    height_in: float = 2.8,
+) -> list[Path]:
+    """Fig. 5: confidence volume (mm^3) versus error (mm) of the noisy method, log-log axes.
+
+    Points are coloured by landmark. The annotation gives Pearson r and p on the volume (as in
+    the paper), Spearman rho and p, and n, pooled over landmarks (see
+    :func:`locnet.stats.confidence_correlation`). The dashed line is a least-squares fit of
+    log error on log volume. Points with zero volume or zero error cannot be shown on log axes
+    and are counted in the annotation.
+    """
+    df = select_subset(pred_noise_df, subset).copy()
+    df["error_mm"] = errors_of(df)
+    df["volume"] = volumes_of(df, level)
+    df = df[np.isfinite(df["error_mm"]) & np.isfinite(df["volume"])]
+    landmarks = list(dict.fromkeys(df["landmark"].astype(str)))
+    pal = landmark_colors(landmarks)
+    c = confidence_correlation(pred_noise_df, subset, level=level)
+    with mpl.rc_context(_RC):
+        fig = _new_figure(width_in, height_in)
+        ax = fig.add_subplot()
+        shown = df[(df["volume"] > 0) & (df["error_mm"] > 0)]
+        if shown.empty:
+            _empty_message(ax, "no annotated landmarks with a confidence volume")
+            return save_figure(fig, out_prefix)
+        for lm in landmarks:
+            part = shown[shown["landmark"].astype(str) == lm]
+            ax.scatter(part["volume"], part["error_mm"], s=8, alpha=0.75, color=pal[lm],
+                       edgecolor="none", label=lm.replace("_", " "))
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        if len(shown) >= 3 and np.ptp(np.log(shown["volume"])) > 0:
+            b, a = np.polyfit(np.log10(shown["volume"]), np.log10(shown["error_mm"]), 1)
+            xv = np.geomspace(shown["volume"].min(), shown["volume"].max(), 50)
+            ax.plot(xv, 10 ** (a + b * np.log10(xv)), "--", color="0.35", linewidth=0.8,
+                    label="log-log fit")
+        text = (f"Pearson r = {c['pearson_r']:.3f} (p = {_fmt_p(c['pearson_p'])})\n"
+                f"Spearman ρ = {c['spearman_rho']:.3f} (p = {_fmt_p(c['spearman_p'])})\n"
+                f"n = {c['n']}")
+        hidden = len(df) - len(shown)
+        if hidden:
+            text += f" ({hidden} not shown: zero value)"
+        ax.text(0.03, 0.97, text, transform=ax.transAxes, ha="left", va="top", fontsize=6,
+                bbox=dict(boxstyle="round,pad=0.3", facecolor="white", edgecolor="0.8",
+                          linewidth=0.5))
+        ax.set_xlabel(f"{100 * level:.0f}% confidence volume (mm³)")
+        ax.set_ylabel("Localisation error (mm)")
+        ax.legend(frameon=False, loc="lower right", markerscale=1.2)
+        ax.autoscale_view()
+        _plain_log_axis(ax.xaxis)
+        _plain_log_axis(ax.yaxis)
+        ax.grid(which="major", linewidth=0.3, color="0.85")
+        ax.set_axisbelow(True)
+        if method:
+            ax.set_title(method_label(method), loc="left")
+        return save_figure(fig, out_prefix)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training curves
+# ---------------------------------------------------------------------------------------------
+
+_LEVEL_RE = {
+    "train": re.compile(r"^loss_level(\d+)$"),
+    "val": re.compile(r"^val_loss_level(\d+)$"),
+    "weight": re.compile(r"^weight_level(\d+)$"),
+}
+
+
+def _levels(df: pd.DataFrame, kind: str) -> dict[int, str]:
+    found = {}
+    for c in df.columns:
+        mt = _LEVEL_RE[kind].match(str(c))
+        if mt and pd.to_numeric(df[c], errors="coerce").notna().any():
+            found[int(mt.group(1))] = c
+    return dict(sorted(found.items()))
+
+
+def _has(df: pd.DataFrame, col: str) -> bool:
+    return col in df.columns and pd.to_numeric(df[col], errors="coerce").notna().any()
+
+
+def _level_color(level: int, n_levels: int) -> tuple:
+    cmap = mpl.colormaps["viridis"]
+    return cmap(0.85 * level / max(n_levels - 1, 1))
+
+
+def training_curves(
+    histories: Mapping[str, pd.DataFrame],
+    out_prefix: str | os.PathLike,
+    width_in: float = PAGE_WIDTH_IN,
+    row_height_in: float = 1.45,
+) -> list[Path]:
+    """Training curves: one row per method (Table 1 order), up to three panels per row.
+
+    * Loss: ``loss`` (black) and ``val_loss`` (black, dashed), per-level ``loss_level{l}``
+      (solid) and ``val_loss_level{l}`` (dashed), one colour per level; log scale when all
+      values are positive.
+    * Validation error: ``val_error_mm`` (and the training ``error_mm`` if logged), with the
+      best epoch (the kept model) marked by a dotted line in every panel of the row.
+    * Loss weights: the schedule ``weight_level{l}``.
+
+    The x axis is the ``epoch`` column (else the row number + 1). Missing columns are
+    tolerated: a panel kind no method logged is dropped; an empty panel says "not logged".
+    """
+    order = method_order(histories)
+    all_levels = sorted({lv for m in order for k in _LEVEL_RE for lv in _levels(histories[m], k)})
+    n_levels = max(all_levels) + 1 if all_levels else 1
+    kinds = []
+    if any(_has(h, "loss") or _has(h, "val_loss") or _levels(h, "train") or _levels(h, "val")
+           for h in histories.values()):
+        kinds.append("loss")
+    if any(_has(h, "val_error_mm") or _has(h, "error_mm") for h in histories.values()):
+        kinds.append("error")
+    if any(_levels(h, "weight") for h in histories.values()):
+        kinds.append("weight")
+    with mpl.rc_context(_RC):
+        if not order or not kinds:
+            fig = _new_figure(width_in, 1.5)
+            _empty_message(fig.add_subplot(), "no training history logged")
+            return save_figure(fig, out_prefix)
+        fig = _new_figure(width_in, 0.35 + row_height_in * len(order))
+        axes = np.atleast_2d(fig.subplots(len(order), len(kinds), squeeze=False))
+        for r, m in enumerate(order):
+            h = histories[m].reset_index(drop=True)
+            ep = (pd.to_numeric(h["epoch"], errors="coerce").to_numpy(float)
+                  if "epoch" in h.columns else np.arange(1, len(h) + 1, dtype=float))
+            num = lambda col: pd.to_numeric(h[col], errors="coerce").to_numpy(float)  # noqa
+            best = None
+            if _has(h, "val_error_mm"):
+                v = num("val_error_mm")
+                best = ep[int(np.nanargmin(v))]
+            for c, kind in enumerate(kinds):
+                ax = axes[r, c]
+                drawn = []
+                if kind == "loss":
+                    for col, ls in (("loss", "-"), ("val_loss", "--")):
+                        if _has(h, col):
+                            drawn += ax.plot(ep, num(col), ls, color="black", linewidth=0.9,
+                                             label="total" + (" (val)" if ls == "--" else ""))
+                    for kind_l, ls in (("train", "-"), ("val", "--")):
+                        for lv, col in _levels(h, kind_l).items():
+                            drawn += ax.plot(ep, num(col), ls, linewidth=0.8,
+                                             color=_level_color(lv, n_levels),
+                                             label=f"level {lv}"
+                                             + (" (val)" if kind_l == "val" else ""))
+                    vals = np.concatenate([ln.get_ydata() for ln in drawn]) if drawn else []
+                    vals = np.asarray(vals, float)
+                    if drawn and np.all(vals[np.isfinite(vals)] > 0):
+                        ax.set_yscale("log")
+                        ax.autoscale_view()
+                        _plain_log_axis(ax.yaxis)
+                    ax.set_ylabel("Loss")
+                elif kind == "error":
+                    if _has(h, "val_error_mm"):
+                        drawn += ax.plot(ep, num("val_error_mm"), color=method_color(m),
+                                         label="validation")
+                    if _has(h, "error_mm"):
+                        drawn += ax.plot(ep, num("error_mm"), "--", color=method_color(m),
+                                         alpha=0.7, label="training")
+                    ax.set_ylabel("Mean error (mm)")
+                else:
+                    for lv, col in _levels(h, "weight").items():
+                        drawn += ax.plot(ep, num(col), color=_level_color(lv, n_levels),
+                                         label=f"level {lv}")
+                    ax.set_ylabel("Loss weight")
+                    if drawn:
+                        ax.set_ylim(-0.05, 1.05 * max(1.0, np.nanmax(
+                            [np.nanmax(ln.get_ydata()) for ln in drawn])))
+                if not drawn:
+                    _empty_message(ax, "not logged")
+                    continue
+                if best is not None:
+                    ax.axvline(best, color="0.5", linestyle=":", linewidth=0.7)
+                if len(drawn) > 1:
+                    ax.legend(frameon=False, fontsize=5, ncol=2 if len(drawn) > 4 else 1,
+                              handlelength=1.5, columnspacing=0.8, labelspacing=0.2)
+                if r == len(order) - 1:
+                    ax.set_xlabel("Epoch")
+                ax.grid(linewidth=0.3, color="0.9")
+            axes[r, 0].set_title(method_label(m), loc="left", fontweight="bold")
+        return save_figure(fig, out_prefix)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fig. 3: one test case with the output maps
+# ---------------------------------------------------------------------------------------------
+
+
+def _grid(affine_or_spacing, shape) -> tuple[np.ndarray, np.ndarray]:
+    """(spacing, origin) of an axis-aligned grid; origin = world position of voxel (0,0,0)."""
+    a = np.asarray(affine_or_spacing, dtype=float)
+    if a.shape == (4, 4):
+        lin = a[:3, :3]
+        off = lin - np.diag(np.diag(lin))
+        if np.abs(off).max() > 1e-6 * np.abs(lin).max() or np.any(np.diag(lin) <= 0):
+            raise ValueError("heatmap_figure needs an axis-aligned grid with a positive "
+                             "diagonal affine (the pyramid's RAS grids)")
+        return np.diag(lin).copy(), a[:3, 3].copy()
+    if a.size in (1, 3):
+        sp = np.broadcast_to(a.ravel(), (3,)).astype(float)
+        if np.any(sp <= 0):
+            raise ValueError("spacing must be positive")
+        return sp, np.zeros(3)
+    raise ValueError(f"affine_or_spacing must be a 4x4 affine or 1/3 spacings, got {a.shape}")
+
+
+def heatmap_figure(
+    volume: np.ndarray,
+    affine_or_spacing,
+    truth_vox,
+    pred_vox,
+    locnet_map: np.ndarray | None,
+    heatmap_map: np.ndarray | None,
+    out_prefix: str | os.PathLike,
+    landmark_name: str,
+    *,
+    case_id: str | None = None,
+    window: tuple[float, float] | None = None,
+    crop_mm: float | None = None,
+    map_alpha: float = 0.75,
+    width_in: float = PAGE_WIDTH_IN,
+) -> list[Path]:
+    """Fig. 3: sagittal and axial slices of one case through the landmark, with output maps.
+
+    Columns: the image with the truth (``+``, cyan) and the prediction (``x``, red); the same
+    slices with the single-scale Loc-Net output map overlaid; with the heatmap U-Net output map
+    overlaid (a column is dropped when its map is None). Rows: sagittal and axial slices
+    through the true landmark (through the prediction when the truth is missing); the
+    prediction is projected onto the slice.
+
+    Grid conventions: ``volume`` is indexed ``[i, j, k]`` on an axis-aligned grid given by its
+    4x4 affine (positive diagonal, world RAS mm) or by its spacing (mm; then coordinates are
+    mm from voxel (0,0,0)). ``truth_vox`` and ``pred_vox`` are (float) voxel coordinates of
+    ``volume``. The maps need *not* be resampled: a map of another shape is taken to cover the
+    same field of view as ``volume`` (true for any two levels of the pyramid, whose grids share
+    their outer boundary), so its spacing is ``spacing * volume.shape / map.shape``. Slices
+    are drawn in physical millimetres with equal aspect, so anisotropic spacing is shown
+    correctly. Axial: patient's right on the viewer's left (radiological), anterior up;
+    sagittal: anterior left, superior up; edge letters say so. Each overlay is normalised to
+    its maximum within the slice, and its opacity grows with the value (zero is transparent).
+    ``window`` is the display range of ``volume`` (default: its 1st-99.5th percentiles);
+    ``crop_mm`` zooms to +-crop_mm around the slice centre.
+    """
+    vol = np.asarray(volume, dtype=float)
+    if vol.ndim == 4 and vol.shape[-1] == 1:
+        vol = vol[..., 0]
+    if vol.ndim != 3:
+        raise ValueError(f"volume must be 3D, got shape {vol.shape}")
+    sp, org = _grid(affine_or_spacing, vol.shape)
+    shape = np.array(vol.shape, dtype=float)
+    lo_edge = org - sp / 2.0                      # outer boundary of the field of view
+    hi_edge = org + sp * (shape - 0.5)
+    truth = np.asarray(truth_vox, dtype=float).reshape(3)
+    pred = np.asarray(pred_vox, dtype=float).reshape(3)
+    centre = truth if np.all(np.isfinite(truth)) else pred
+    if not np.all(np.isfinite(centre)):
+        raise ValueError("need a finite truth or prediction to choose the slices")
+    to_world = lambda v: org + sp * v  # noqa: E731
+    c_w = to_world(centre)
+    err = (float(np.linalg.norm(sp * (pred - truth)))
+           if np.all(np.isfinite(truth)) and np.all(np.isfinite(pred)) else np.nan)
+
+    maps = []
+    for title, mp in (("Loc-Net (single scale) map", locnet_map),
+                      ("U-Net heatmap", heatmap_map)):
+        if mp is None:
+            continue
+        mp = np.asarray(mp, dtype=float)
+        if mp.ndim == 4 and mp.shape[-1] == 1:
+            mp = mp[..., 0]
+        if mp.ndim != 3:
+            raise ValueError(f"output maps must be 3D, got shape {mp.shape}")
+        msp = (hi_edge - lo_edge) / np.array(mp.shape, dtype=float)
+        maps.append((title, mp, msp, lo_edge + msp / 2.0))
+
+    if window is None:
+        finite = vol[np.isfinite(vol)]
+        window = tuple(np.percentile(finite, [1.0, 99.5])) if finite.size else (0.0, 1.0)
+        if window[1] <= window[0]:
+            window = (window[0], window[0] + 1.0)
+
+    def slab(arr, a_sp, a_org, view):
+        """2D slice (rows = vertical axis) and its extent, through world point c_w."""
+        ax_fix = 0 if view == "sagittal" else 2
+        idx = int(np.clip(np.round((c_w[ax_fix] - a_org[ax_fix]) / a_sp[ax_fix]), 0,
+                          arr.shape[ax_fix] - 1))
+        sl = arr[idx, :, :] if view == "sagittal" else arr[:, :, idx]
+        h, v = (1, 2) if view == "sagittal" else (0, 1)   # horizontal / vertical world axis
+        return sl.T, [lo_edge[h], hi_edge[h], lo_edge[v], hi_edge[v]], h, v
+
+    views = ["sagittal", "axial"]
+    ncols = 1 + len(maps)
+    ratios = []
+    for view in views:
+        _, ext, _, _ = slab(vol, sp, org, view)
+        wv, hv = ext[1] - ext[0], ext[3] - ext[2]
+        if crop_mm:
+            wv, hv = min(wv, 2 * crop_mm), min(hv, 2 * crop_mm)
+        ratios.append(hv / wv)
+    height_in = width_in / ncols * sum(ratios) + 0.5
+    halo = [patheffects.withStroke(linewidth=2.2, foreground="black")]
+    letters = {"sagittal": ("A", "P", "S", "I"), "axial": ("R", "L", "A", "P")}
+
+    with mpl.rc_context({**_RC, "axes.spines.top": True, "axes.spines.right": True}):
+        fig = _new_figure(width_in, height_in)
+        axes = fig.subplots(2, ncols, squeeze=False, height_ratios=ratios)
+        for r, view in enumerate(views):
+            img, ext, h, v = slab(vol, sp, org, view)
+            for c in range(ncols):
+                ax = axes[r, c]
+                ax.imshow(img, cmap="gray", origin="lower", extent=ext, vmin=window[0],
+                          vmax=window[1], interpolation="nearest", aspect="equal")
+                if c > 0:
+                    title, mp, msp, morg = maps[c - 1]
+                    mimg, _, _, _ = slab(mp, msp, morg, view)
+                    mx = np.nanmax(mimg) if np.isfinite(mimg).any() else 0.0
+                    norm = np.clip(np.nan_to_num(mimg) / mx, 0, 1) if mx > 0 else \
+                        np.zeros_like(mimg)
+                    rgba = mpl.colormaps["inferno"](norm)
+                    rgba[..., 3] = map_alpha * np.sqrt(norm)
+                    ax.imshow(rgba, origin="lower", extent=ext, interpolation="nearest",
+                              aspect="equal")
+                    if r == 0:
+                        ax.set_title(title)
+                elif r == 0:
+                    ax.set_title("Image")
+                if np.all(np.isfinite(truth)):
+                    tw = to_world(truth)
+                    ax.plot(tw[h], tw[v], "+", color="#00E5FF", markersize=7,
+                            markeredgewidth=1.3, path_effects=halo)
+                if np.all(np.isfinite(pred)):
+                    pw = to_world(pred)
+                    ax.plot(pw[h], pw[v], "x", color="#FF3030", markersize=5,
+                            markeredgewidth=1.3, path_effects=halo)
+                xl, yl = (ext[0], ext[1]), (ext[2], ext[3])
+                if crop_mm:
+                    xl = (max(xl[0], c_w[h] - crop_mm), min(xl[1], c_w[h] + crop_mm))
+                    yl = (max(yl[0], c_w[v] - crop_mm), min(yl[1], c_w[v] + crop_mm))
+                # sagittal: anterior (+y) on the left; axial: patient's right (+x) on the left
+                ax.set_xlim(xl[1], xl[0])
+                ax.set_ylim(*yl)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                left, right, top, bottom = letters[view]
+                for s, (x, y, ha, va) in {left: (0.02, 0.5, "left", "center"),
+                                          right: (0.98, 0.5, "right", "center"),
+                                          top: (0.5, 0.98, "center", "top"),
+                                          bottom: (0.5, 0.02, "center", "bottom")}.items():
+                    ax.text(x, y, s, transform=ax.transAxes, ha=ha, va=va, color="white",
+                            fontsize=6, fontweight="bold")
+                if c == 0:
+                    ax.set_ylabel(view.capitalize())
+        head = f"{landmark_name.replace('_', ' ')}"
+        if case_id is not None:
+            head = f"{case_id}: {head}"
+        if np.isfinite(err):
+            head += f", error {err:.2f} mm"
+        head += "  (+ truth, × prediction)"
+        fig.suptitle(head, fontsize=7)
+        return save_figure(fig, out_prefix)

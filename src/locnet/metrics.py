@@ -1,0 +1,422 @@
+"""Error metrics, confidence volumes and Table 1.
+
+Conventions used throughout this module (and by :mod:`locnet.stats`, :mod:`locnet.figures`):
+
+* Errors are Euclidean distances in world millimetres, read from the ``error_mm`` column of a
+  prediction table (``predictions/{method}.csv``, see ``docs/architecture.md``). When the column
+  is absent it is computed from ``x, y, z`` and ``true_x, true_y, true_z``.
+* A landmark that was not annotated has NaN truth and NaN error. It is *missing*: it is counted
+  in ``n_missing`` and excluded from every other number (means, rates, tests), never a crash.
+* Standard deviations use ``ddof=1`` (sample sd), as is usual for "mean +- sd" in papers.
+* Percentiles use numpy's default (linear interpolation between order statistics).
+* Success rates are fractions (0..1) of the *annotated* landmarks with error <= threshold;
+  failures are errors strictly greater than the failure threshold (10 mm).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy import stats as _sps
+
+__all__ = [
+    "MethodInfo",
+    "METHODS",
+    "PROPOSED_METHOD",
+    "SUCCESS_THRESHOLDS_MM",
+    "FAILURE_THRESHOLD_MM",
+    "method_order",
+    "method_label",
+    "method_color",
+    "chi2_radius_sq",
+    "confidence_volume",
+    "mahalanobis_sq",
+    "inside_ellipsoid",
+    "errors_of",
+    "select_subset",
+    "landmark_order",
+    "error_summary",
+    "format_mean_sd",
+    "table1",
+    "table1_markdown",
+    "table1_latex",
+    "write_table1",
+    "atomic_write_text",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Methods of Table 1: order, labels, the paper's numbers, colours
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    key: str
+    label: str
+    paper_mean_mm: float
+    paper_sd_mm: float
+    color: str
+
+
+# Table 1 of the paper, in its row order. Colours: a colour-blind-safe palette (Okabe-Ito),
+# fixed per method so that every figure shows a method in the same colour whatever subset of
+# methods a configuration enables. The proposed method gets the strongest colour.
+METHODS: dict[str, MethodInfo] = {
+    m.key: m
+    for m in (
+        MethodInfo("heatmap_unet", "U-Net heatmap (1 mm)", 6.45, 9.18, "#999999"),
+        MethodInfo("locnet_single", "Loc-Net single scale (1 mm)", 5.52, 5.69, "#E69F00"),
+        MethodInfo("patch_baseline", "Patch-based CNN (Noothout 2018)", 4.35, 4.33, "#56B4E9"),
+        MethodInfo("multiscale_multistep", "Multi-scale, multi-step", 3.72, 4.20, "#009E73"),
+        MethodInfo("multiscale_e2e", "Multi-scale, end-to-end", 3.61, 3.17, "#0072B2"),
+        MethodInfo(
+            "multiscale_e2e_noise", "Multi-scale, end-to-end + noise", 2.81, 2.37, "#D55E00"
+        ),
+    )
+}
+PROPOSED_METHOD = "multiscale_e2e_noise"
+SUCCESS_THRESHOLDS_MM: tuple[float, ...] = (2.0, 2.5, 3.0, 4.0)
+FAILURE_THRESHOLD_MM = 10.0
+_EXTRA_COLORS = ("#CC79A7", "#F0E442", "#000000", "#8C564B", "#17BECF", "#BCBD22")
+
+
+def method_order(methods: Iterable[str]) -> list[str]:
+    """Sort method keys in Table 1's order; unknown methods follow, alphabetically."""
+    methods = list(dict.fromkeys(methods))
+    known = [m for m in METHODS if m in methods]
+    unknown = sorted(m for m in methods if m not in METHODS)
+    return known + unknown
+
+
+def method_label(method: str) -> str:
+    """Human-readable label of a method (its key when the method is not one of the paper's)."""
+    info = METHODS.get(method)
+    return info.label if info else method
+
+
+def method_color(method: str) -> str:
+    """Fixed colour of a method (hex string); unknown methods get a stable extra colour."""
+    info = METHODS.get(method)
+    if info:
+        return info.color
+    return _EXTRA_COLORS[sum(map(ord, method)) % len(_EXTRA_COLORS)]
+
+
+def _success_column(threshold: float) -> str:
+    return f"success_{threshold:g}mm"
+
+
+# ---------------------------------------------------------------------------------------------
+# Gaussian confidence ellipsoids
+# ---------------------------------------------------------------------------------------------
+
+
+def chi2_radius_sq(level: float = 0.90, dof: int = 3) -> float:
+    """Squared Mahalanobis radius of the ``level`` Gaussian confidence region (chi2 quantile)."""
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"confidence level must be in (0, 1), got {level}")
+    return float(_sps.chi2.ppf(level, dof))
+
+
+def confidence_volume(sd_xyz, level: float = 0.90):
+    """Volume (mm^3) of the ``level`` confidence ellipsoid of an uncorrelated 3D Gaussian.
+
+    ``V = 4/3 * pi * chi2_3(level)^(3/2) * sd_x * sd_y * sd_z`` (about ``65.5 * prod(sd)`` at
+    0.90). ``sd_xyz`` has shape ``(..., 3)``; returns a float for one point, else an array of
+    shape ``(...)``. NaN sds give NaN.
+    """
+    sd = np.asarray(sd_xyz, dtype=float)
+    if sd.shape[-1:] != (3,):
+        raise ValueError(f"sd_xyz must have a last axis of length 3, got shape {sd.shape}")
+    if np.any(sd < 0):
+        raise ValueError("standard deviations must be non-negative")
+    const = 4.0 / 3.0 * math.pi * chi2_radius_sq(level) ** 1.5
+    vol = const * np.prod(sd, axis=-1)
+    return float(vol) if vol.ndim == 0 else vol
+
+
+def mahalanobis_sq(pred, truth, sd) -> np.ndarray:
+    """Squared Mahalanobis distance of ``truth`` from ``pred`` under diag(sd^2); shape ``(...)``.
+
+    An axis with sd = 0 contributes 0 when the coordinates agree exactly and +inf otherwise.
+    NaN anywhere in a row gives NaN.
+    """
+    pred, truth, sd = (np.asarray(a, dtype=float) for a in (pred, truth, sd))
+    diff = truth - pred
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z2 = np.where(sd > 0, (diff / np.where(sd > 0, sd, 1.0)) ** 2,
+                      np.where(diff == 0, 0.0, np.inf))
+    z2 = np.where(np.isnan(diff) | np.isnan(sd), np.nan, z2)
+    return z2.sum(axis=-1)
+
+
+def inside_ellipsoid(pred, truth, sd, level: float = 0.90) -> np.ndarray:
+    """Whether ``truth`` lies inside the axis-aligned ``level`` Gaussian ellipsoid around ``pred``.
+
+    Inside means Mahalanobis^2 <= chi2_3(level). Arrays of shape ``(..., 3)``; returns a boolean
+    array of shape ``(...)``. Rows with missing truth (NaN) are *False*: mask them out before
+    computing a coverage (:func:`locnet.stats.calibration` does).
+    """
+    d2 = mahalanobis_sq(pred, truth, sd)
+    with np.errstate(invalid="ignore"):
+        return np.asarray(d2 <= chi2_radius_sq(level))
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors and their summary
+# ---------------------------------------------------------------------------------------------
+
+_TRUTH = ["true_x", "true_y", "true_z"]
+_PRED = ["x", "y", "z"]
+
+
+def errors_of(df: pd.DataFrame) -> pd.Series:
+    """Euclidean error (mm) per row: the ``error_mm`` column, or computed from the coordinates."""
+    if "error_mm" in df.columns:
+        return pd.to_numeric(df["error_mm"], errors="coerce").astype(float)
+    missing = [c for c in _PRED + _TRUTH if c not in df.columns]
+    if missing:
+        raise KeyError(f"prediction table has no error_mm and lacks columns {missing}")
+    d = df[_PRED].to_numpy(float) - df[_TRUTH].to_numpy(float)
+    return pd.Series(np.sqrt((d**2).sum(axis=1)), index=df.index, name="error_mm")
+
+
+def select_subset(df: pd.DataFrame, subset: str | None) -> pd.DataFrame:
+    """Rows of one subset (``val``/``test``); all rows when ``subset`` is None or no column."""
+    if subset is None or "subset" not in df.columns:
+        return df
+    return df[df["subset"].astype(str) == subset]
+
+
+def landmark_order(predictions: Mapping[str, pd.DataFrame]) -> list[str]:
+    """Landmark names in order of first appearance over the tables (the configured order)."""
+    names: dict[str, None] = {}
+    for df in predictions.values():
+        if "landmark" in df.columns:
+            names.update(dict.fromkeys(df["landmark"].astype(str)))
+    return list(names)
+
+
+def error_summary(
+    errors,
+    thresholds: Sequence[float] = SUCCESS_THRESHOLDS_MM,
+    failure_mm: float = FAILURE_THRESHOLD_MM,
+) -> dict[str, float]:
+    """Summary of a set of errors (mm); NaN entries are missing landmarks and are ignored.
+
+    Returns ``n`` (annotated), ``n_missing``, ``mean``, ``sd`` (ddof=1), ``median``, ``p90``,
+    ``max``, ``success_{t}mm`` (fraction of annotated landmarks with error <= t, for each
+    threshold), ``failures_{f}mm`` (count of errors > f) and ``failure_rate_{f}mm``. With no
+    annotated landmark all statistics are NaN; with one, ``sd`` is NaN.
+    """
+    e = np.asarray(errors, dtype=float).ravel()
+    ok = ~np.isnan(e)
+    e = e[ok]
+    n = int(e.size)
+    out: dict[str, float] = {"n": n, "n_missing": int((~ok).sum())}
+    if n == 0:
+        out.update(mean=np.nan, sd=np.nan, median=np.nan, p90=np.nan, max=np.nan)
+    else:
+        out.update(
+            mean=float(e.mean()),
+            sd=float(e.std(ddof=1)) if n > 1 else np.nan,
+            median=float(np.median(e)),
+            p90=float(np.percentile(e, 90)),
+            max=float(e.max()),
+        )
+    for t in thresholds:
+        out[_success_column(t)] = float((e <= t).mean()) if n else np.nan
+    out[f"failures_{failure_mm:g}mm"] = int((e > failure_mm).sum())
+    out[f"failure_rate_{failure_mm:g}mm"] = float((e > failure_mm).mean()) if n else np.nan
+    return out
+
+
+def format_mean_sd(mean: float, sd: float, digits: int = 2) -> str:
+    """``"2.81 ± 2.37"``; ``"n/a"`` without data, the mean alone when the sd is undefined."""
+    if mean is None or not np.isfinite(mean):
+        return "n/a"
+    if sd is None or not np.isfinite(sd):
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {sd:.{digits}f}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Table 1
+# ---------------------------------------------------------------------------------------------
+
+
+def table1(
+    predictions: Mapping[str, pd.DataFrame],
+    subset: str | None = "test",
+    landmarks: Sequence[str] | None = None,
+    thresholds: Sequence[float] = SUCCESS_THRESHOLDS_MM,
+    failure_mm: float = FAILURE_THRESHOLD_MM,
+) -> pd.DataFrame:
+    """Table 1 as a tidy DataFrame.
+
+    One row per scope x method: scope ``"all"`` (every landmark pooled) first, then each
+    landmark (``landmarks`` or their order of first appearance); within a scope, methods in
+    the paper's order (unknown methods last). ``n_cases`` counts cases with at least one
+    annotated landmark in the scope. Columns: ``method, label, scope, n_cases, n,
+    n_missing, mean_mm, sd_mm, median_mm, p90_mm, max_mm, success_{t}mm..., failures_{f}mm,
+    failure_rate_{f}mm, mean_sd`` (``"2.81 ± 2.37"``) and ``paper_mean_sd`` (the paper's value,
+    on pooled rows of the paper's methods only; empty elsewhere).
+    """
+    methods = method_order(predictions)
+    landmarks = list(landmarks) if landmarks is not None else landmark_order(predictions)
+    rows = []
+    for scope in ["all", *landmarks]:
+        for m in methods:
+            df = select_subset(predictions[m], subset)
+            if scope != "all":
+                df = df[df["landmark"].astype(str) == scope]
+            err = errors_of(df)
+            s = error_summary(err, thresholds, failure_mm)
+            info = METHODS.get(m)
+            rows.append(
+                {
+                    "method": m,
+                    "label": method_label(m),
+                    "scope": scope,
+                    "n_cases": (int(df.loc[err.notna(), "case_id"].nunique())
+                                if "case_id" in df else np.nan),
+                    "n": s.pop("n"),
+                    "n_missing": s.pop("n_missing"),
+                    **{
+                        (f"{k}_mm" if k in ("mean", "sd", "median", "p90", "max") else k): v
+                        for k, v in s.items()
+                    },
+                    "mean_sd": format_mean_sd(s["mean"], s["sd"]),
+                    "paper_mean_sd": (
+                        format_mean_sd(info.paper_mean_mm, info.paper_sd_mm)
+                        if info is not None and scope == "all"
+                        else ""
+                    ),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def _pct(v: float) -> str:
+    return "" if not np.isfinite(v) else f"{100 * v:.1f}"
+
+
+def _num(v: float, digits: int = 2) -> str:
+    return "" if v is None or not np.isfinite(v) else f"{v:.{digits}f}"
+
+
+def _display_columns(df: pd.DataFrame) -> list[tuple[str, str]]:
+    """(column, header) pairs shown in the markdown / LaTeX tables, in order."""
+    cols = [("label", "Method"), ("n", "n"), ("mean_sd", "Mean ± sd (mm)"),
+            ("median_mm", "Median"), ("p90_mm", "P90"), ("max_mm", "Max")]
+    cols += [(c, f"≤{c[len('success_'):-2]} mm (%)") for c in df.columns
+             if c.startswith("success_")]
+    cols += [(c, f">{c[len('failures_'):-2]} mm") for c in df.columns
+             if c.startswith("failures_")]
+    cols += [("paper_mean_sd", "Paper (mm)")]
+    return cols
+
+
+def _cell(col: str, v) -> str:
+    if col.startswith("success_"):
+        return _pct(float(v))
+    if col.endswith("_mm"):
+        return _num(float(v))
+    if col in ("n", "n_missing") or col.startswith("failures_"):
+        return "" if pd.isna(v) else str(int(v))
+    return "" if pd.isna(v) else str(v)
+
+
+def table1_markdown(df: pd.DataFrame, subset: str | None = "test") -> str:
+    """Readable markdown: a pooled table first, then one table per landmark."""
+    cols = _display_columns(df)
+    lines = [f"# Table 1: landmark localisation error ({subset or 'all'} set)", ""]
+    lines.append(
+        "Euclidean error in mm, mean ± sd (sd with ddof = 1); success = share of annotated "
+        "landmarks within the threshold; missing (unannotated) landmarks are excluded."
+    )
+    for scope in dict.fromkeys(df["scope"]):
+        part = df[df["scope"] == scope]
+        title = "All landmarks (pooled)" if scope == "all" else f"Landmark: {scope}"
+        use = cols if scope == "all" else [c for c in cols if c[0] != "paper_mean_sd"]
+        lines += ["", f"## {title}", ""]
+        lines.append("| " + " | ".join(h for _, h in use) + " |")
+        lines.append("|" + "|".join(":---" if c == "label" else "---:" for c, _ in use) + "|")
+        for _, r in part.iterrows():
+            lines.append("| " + " | ".join(_cell(c, r[c]).replace("|", "\\|") for c, _ in use)
+                         + " |")
+    return "\n".join(lines) + "\n"
+
+
+_TEX_ESCAPES = {
+    "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+    "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+}
+
+
+def _tex(s: str) -> str:
+    s = "".join(_TEX_ESCAPES.get(ch, ch) for ch in s)
+    return s.replace("±", r"$\pm$").replace("≤", r"$\le$").replace(">", r"$>$")
+
+
+def table1_latex(df: pd.DataFrame, subset: str | None = "test") -> str:
+    """A booktabs ``tabular`` (needs ``\\usepackage{booktabs}``); no jinja2 needed."""
+    cols = _display_columns(df)
+    header = [_tex(h) for _, h in cols]
+    align = "l" + "r" * (len(cols) - 1)
+    out = [
+        f"% Table 1: landmark localisation error ({subset or 'all'} set), mm; "
+        "sd with ddof = 1; success rates in %",
+        rf"\begin{{tabular}}{{{align}}}",
+        r"\toprule",
+        " & ".join(header) + r" \\",
+    ]
+    for scope in dict.fromkeys(df["scope"]):
+        part = df[df["scope"] == scope]
+        title = "All landmarks (pooled)" if scope == "all" else f"Landmark: {scope}"
+        out.append(r"\midrule")
+        out.append(rf"\multicolumn{{{len(cols)}}}{{l}}{{\emph{{{_tex(title)}}}}} \\")
+        for _, r in part.iterrows():
+            out.append(" & ".join(_tex(_cell(c, r[c])) for c, _ in cols) + r" \\")
+    out += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(out) + "\n"
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def write_table1(
+    df: pd.DataFrame, out_prefix: str | os.PathLike, subset: str | None = "test"
+) -> dict[str, Path]:
+    """Write ``{out_prefix}.csv``, ``.md`` and ``.tex`` atomically; returns the paths by suffix."""
+    prefix = Path(out_prefix)
+    paths = {}
+    paths["csv"] = atomic_write_text(
+        prefix.with_name(prefix.name + ".csv"), df.to_csv(index=False, lineterminator="\n")
+    )
+    paths["md"] = atomic_write_text(prefix.with_name(prefix.name + ".md"),
+                                    table1_markdown(df, subset))
+    paths["tex"] = atomic_write_text(prefix.with_name(prefix.name + ".tex"),
+                                     table1_latex(df, subset))
+    return paths

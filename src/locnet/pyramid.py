@@ -1,0 +1,211 @@
+"""Multi-level isotropic pyramids: one resampling per scan, then 2x2x2 averaging.
+
+:func:`build_pyramid` turns a native scan (any orientation, anisotropic spacing) into
+
+* ``level0.nii``: the scan resampled once, by trilinear interpolation, onto the finest grid
+  (``N0^3`` voxels of ``s0`` mm, axis-aligned RAS, centred on the scan's bounding box; see
+  :func:`locnet.geometry.grid_for_scan`). Outside the scan the value is ``background_hu`` (air).
+  Intensities are clipped to ``window_hu`` and scaled to [0, 1];
+* ``level{l}.nii``, ``l = 1 .. levels-1``: the 2x2x2 block mean of level ``l-1``, so a coarse
+  voxel's centre is the centre of its block (the affines say so);
+* ``grid.json``: the grid (:meth:`locnet.geometry.Grid.to_dict`) plus the window and background.
+
+Levels are float32, uncompressed, so :func:`load_level` can memory-map them. The resampling
+pulls every level-0 voxel through ``inv(native_affine) @ level0_affine`` with
+``scipy.ndimage.affine_transform`` (order 1, no prefilter), in slabs of level-0 planes run on a
+thread pool (scipy releases the GIL), writing straight into the output array: peak memory is
+the native volume in its stored type plus level 0 plus level 1.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from .geometry import Grid, grid_for_scan
+from .io import InputError, load_volume, read_json, save_nifti_atomic, write_json_atomic
+
+__all__ = [
+    "build_pyramid",
+    "downsample2",
+    "load_level",
+    "read_grid",
+    "resample_to_grid",
+    "apply_window",
+]
+
+
+def _n_threads(threads: int | None) -> int:
+    if threads is None:
+        try:
+            threads = len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            threads = os.cpu_count() or 1
+    return max(1, int(threads))
+
+
+def apply_window(a: np.ndarray, window: Sequence[float]) -> np.ndarray:
+    """Clip ``a`` to ``window = (lo, hi)`` and scale to [0, 1], in place (float arrays)."""
+    lo, hi = float(window[0]), float(window[1])
+    if not hi > lo:
+        raise ValueError(f"window must have hi > lo, got {tuple(window)}")
+    np.clip(a, lo, hi, out=a)
+    a -= np.asarray(lo, dtype=a.dtype)
+    a /= np.asarray(hi - lo, dtype=a.dtype)
+    return a
+
+
+def resample_to_grid(data: np.ndarray, affine: Any, grid: Grid, background: float,
+                     window: Sequence[float] | None = None, threads: int | None = None,
+                     slab: int | None = None) -> np.ndarray:
+    """Resample a native volume onto level 0 of ``grid`` (trilinear; outside -> ``background``).
+
+    ``data`` may be any real dtype (int16 is fine and halves memory); the result is float32,
+    optionally windowed (:func:`apply_window`) slab by slab while the slab is hot in cache.
+    """
+    from scipy import ndimage
+
+    m = np.linalg.inv(np.asarray(affine, dtype=np.float64)) @ grid.level_affine(0)
+    matrix, offset = m[:3, :3], m[:3, 3]
+    n = grid.level_size(0)
+    if data.flags.f_contiguous and not data.flags.c_contiguous:
+        # NIfTI volumes come back in Fortran order (i fastest). Resample the reversed-axes
+        # problem instead, so the inner loop runs along i in both arrays: input index
+        # (k, j, i) = R M R (c, b, a) + R offset with R the axis reversal. The output is then
+        # Fortran ordered too, which is also how NIfTI stores it.
+        src = data.T
+        matrix, offset = matrix[::-1, ::-1], offset[::-1]
+        out_t = np.empty((n, n, n), dtype=np.float32)
+        out = out_t.T
+    else:
+        src = np.ascontiguousarray(data)
+        out_t = out = np.empty((n, n, n), dtype=np.float32)
+    matrix = np.ascontiguousarray(matrix)
+    offset = np.ascontiguousarray(offset)
+    n_threads = _n_threads(threads)
+    if slab is None:
+        slab = max(1, min(16, n // (4 * n_threads)))
+    starts = range(0, n, slab)
+
+    def work(i0: int) -> None:
+        part = out_t[i0:min(i0 + slab, n)]
+        # output voxel (i0 + a, b, c) -> source: matrix @ (a, b, c) + (offset + matrix @ (i0,0,0))
+        ndimage.affine_transform(
+            src, matrix, offset=offset + matrix[:, 0] * i0, output_shape=part.shape,
+            output=part, order=1, mode="constant", cval=float(background), prefilter=False)
+        if window is not None:
+            apply_window(part, window)
+
+    if n_threads == 1:
+        for i0 in starts:
+            work(i0)
+    else:
+        with ThreadPoolExecutor(n_threads) as pool:
+            for _ in pool.map(work, starts):
+                pass
+    return out
+
+
+def downsample2(a: np.ndarray) -> np.ndarray:
+    """2x2x2 block mean of a 3D array with even sides (float32 in, float32 out).
+
+    Pairwise sums axis by axis (no Python loop over voxels); equals
+    ``a.reshape(n, 2, n, 2, n, 2).mean((1, 3, 5))`` to float32 rounding. The result has the
+    memory order of ``a`` (C or Fortran).
+    """
+    if a.ndim != 3 or any(n % 2 for n in a.shape):
+        raise ValueError(f"downsample2 needs a 3D array with even sides, got {a.shape}")
+    if a.flags.f_contiguous and not a.flags.c_contiguous:
+        return downsample2(a.T).T  # same operation; keeps the contiguous axis last for speed
+    b = a[0::2] + a[1::2]
+    b = b[:, 0::2] + b[:, 1::2]
+    b = b[:, :, 0::2] + b[:, :, 1::2]
+    b *= np.asarray(0.125, dtype=b.dtype)
+    return b
+
+
+def _level_image(data: np.ndarray, affine: np.ndarray):
+    import nibabel as nib
+
+    img = nib.Nifti1Image(data, affine)
+    img.set_data_dtype(np.float32)
+    img.header.set_xyzt_units("mm")
+    img.set_sform(affine, code=1)
+    img.set_qform(affine, code=1)
+    return img
+
+
+def _grid_params(grid_params: Mapping[str, Any]) -> tuple[int, float, int]:
+    try:
+        return (int(grid_params["finest_shape"]), float(grid_params["finest_spacing_mm"]),
+                int(grid_params["levels"]))
+    except KeyError as exc:
+        raise ValueError(f"grid_params lacks {exc.args[0]!r} (needs finest_shape, "
+                         "finest_spacing_mm, levels)") from None
+
+
+def build_pyramid(image_path: Any, grid_params: Mapping[str, Any] | Grid,
+                  window_hu: Sequence[float], background_hu: float, out_dir: Any,
+                  case: str | None = None, threads: int | None = None) -> Grid:
+    """Resample one scan and write its pyramid to ``out_dir`` (see module docstring).
+
+    ``grid_params``: the config's ``pyramid`` block (``finest_shape``, ``finest_spacing_mm``,
+    ``levels``; other keys ignored), or a ready :class:`~locnet.geometry.Grid`.
+    ``case`` names the case in error messages; ``threads`` defaults to the usable cores.
+    Returns the grid (also written to ``out_dir/grid.json``).
+    """
+    out_dir = Path(out_dir)
+    data, affine = load_volume(image_path, case=case, dtype=None)
+    if isinstance(grid_params, Grid):
+        g = grid_params
+        grid = Grid(g.origin, g.spacing, g.shape, g.levels, source_affine=affine,
+                    source_shape=data.shape)
+    else:
+        n0, s0, levels = _grid_params(grid_params)
+        grid = grid_for_scan(affine, data.shape, n0, s0, levels)
+    level = resample_to_grid(data, affine, grid, background_hu, window=window_hu,
+                             threads=threads)
+    del data
+    for lv in range(grid.levels):
+        if lv:
+            level = downsample2(level)
+        save_nifti_atomic(_level_image(level, grid.level_affine(lv)), out_dir / f"level{lv}.nii")
+    meta = grid.to_dict()
+    meta.update({"window_hu": [float(w) for w in window_hu],
+                 "background_hu": float(background_hu),
+                 "level_shapes": [grid.level_size(lv) for lv in range(grid.levels)],
+                 "level_spacings_mm": [grid.level_spacing(lv) for lv in range(grid.levels)]})
+    write_json_atomic(meta, out_dir / "grid.json")
+    return grid
+
+
+def read_grid(case_dir: Any) -> Grid:
+    """The :class:`~locnet.geometry.Grid` stored in ``case_dir/grid.json``."""
+    return Grid.from_dict(read_json(Path(case_dir) / "grid.json"))
+
+
+def load_level(case_dir: Any, level: int, mmap: bool = True) -> tuple[np.ndarray, Grid]:
+    """Level ``level`` of a stored pyramid: ``(float32 array [i, j, k], grid)``.
+
+    With ``mmap`` the array is a copy-on-write ``np.memmap`` of the file: nothing is read until
+    used, and in-place changes never reach the file. Without it the level is read into memory.
+    """
+    import nibabel as nib
+
+    case_dir = Path(case_dir)
+    grid = read_grid(case_dir)
+    path = case_dir / f"level{int(level)}.nii"
+    try:
+        img = nib.load(str(path), mmap="c" if mmap else False)
+        arr = np.asanyarray(img.dataobj) if mmap else np.asarray(img.dataobj)
+    except Exception as exc:
+        raise InputError(f"pyramid level file {path} is unreadable "
+                         f"({type(exc).__name__}: {exc})") from exc
+    if arr.shape != grid.level_shape(level) or arr.dtype != np.float32:
+        raise InputError(f"pyramid level file {path}: shape {arr.shape} dtype {arr.dtype}, "
+                         f"expected {grid.level_shape(level)} float32 (stale pyramid?)")
+    return arr, grid

@@ -1,0 +1,546 @@
+"""Statistics of the study: paired tests, uncertainty-vs-error, calibration, bootstrap CIs.
+
+Everything reads the prediction tables of ``docs/architecture.md`` (one DataFrame per method)
+and ignores missing (unannotated) landmarks. The numbers end up in one tidy long table,
+``tables/statistics.csv``, with columns ``test, comparison, quantity, value, note``.
+
+Choices (see also the README):
+
+* Paired comparisons use the two-sided Wilcoxon signed-rank test (scipy defaults:
+  ``zero_method="wilcox"``, exact distribution for small n without ties, normal approximation
+  otherwise) on the (case, landmark) pairs annotated and predicted by both methods, differences
+  taken as *proposed - other* (negative = proposed better). The p-values of the comparisons of
+  the proposed method with every other method are Holm-corrected together. Landmarks of one
+  case are treated as independent pairs, as in the paper; the case-level bootstrap CI of the
+  mean difference does not assume that.
+* Bootstrap CIs resample *cases* with replacement (all landmarks of a drawn case come along),
+  percentile intervals, seeded; the statistic is the pooled mean over annotated landmarks.
+* The confidence volume is correlated with the error as the paper did (Pearson on the volume),
+  and also with Pearson on log10(volume) and Spearman (rank, scale-free), pooled over landmarks
+  and per landmark. The paper's r = 0.608 with p = 1.08e-6 corresponds to n = 54 points (its
+  test cases), i.e. one landmark or one value per case.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy import stats as _sps
+from statsmodels.stats.multitest import multipletests
+from statsmodels.stats.proportion import proportion_confint
+
+from .metrics import (
+    PROPOSED_METHOD,
+    atomic_write_text,
+    chi2_radius_sq,
+    confidence_volume,
+    errors_of,
+    inside_ellipsoid,
+    landmark_order,
+    method_label,
+    method_order,
+    select_subset,
+)
+
+__all__ = [
+    "PAPER_PEARSON_R",
+    "PAPER_PEARSON_P",
+    "paired_errors",
+    "paired_wilcoxon",
+    "auroc",
+    "wilson_ci",
+    "volumes_of",
+    "confidence_correlation",
+    "calibration",
+    "bootstrap_mean_ci",
+    "statistics_table",
+    "write_statistics",
+    "statistics_summary",
+]
+
+PAPER_PEARSON_R = 0.608
+PAPER_PEARSON_P = 1.08e-6
+_KEY = ["case_id", "landmark"]
+
+
+def _annotated(df: pd.DataFrame, subset: str | None) -> pd.DataFrame:
+    """Rows of ``subset`` with a finite error, with an ``error_mm`` column; keys as strings."""
+    df = select_subset(df, subset).copy()
+    df["error_mm"] = errors_of(df)
+    df = df[np.isfinite(df["error_mm"])]
+    for k in _KEY:
+        df[k] = df[k].astype(str)
+    if df.duplicated(_KEY).any():
+        dup = df.loc[df.duplicated(_KEY, keep=False), _KEY].drop_duplicates().head(3)
+        raise ValueError(f"duplicate (case_id, landmark) rows, e.g. {dup.to_dict('records')}")
+    return df
+
+
+# ---------------------------------------------------------------------------------------------
+# Paired Wilcoxon tests with Holm correction
+# ---------------------------------------------------------------------------------------------
+
+
+def paired_errors(
+    a: pd.DataFrame, b: pd.DataFrame, subset: str | None = "test"
+) -> pd.DataFrame:
+    """Inner join of two prediction tables on (case_id, landmark): columns ``error_a, error_b``."""
+    ea = _annotated(a, subset)[_KEY + ["error_mm"]].rename(columns={"error_mm": "error_a"})
+    eb = _annotated(b, subset)[_KEY + ["error_mm"]].rename(columns={"error_mm": "error_b"})
+    return ea.merge(eb, on=_KEY, how="inner").sort_values(_KEY, ignore_index=True)
+
+
+def _case_bootstrap_weights(n_cases: int, n_boot: int, seed: int) -> np.ndarray:
+    """(n_boot, n_cases) multiplicities of each case in each bootstrap resample."""
+    rng = np.random.default_rng(seed)
+    return rng.multinomial(n_cases, np.full(n_cases, 1.0 / n_cases), size=n_boot)
+
+
+def _cluster_mean_ci(values: np.ndarray, clusters: np.ndarray, n_boot: int, seed: int,
+                     level: float) -> tuple[float, float]:
+    """Percentile CI of the pooled mean of ``values``, resampling whole clusters (cases)."""
+    codes, uniq = pd.factorize(pd.Series(clusters), sort=True)
+    if len(uniq) < 2:
+        return np.nan, np.nan
+    sums = np.bincount(codes, weights=values, minlength=len(uniq))
+    counts = np.bincount(codes, minlength=len(uniq)).astype(float)
+    w = _case_bootstrap_weights(len(uniq), n_boot, seed)
+    means = (w @ sums) / (w @ counts)  # every case has >= 1 value, so counts > 0
+    alpha = (1.0 - level) / 2.0
+    lo, hi = np.quantile(means, [alpha, 1.0 - alpha])
+    return float(lo), float(hi)
+
+
+def paired_wilcoxon(
+    predictions: Mapping[str, pd.DataFrame],
+    proposed: str = PROPOSED_METHOD,
+    subset: str | None = "test",
+    alpha: float = 0.05,
+    alternative: str = "two-sided",
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Wilcoxon signed-rank test of ``proposed`` against every other method, Holm-corrected.
+
+    One row per other method (Table 1 order): ``method, label, n_pairs, median_diff_mm,
+    mean_diff_mm, mean_diff_ci_low, mean_diff_ci_high`` (case bootstrap, 95%), ``statistic,
+    p, p_holm, significant`` (p_holm < alpha) and ``note``. Differences are proposed - other.
+    A comparison with < 1 pair or only zero differences gets p = NaN or 1 and a note, and is
+    left out of the Holm family when its p is NaN.
+    """
+    if proposed not in predictions:
+        raise KeyError(f"proposed method {proposed!r} not among {sorted(predictions)}")
+    rows = []
+    for m in method_order(predictions):
+        if m == proposed:
+            continue
+        pairs = paired_errors(predictions[proposed], predictions[m], subset)
+        d = (pairs["error_a"] - pairs["error_b"]).to_numpy(float)
+        row = {"method": m, "label": method_label(m), "n_pairs": int(d.size),
+               "median_diff_mm": np.nan, "mean_diff_mm": np.nan, "mean_diff_ci_low": np.nan,
+               "mean_diff_ci_high": np.nan, "statistic": np.nan, "p": np.nan, "note": ""}
+        if d.size == 0:
+            row["note"] = "no common annotated (case, landmark) pairs"
+        else:
+            row["median_diff_mm"] = float(np.median(d))
+            row["mean_diff_mm"] = float(d.mean())
+            row["mean_diff_ci_low"], row["mean_diff_ci_high"] = _cluster_mean_ci(
+                d, pairs["case_id"].to_numpy(), n_boot, seed, 0.95)
+            if np.all(d == 0):
+                row.update(statistic=0.0, p=1.0, note="all paired differences are zero")
+            else:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    res = _sps.wilcoxon(pairs["error_a"], pairs["error_b"],
+                                        alternative=alternative)
+                row["statistic"], row["p"] = float(res.statistic), float(res.pvalue)
+                if d.size < 6:
+                    row["note"] = "fewer than 6 pairs: the test has almost no power"
+        rows.append(row)
+    out = pd.DataFrame(rows, columns=["method", "label", "n_pairs", "median_diff_mm",
+                                      "mean_diff_mm", "mean_diff_ci_low", "mean_diff_ci_high",
+                                      "statistic", "p", "note"])
+    out["p_holm"] = np.nan
+    valid = out["p"].notna().to_numpy()
+    if valid.any():
+        out.loc[valid, "p_holm"] = multipletests(out.loc[valid, "p"].to_numpy(float),
+                                                 alpha=alpha, method="holm")[1]
+    out["significant"] = out["p_holm"] < alpha
+    out.insert(0, "proposed", proposed)
+    return out[["proposed", "method", "label", "n_pairs", "median_diff_mm", "mean_diff_mm",
+                "mean_diff_ci_low", "mean_diff_ci_high", "statistic", "p", "p_holm",
+                "significant", "note"]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Small building blocks
+# ---------------------------------------------------------------------------------------------
+
+
+def auroc(scores, labels) -> float:
+    """Area under the ROC curve of ``scores`` for binary ``labels`` (1 = positive).
+
+    Rank-based (Mann-Whitney): AUROC = U / (n1 * n0) with ``U = sum(ranks of positives) -
+    n1 (n1 + 1) / 2`` and average ranks for ties (a tie counts one half). NaN scores are
+    dropped. Returns NaN when either class is empty.
+    """
+    s = np.asarray(scores, dtype=float).ravel()
+    y = np.asarray(labels).astype(bool).ravel()
+    if s.shape != y.shape:
+        raise ValueError("scores and labels must have the same length")
+    ok = ~np.isnan(s)
+    s, y = s[ok], y[ok]
+    n1, n0 = int(y.sum()), int((~y).sum())
+    if n1 == 0 or n0 == 0:
+        return float("nan")
+    ranks = _sps.rankdata(s)
+    u = ranks[y].sum() - n1 * (n1 + 1) / 2.0
+    return float(u / (n1 * n0))
+
+
+def wilson_ci(successes: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a proportion (NaNs when n = 0)."""
+    if n == 0:
+        return float("nan"), float("nan")
+    lo, hi = proportion_confint(successes, n, alpha=1.0 - level, method="wilson")
+    return float(lo), float(hi)
+
+
+def volumes_of(df: pd.DataFrame, level: float = 0.90) -> pd.Series:
+    """The ``conf_volume_mm3`` column, or the volume computed from ``sd_x, sd_y, sd_z``."""
+    if "conf_volume_mm3" in df.columns:
+        return pd.to_numeric(df["conf_volume_mm3"], errors="coerce").astype(float)
+    sds = ["sd_x", "sd_y", "sd_z"]
+    if not set(sds) <= set(df.columns):
+        raise KeyError("prediction table has neither conf_volume_mm3 nor sd_x, sd_y, sd_z")
+    return pd.Series(confidence_volume(df[sds].to_numpy(float), level), index=df.index)
+
+
+# ---------------------------------------------------------------------------------------------
+# Confidence volume versus error
+# ---------------------------------------------------------------------------------------------
+
+
+def _corr(x: np.ndarray, y: np.ndarray, fn) -> tuple[float, float]:
+    if x.size < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return float("nan"), float("nan")
+    res = fn(x, y)
+    return float(res.statistic), float(res.pvalue)
+
+
+def confidence_correlation(
+    pred: pd.DataFrame, subset: str | None = "test", landmark: str | None = None,
+    level: float = 0.90,
+) -> dict[str, float | str]:
+    """Correlation of the confidence volume (mm^3) with the error (mm) of a noisy method.
+
+    Returns ``n, pearson_r, pearson_p`` (on the volume, as the paper), ``pearson_r_logvol,
+    pearson_p_logvol`` (log10 volume), ``spearman_rho, spearman_p`` and a ``note``. Rows
+    without truth or volume are dropped; log correlations use positive volumes only. Fewer
+    than 3 points or a constant variable gives NaN.
+    """
+    df = _annotated(pred, subset)
+    if landmark is not None:
+        df = df[df["landmark"] == landmark]
+    vol = volumes_of(df, level).to_numpy(float)
+    err = df["error_mm"].to_numpy(float)
+    ok = np.isfinite(vol)
+    vol, err = vol[ok], err[ok]
+    notes = []
+    out: dict[str, float | str] = {"n": int(vol.size)}
+    out["pearson_r"], out["pearson_p"] = _corr(vol, err, _sps.pearsonr)
+    pos = vol > 0
+    if (~pos).any():
+        notes.append(f"{int((~pos).sum())} non-positive volumes left out of the log correlation")
+    out["pearson_r_logvol"], out["pearson_p_logvol"] = _corr(np.log10(vol[pos]), err[pos],
+                                                             _sps.pearsonr)
+    out["spearman_rho"], out["spearman_p"] = _corr(vol, err, _sps.spearmanr)
+    if vol.size < 3:
+        notes.append("fewer than 3 points")
+    out["note"] = "; ".join(notes)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration of the confidence ellipsoids
+# ---------------------------------------------------------------------------------------------
+
+
+def calibration(
+    pred: pd.DataFrame, subset: str | None = "test", level: float = 0.90,
+    error_threshold_mm: float = 5.0, landmark: str | None = None,
+) -> dict[str, float | str]:
+    """Coverage of the ``level`` ellipsoids and AUROC of the volume for large errors.
+
+    ``coverage`` = share of annotated landmarks whose truth lies inside the axis-aligned
+    Gaussian ellipsoid (centre = prediction, sds = ``sd_x, sd_y, sd_z``) with its Wilson 95% CI
+    (``coverage_ci_low/high``); a calibrated method has coverage close to ``level``.
+    ``auroc`` = AUROC of the confidence volume for detecting errors > ``error_threshold_mm``
+    (``n_large_error`` positives); NaN with ``auroc_note`` when one class is empty.
+    """
+    df = _annotated(pred, subset)
+    if landmark is not None:
+        df = df[df["landmark"] == landmark]
+    notes = []
+    out: dict[str, float | str] = {"level": level}
+    sds = ["sd_x", "sd_y", "sd_z"]
+    if set(sds) <= set(df.columns):
+        p = df[["x", "y", "z"]].to_numpy(float)
+        t = df[["true_x", "true_y", "true_z"]].to_numpy(float)
+        sd = df[sds].to_numpy(float)
+        ok = np.isfinite(p).all(1) & np.isfinite(t).all(1) & np.isfinite(sd).all(1)
+        inside = inside_ellipsoid(p[ok], t[ok], sd[ok], level)
+        k, n = int(inside.sum()), int(ok.sum())
+        out.update(n=n, n_inside=k, coverage=k / n if n else np.nan)
+        out["coverage_ci_low"], out["coverage_ci_high"] = wilson_ci(k, n)
+        out["chi2_radius_sq"] = chi2_radius_sq(level)
+    else:
+        out.update(n=np.nan, n_inside=np.nan, coverage=np.nan, coverage_ci_low=np.nan,
+                   coverage_ci_high=np.nan)
+        notes.append("no sd_x, sd_y, sd_z columns: coverage not computed")
+    vol = volumes_of(df, level).to_numpy(float)
+    err = df["error_mm"].to_numpy(float)
+    ok = np.isfinite(vol)
+    large = err[ok] > error_threshold_mm
+    out["error_threshold_mm"] = error_threshold_mm
+    out["n_large_error"] = int(large.sum())
+    out["n_small_error"] = int((~large).sum())
+    out["auroc"] = auroc(vol[ok], large)
+    out["note"] = "; ".join(notes)
+    out["auroc_note"] = "" if np.isfinite(out["auroc"]) else (
+        f"AUROC undefined: all errors on one side of {error_threshold_mm:g} mm")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Bootstrap CI of each method's mean error
+# ---------------------------------------------------------------------------------------------
+
+
+def bootstrap_mean_ci(
+    predictions: Mapping[str, pd.DataFrame], subset: str | None = "test", n_boot: int = 2000,
+    seed: int = 0, level: float = 0.95,
+) -> pd.DataFrame:
+    """Percentile bootstrap CI of each method's mean error, resampling cases (not landmarks).
+
+    Each resample draws as many cases as there are (with replacement); its statistic is the
+    mean error over all annotated landmarks of the drawn cases. Every method uses its own
+    generator seeded with ``seed``, so a method's CI does not depend on which other methods
+    are present. Columns: ``method, label, n_cases, n, mean_mm, ci_low, ci_high``.
+    """
+    rows = []
+    for m in method_order(predictions):
+        df = _annotated(predictions[m], subset)
+        e = df["error_mm"].to_numpy(float)
+        lo, hi = _cluster_mean_ci(e, df["case_id"].to_numpy(), n_boot, seed, level) \
+            if e.size else (np.nan, np.nan)
+        rows.append({"method": m, "label": method_label(m),
+                     "n_cases": int(df["case_id"].nunique()), "n": int(e.size),
+                     "mean_mm": float(e.mean()) if e.size else np.nan,
+                     "ci_low": lo, "ci_high": hi})
+    return pd.DataFrame(rows, columns=["method", "label", "n_cases", "n", "mean_mm", "ci_low",
+                                       "ci_high"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The statistics table
+# ---------------------------------------------------------------------------------------------
+
+_COLUMNS = ["test", "comparison", "quantity", "value", "note"]
+
+
+def statistics_table(
+    predictions: Mapping[str, pd.DataFrame],
+    proposed: str = PROPOSED_METHOD,
+    subset: str | None = "test",
+    level: float = 0.90,
+    error_threshold_mm: float = 5.0,
+    alpha: float = 0.05,
+    n_boot: int = 2000,
+    seed: int = 0,
+    landmarks: Sequence[str] | None = None,
+) -> pd.DataFrame:
+    """All statistics as one tidy long table: ``test, comparison, quantity, value, note``.
+
+    Tests: ``bootstrap_mean`` (comparison = method), ``wilcoxon_holm`` (comparison =
+    ``"proposed vs other"``), ``confidence_vs_error`` and ``calibration`` (comparison =
+    ``"proposed"`` pooled, or ``"proposed [landmark]"``). Values are numbers (booleans as 1/0);
+    a part that cannot be computed (method disabled, no sds) is one row with NaN and a note.
+    """
+    rows: list[dict] = []
+
+    def add(test, comparison, quantities: Mapping, note=""):
+        for q, v in quantities.items():
+            v = float(v) if v is not None and not isinstance(v, str) else np.nan
+            rows.append({"test": test, "comparison": comparison, "quantity": q,
+                         "value": v, "note": note})
+
+    boot = bootstrap_mean_ci(predictions, subset, n_boot, seed)
+    for r in boot.itertuples(index=False):
+        add("bootstrap_mean", r.method,
+            {"n_cases": r.n_cases, "n": r.n, "mean_mm": r.mean_mm, "ci_low": r.ci_low,
+             "ci_high": r.ci_high},
+            f"{int(n_boot)} case resamples, seed {seed}, percentile 95% CI")
+
+    if proposed not in predictions:
+        add("wilcoxon_holm", proposed, {"p_holm": np.nan},
+            f"proposed method {proposed!r} not in this run")
+    elif len(predictions) < 2:
+        add("wilcoxon_holm", proposed, {"p_holm": np.nan}, "no other method to compare with")
+    else:
+        wx = paired_wilcoxon(predictions, proposed, subset, alpha, n_boot=n_boot, seed=seed)
+        for r in wx.itertuples(index=False):
+            note = "differences proposed - other (mm); Holm over "
+            note += f"{int(wx['p'].notna().sum())} comparisons"
+            if r.note:
+                note += f"; {r.note}"
+            add("wilcoxon_holm", f"{proposed} vs {r.method}",
+                {"n_pairs": r.n_pairs, "median_diff_mm": r.median_diff_mm,
+                 "mean_diff_mm": r.mean_diff_mm, "mean_diff_ci_low": r.mean_diff_ci_low,
+                 "mean_diff_ci_high": r.mean_diff_ci_high, "statistic": r.statistic,
+                 "p": r.p, "p_holm": r.p_holm, "significant": float(bool(r.significant))},
+                note)
+
+    pred = predictions.get(proposed)
+    has_unc = pred is not None and (
+        "conf_volume_mm3" in pred.columns or {"sd_x", "sd_y", "sd_z"} <= set(pred.columns))
+    if not has_unc:
+        why = (f"proposed method {proposed!r} not in this run" if pred is None
+               else f"{proposed!r} has no confidence volume / sd columns")
+        add("confidence_vs_error", proposed, {"pearson_r": np.nan}, why)
+        add("calibration", proposed, {"coverage": np.nan}, why)
+    else:
+        lms = list(landmarks) if landmarks is not None else landmark_order({proposed: pred})
+        for lm in [None, *lms]:
+            comp = proposed if lm is None else f"{proposed} [{lm}]"
+            c = confidence_correlation(pred, subset, lm, level)
+            note = c.pop("note")
+            add("confidence_vs_error", comp, c, note)
+            cal = calibration(pred, subset, level, error_threshold_mm, lm)
+            note, auroc_note = cal.pop("note"), cal.pop("auroc_note")
+            thr = {q: cal.pop(q) for q in ("error_threshold_mm", "n_large_error",
+                                           "n_small_error", "auroc")}
+            add("calibration", comp, cal, note)
+            add("calibration", comp, thr, auroc_note)
+    return pd.DataFrame(rows, columns=_COLUMNS)
+
+
+def write_statistics(df: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Write the statistics table as CSV, atomically (full float precision)."""
+    return atomic_write_text(path, df.to_csv(index=False, lineterminator="\n"))
+
+
+def _get(df: pd.DataFrame, test: str, comparison: str, quantity: str) -> float:
+    v = df.loc[(df["test"] == test) & (df["comparison"] == comparison)
+               & (df["quantity"] == quantity), "value"]
+    return float(v.iloc[0]) if len(v) else float("nan")
+
+
+def _p(p: float) -> str:
+    if not np.isfinite(p):
+        return "n/a"
+    return f"{p:.2g}" if p >= 1e-3 else f"{p:.2e}"
+
+
+def _f(v: float, digits: int = 2) -> str:
+    return "n/a" if not np.isfinite(v) else f"{v:.{digits}f}"
+
+
+def statistics_summary(df: pd.DataFrame) -> str:
+    """Readable markdown summary of a :func:`statistics_table` result."""
+    lines = ["# Statistics", ""]
+    boot = df[df["test"] == "bootstrap_mean"]
+    if len(boot):
+        note = boot["note"].iloc[0]
+        lines += [f"## Mean error with bootstrap 95% CI ({note})", "",
+                  "| Method | cases | landmarks | mean (mm) | 95% CI (mm) |",
+                  "|:---|---:|---:|---:|---:|"]
+        for m in dict.fromkeys(boot["comparison"]):
+            g = lambda q: _get(df, "bootstrap_mean", m, q)  # noqa: E731
+            n_cases, n = g("n_cases"), g("n")
+            lines.append(
+                f"| {method_label(m)} | {int(n_cases) if np.isfinite(n_cases) else 'n/a'} | "
+                f"{int(n) if np.isfinite(n) else 'n/a'} | {_f(g('mean_mm'))} | "
+                f"{_f(g('ci_low'))} to {_f(g('ci_high'))} |")
+        lines.append("")
+
+    wx = df[df["test"] == "wilcoxon_holm"]
+    if len(wx):
+        lines += ["## Paired Wilcoxon signed-rank tests, Holm-corrected", ""]
+        comps = [c for c in dict.fromkeys(wx["comparison"]) if " vs " in c]
+        if not comps:
+            lines += [f"Not computed: {wx['note'].iloc[0]}", ""]
+        else:
+            prop = comps[0].split(" vs ")[0]
+            lines += [f"Proposed: {method_label(prop)}. Differences are proposed - other "
+                      "(negative: the proposed method is better).", "",
+                      "| Other method | pairs | median diff (mm) | mean diff [95% CI] (mm) "
+                      "| W | p | p (Holm) | significant |",
+                      "|:---|---:|---:|---:|---:|---:|---:|:---:|"]
+            for c in comps:
+                g = lambda q: _get(df, "wilcoxon_holm", c, q)  # noqa: E731
+                other = c.split(" vs ", 1)[1]
+                sig = g("significant")
+                lines.append(
+                    f"| {method_label(other)} | {int(g('n_pairs'))} | "
+                    f"{_f(g('median_diff_mm'))} | {_f(g('mean_diff_mm'))} "
+                    f"[{_f(g('mean_diff_ci_low'))}, {_f(g('mean_diff_ci_high'))}] | "
+                    f"{_f(g('statistic'), 1)} | {_p(g('p'))} | {_p(g('p_holm'))} | "
+                    f"{'yes' if sig == 1 else 'no'} |")
+            lines.append("")
+
+    ce = df[df["test"] == "confidence_vs_error"]
+    if len(ce):
+        lines += ["## Confidence volume versus error", ""]
+        comps = list(dict.fromkeys(ce["comparison"]))
+        if len(ce) == 1 and not np.isfinite(ce["value"].iloc[0]):
+            lines += [f"Not computed: {ce['note'].iloc[0]}", ""]
+        else:
+            lines += [f"Paper: Pearson r = {PAPER_PEARSON_R} (p = {PAPER_PEARSON_P:.2e}), "
+                      "which corresponds to n = 54 points.", "",
+                      "| Scope | n | Pearson r (p) | Pearson r, log10 volume (p) "
+                      "| Spearman rho (p) |", "|:---|---:|---:|---:|---:|"]
+            for c in comps:
+                g = lambda q: _get(df, "confidence_vs_error", c, q)  # noqa: E731
+                scope = c.split(" [", 1)[1].rstrip("]") if " [" in c else "all (pooled)"
+                n = g("n")
+                lines.append(
+                    f"| {scope} | {int(n) if np.isfinite(n) else 'n/a'} | "
+                    f"{_f(g('pearson_r'), 3)} ({_p(g('pearson_p'))}) | "
+                    f"{_f(g('pearson_r_logvol'), 3)} ({_p(g('pearson_p_logvol'))}) | "
+                    f"{_f(g('spearman_rho'), 3)} ({_p(g('spearman_p'))}) |")
+            lines.append("")
+
+    cal = df[df["test"] == "calibration"]
+    if len(cal):
+        lines += ["## Calibration of the confidence ellipsoids", ""]
+        comps = list(dict.fromkeys(cal["comparison"]))
+        if len(cal) == 1 and not np.isfinite(cal["value"].iloc[0]):
+            lines += [f"Not computed: {cal['note'].iloc[0]}", ""]
+        else:
+            lvl = _get(df, "calibration", comps[0], "level")
+            thr = _get(df, "calibration", comps[0], "error_threshold_mm")
+            lines += [f"Coverage: share of landmarks whose truth lies inside the predicted "
+                      f"{100 * lvl:.0f}% ellipsoid (ideal {100 * lvl:.0f}%), Wilson 95% CI. "
+                      f"AUROC: confidence volume as a detector of errors > {thr:g} mm.", "",
+                      "| Scope | n | coverage [95% CI] | errors > thr | AUROC | note |",
+                      "|:---|---:|---:|---:|---:|:---|"]
+            for c in comps:
+                g = lambda q: _get(df, "calibration", c, q)  # noqa: E731
+                scope = c.split(" [", 1)[1].rstrip("]") if " [" in c else "all (pooled)"
+                n = g("n")
+                notes = "; ".join(x for x in dict.fromkeys(
+                    cal.loc[cal["comparison"] == c, "note"]) if x)
+                cov = g("coverage")
+                lines.append(
+                    f"| {scope} | {int(n) if np.isfinite(n) else 'n/a'} | "
+                    f"{_f(100 * cov, 1)}% [{_f(100 * g('coverage_ci_low'), 1)}, "
+                    f"{_f(100 * g('coverage_ci_high'), 1)}] | {int(g('n_large_error'))} | "
+                    f"{_f(g('auroc'), 3)} | {notes} |")
+            lines.append("")
+    return "\n".join(lines)

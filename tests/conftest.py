@@ -1,0 +1,40 @@
+"""Shared pytest fixtures: small helpers for writing synthetic NIfTI files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+
+def oblique_affine(angles_deg=(5.0, -7.0, 3.0), spacing=(0.9, 1.1, 1.6), origin=(-20.0, 13.0, 7.5)):
+    """A voxel -> RAS affine with a small rotation about each axis and anisotropic voxels."""
+    ax, ay, az = np.deg2rad(angles_deg)
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
+    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+    aff = np.eye(4)
+    aff[:3, :3] = rz @ ry @ rx @ np.diag(spacing)
+    aff[:3, 3] = origin
+    return aff
+
+
+@pytest.fixture(name="oblique_affine")
+def oblique_affine_fixture():
+    """The :func:`oblique_affine` factory."""
+    return oblique_affine
+
+
+@pytest.fixture
+def write_nifti(tmp_path: Path):
+    """Factory ``write_nifti(data, affine, name="scan.nii.gz") -> Path`` in ``tmp_path``."""
+
+    def _write(data, affine, name="scan.nii.gz"):
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(np.asarray(data), np.asarray(affine, dtype=float)), str(path))
+        return path
+
+    return _write

@@ -1,0 +1,334 @@
+"""Unit tests of locnet.models on tiny volumes (a few seconds each on a CPU)."""
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+from locnet.layers import decode_heatmap
+from locnet.models import (
+    METHODS,
+    LocNet,
+    MultiScaleLocNet,
+    build_model,
+    mm_to_voxel,
+    predict_passes,
+    sample_shifts,
+    unet,
+    voxel_to_mm,
+)
+
+needs_tf = pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow", reason="gradient checks use tf.GradientTape"
+)
+
+# finest 16^3 at 5 mm, 3 levels (16, 8, 4 voxels), 4^3 patches, a 2-level U-Net
+TINY_GRID = {"finest_shape": 16, "finest_spacing_mm": 5.0, "levels": 3}
+TINY_CFG = {
+    "landmarks": ["left", "right"],
+    "level": 1,
+    "patch": 4,
+    "unet": {"filters": [4, 8]},
+    "heatmap_sigma_mm": 12.0,
+    "noise_mm": 5.0,
+    "seed": 1,
+}
+
+
+def _np(x):
+    return ops.convert_to_numpy(x)
+
+
+def _pyramid(finest, levels):
+    """Average a (B, n, n, n, 1) volume down by 2 per level, as the pyramid stage does."""
+    out = {"level0": finest.astype(np.float32)}
+    v = finest
+    for level in range(1, levels):
+        b, n = v.shape[0], v.shape[1] // 2
+        v = v.reshape(b, n, 2, n, 2, n, 2, 1).mean(axis=(2, 4, 6))
+        out[f"level{level}"] = v.astype(np.float32)
+    return out
+
+
+def _tiny_inputs(batch=2, seed=0):
+    rng = np.random.default_rng(seed)
+    return _pyramid(rng.random((batch, 16, 16, 16, 1)), TINY_GRID["levels"])
+
+
+def _tiny_targets(batch=2, seed=0):
+    rng = np.random.default_rng(seed + 100)
+    pos = rng.uniform(10.0, 70.0, (batch, 2, 3)).astype(np.float32)
+    return {"position": pos, "mask": np.ones((batch, 2), np.float32)}
+
+
+def _build(method, **overrides):
+    keras.utils.set_random_seed(0)
+    return build_model(method, {**TINY_CFG, **overrides}, TINY_GRID)
+
+
+# ----------------------------------------------------------------------------------------
+# Geometry and builder
+# ----------------------------------------------------------------------------------------
+def test_grid_mm_conversions_follow_the_pyramid_contract():
+    s0 = 0.5
+    # level-l voxel 0 is the mean of level-0 voxels 0 .. 2^l - 1
+    for level in range(4):
+        np.testing.assert_allclose(voxel_to_mm(0.0, level, s0), s0 * (2**level - 1) / 2)
+    v = np.array([3.25, 0.0, 17.5])
+    for level in range(4):
+        g = voxel_to_mm(v, level, s0)
+        np.testing.assert_allclose(g, voxel_to_mm(2**level * v + (2**level - 1) / 2, 0, s0))
+        np.testing.assert_allclose(mm_to_voxel(g, level, s0), v)
+
+
+def test_unet_shapes_and_checks():
+    net = unet((8, 8, 8, 1), 3, filters=(4, 8, 16), out_activation="softplus")
+    assert net.output_shape == (None, 8, 8, 8, 3)
+    enc = unet((8, 8, 8, 1), 5, filters=(4, 8, 16), decoder=False)
+    assert enc.output_shape == (None, 2, 2, 2, 5)
+    tr = unet((8, 8, 8, 1), 2, filters=(4, 8), convs_per_level=2, dropout=0.1,
+              upsampling="transpose")
+    assert tr.output_shape == (None, 8, 8, 8, 2)
+    kinds = [type(layer).__name__ for layer in tr.layers]
+    assert kinds.count("Conv3D") == 2 * 3 + 1  # 2 convs x (2 down + 1 up) + head
+    assert kinds.count("Conv3DTranspose") == 1
+    with pytest.raises(ValueError):
+        unet((10, 10, 10, 1), 1, filters=(4, 8, 16))
+
+
+def test_build_model_dispatch_and_config():
+    for method in METHODS:
+        model = _build(method)
+        assert model.n_landmarks == 2
+    e2e, noisy, multi = (
+        _build(m) for m in ("multiscale_e2e", "multiscale_e2e_noise", "multiscale_multistep")
+    )
+    assert e2e.noise_mm == 0.0 and not e2e.stop_gradient
+    assert noisy.noise_mm == 5.0 and not noisy.stop_gradient
+    assert multi.noise_mm == 0.0 and multi.stop_gradient
+    assert e2e.input_levels == (0, 1, 2) and _build("locnet_single").input_levels == (1,)
+    with pytest.raises(ValueError):
+        build_model("nope", TINY_CFG, TINY_GRID)
+    with pytest.raises(ValueError):
+        build_model("locnet_single", {**TINY_CFG, "landmarks": []}, TINY_GRID)
+    with pytest.raises(ValueError):
+        build_model("locnet_single", {**TINY_CFG, "level": 3}, TINY_GRID)
+
+
+# ----------------------------------------------------------------------------------------
+# Shift equivariance
+# ----------------------------------------------------------------------------------------
+def _blob_volume(n, lo, hi, seed=0):
+    x = np.zeros((1, n, n, n, 1), np.float32)
+    rng = np.random.default_rng(seed)
+    x[0, lo:hi, lo:hi, lo:hi, 0] = rng.random((hi - lo,) * 3)
+    return x
+
+
+def test_locnet_is_shift_equivariant():
+    # Random He-initialised kernels, zero biases (Keras default), ReLU maps: an all-zero
+    # background stays exactly zero (also across the zero padding), so all mass comes from
+    # the blob and moves with it. With max pooling the equivariance is exact for shifts by
+    # multiples of the pooling stride (2 here); other shifts are approximate (aliasing).
+    keras.utils.set_random_seed(3)
+    net = LocNet(32, 2, unet={"filters": [4, 8]}, out_activation="relu")
+    x = _blob_volume(32, 12, 20)
+    assert np.all(_np(ops.sum(net.maps(x), axis=(1, 2, 3))) > 0)
+    p0 = _np(net(x))
+    for shift in [(2, -4, 2), (-6, 0, 4)]:
+        p1 = _np(net(np.roll(x, shift, axis=(1, 2, 3))))
+        np.testing.assert_allclose(p1 - p0, np.broadcast_to(shift, p0.shape), atol=1e-3)
+
+
+def test_multiscale_chain_is_shift_equivariant():
+    # finest 128^3, 3 levels: shifts by multiples of 8 finest voxels are multiples of 2
+    # voxels (the pooling stride) on the coarsest level (32^3); every crop centre moves by
+    # exactly the shift, so every patch is resampled identically and every level's
+    # prediction moves by the shift. The blob and its receptive-field footprint stay well
+    # inside the volume, where zero padding cannot cut mass off.
+    keras.utils.set_random_seed(5)
+    grid = {"finest_shape": 128, "finest_spacing_mm": 1.0, "levels": 3}
+    cfg = {**TINY_CFG, "patch": 8, "out_activation": "relu"}
+    model = build_model("multiscale_e2e", cfg, grid)
+    x = _blob_volume(128, 56, 72, seed=1)
+    shift = np.array([8, -8, 16])
+    out0 = model(_pyramid(x, 3))
+    out1 = model(_pyramid(np.roll(x, tuple(shift), axis=(1, 2, 3)), 3))
+    for key in ("level2", "level1", "level0", "position"):
+        np.testing.assert_allclose(
+            _np(out1[key]) - _np(out0[key]),
+            np.broadcast_to(shift * 1.0, (1, 2, 3)),
+            atol=2e-3,
+            err_msg=key,
+        )
+
+
+# ----------------------------------------------------------------------------------------
+# Gradients through the chain
+# ----------------------------------------------------------------------------------------
+def _finest_loss_grads(model, x, y):
+    import tensorflow as tf
+
+    coarse = model.level_nets[model.n_levels - 1].trainable_weights
+    with tf.GradientTape() as tape:
+        out = model(x, training=True)
+        loss = model.position_loss(out["level0"], y)
+    return tape.gradient(loss, coarse)
+
+
+@needs_tf
+def test_finest_loss_reaches_coarsest_net_only_end_to_end():
+    x, y = _tiny_inputs(1), _tiny_targets(1)
+    grads = _finest_loss_grads(_build("multiscale_e2e"), x, y)
+    assert any(g is not None and np.any(g.numpy() != 0) for g in grads)
+    grads = _finest_loss_grads(_build("multiscale_multistep"), x, y)
+    assert all(g is None or not np.any(g.numpy()) for g in grads)
+
+
+@needs_tf
+def test_gradient_flows_through_the_resampled_patch_content():
+    # d position / d centre = identity (the additive term) + the content term of the
+    # trilinear crop; with an integer-slice crop (authors' code) it would be exactly 1.
+    import tensorflow as tf
+
+    model = _build("multiscale_e2e")
+    x = _tiny_inputs(1)
+    c = tf.constant([[[31.3, 42.1, 38.9], [44.2, 35.5, 30.7]]])
+    with tf.GradientTape() as tape:
+        tape.watch(c)
+        g = tf.reduce_sum(model.refine(0, tf.constant(x["level0"]), c))
+    d = tape.gradient(g, c).numpy()
+    assert np.max(np.abs(d - 1.0)) > 1e-4
+
+
+# ----------------------------------------------------------------------------------------
+# Losses, metrics and schedule plumbing
+# ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", METHODS)
+def test_missing_landmarks_do_not_change_the_loss(method):
+    model = _build(method)
+    x = _tiny_inputs()
+    y = _tiny_targets()
+    pred = model(x)
+    y1 = {"position": y["position"].copy(), "mask": np.array([[1, 0], [0, 1]], np.float32)}
+    y2 = {"position": y1["position"].copy(), "mask": y1["mask"]}
+    y2["position"][0, 1] = [1000.0, -50.0, 3.0]
+    y2["position"][1, 0] = 0.0
+    l1 = float(_np(model.compute_loss(x, y1, pred)))
+    l2 = float(_np(model.compute_loss(x, y2, pred)))
+    assert np.isfinite(l1) and l1 == pytest.approx(l2, rel=1e-6)
+    none = {"position": y["position"], "mask": np.zeros((2, 2), np.float32)}
+    assert float(_np(model.compute_loss(x, none, pred))) == 0.0
+
+
+def test_multiscale_loss_uses_loss_weights_and_logs_levels():
+    model = _build("multiscale_e2e")
+    x, y = _tiny_inputs(), _tiny_targets()
+    pred = model(x)
+    per_level = [float(_np(model.position_loss(pred[f"level{l}"], y))) for l in range(3)]
+    for level in range(3):
+        w = np.zeros(3, np.float32)
+        w[level] = 1.0
+        model.loss_weights.assign(w)
+        loss = float(_np(model.compute_loss(x, y, pred)))
+        assert loss == pytest.approx(per_level[level], rel=1e-5)
+    model.loss_weights.assign(np.ones(3, np.float32))
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), run_eagerly=True)
+    hist = model.fit(x, y, validation_data=(x, y), epochs=1, batch_size=2, verbose=0)
+    for level in range(3):
+        assert f"loss_level{level}" in hist.history
+        assert f"val_loss_level{level}" in hist.history
+    assert np.isfinite(hist.history["loss"][0])
+
+
+def test_freezing_a_level_net():
+    model = _build("multiscale_multistep")
+    n_all = len(model.trainable_weights)
+    model.level_nets[2].trainable = False
+    n_coarse = len(model.level_nets[2].net.weights)
+    assert len(model.trainable_weights) == n_all - n_coarse
+
+
+# ----------------------------------------------------------------------------------------
+# Heatmap and patch baseline specifics
+# ----------------------------------------------------------------------------------------
+def test_heatmap_targets_decode_back_to_the_positions():
+    model = _build("heatmap_unet", heatmap_sigma_mm=20.0)  # 2 voxels at 10 mm
+    pos = np.array([[[33.0, 41.7, 52.2], [20.4, 60.0, 44.4]]], np.float32)
+    h = model.target_heatmaps(pos)
+    assert tuple(h.shape) == (1, 8, 8, 8, 2)
+    back = _np(model.to_mm(decode_heatmap(h), 1))
+    np.testing.assert_allclose(back, pos, atol=0.3)
+
+
+def test_patch_baseline_decoding_and_perfect_prediction_loss():
+    model = _build("patch_baseline")  # level 1: 8^3 at 10 mm, 2-voxel cells -> 4^3 cells
+    assert model.n_cells == 4 and model.cell_mm == 20.0
+    pos = np.array([[[33.0, 41.7, 52.2], [20.4, 60.0, 44.4]]], np.float32)
+    centres = model._cell_centres_mm.reshape(4, 4, 4, 3)
+    disp = np.broadcast_to(pos[:, None, None, None, :, :], (1, 4, 4, 4, 2, 3)) - centres[
+        None, :, :, :, None, :
+    ]
+    logits = np.full((1, 4, 4, 4, 2), -8.0, np.float32)
+    cells = np.floor((mm_to_voxel(pos, 1, 5.0) + 0.5) / 2).astype(int)
+    for k in range(2):
+        logits[(0, *cells[0, k], k)] = 8.0
+    disp = disp.astype(np.float32)
+    np.testing.assert_allclose(_np(model.decode(logits, disp)), pos, atol=1e-4)
+    # no positive cell: fall back to the most probable one
+    low = logits - 20.0
+    np.testing.assert_allclose(_np(model.decode(low, disp)), pos, atol=1e-4)
+    y = {"position": pos, "mask": np.ones((1, 2), np.float32)}
+    model.compute_loss(None, y, {"logits": logits, "displacement": disp})
+    assert float(_np(model.reg_tracker.result())) < 1e-5
+    assert float(_np(model.cls_tracker.result())) < 1e-2
+
+
+# ----------------------------------------------------------------------------------------
+# Saving and test-time passes
+# ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", METHODS)
+def test_keras_file_round_trip(method, tmp_path):
+    model = _build(method)
+    model.loss_weights.assign(np.linspace(0.1, 0.9, len(model.loss_levels)).astype("float32"))
+    x = _tiny_inputs()
+    before = model(x)
+    path = tmp_path / f"{method}.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert type(loaded) is type(model)
+    after = loaded(x)
+    assert set(after) == set(before)
+    for key in before:
+        np.testing.assert_allclose(_np(after[key]), _np(before[key]), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(_np(loaded.loss_weights), _np(model.loss_weights))
+    assert loaded.get_config() == model.get_config()
+
+
+def test_noise_only_moves_the_finest_level():
+    model = _build("multiscale_e2e_noise")
+    x = _tiny_inputs(1)
+    a, b = model(x), model(x)
+    np.testing.assert_array_equal(_np(a["position"]), _np(b["position"]))  # inference
+    noisy = model(x, noise=True)
+    for key in ("level2", "level1"):
+        np.testing.assert_allclose(_np(noisy[key]), _np(a[key]), atol=1e-5)
+    assert np.max(np.abs(_np(noisy["level0"]) - _np(a["level0"]))) > 1e-3
+
+
+def test_predict_passes_equals_naive_loop():
+    model = _build("multiscale_e2e_noise")
+    assert isinstance(model, MultiScaleLocNet)
+    x = _tiny_inputs(1)
+    shifts = sample_shifts(5, 2, 5.0, seed=0)
+    assert shifts.shape == (5, 2, 3) and np.all(np.abs(shifts) <= 5.0)
+    batched = predict_passes(model, x, shifts)
+    chunked = predict_passes(model, x, shifts, chunk=2)
+    naive = np.stack(
+        [_np(model(x, finest_shift_mm=shifts[i : i + 1])["position"])[0] for i in range(5)]
+    )
+    assert batched.shape == (5, 2, 3)
+    np.testing.assert_allclose(batched, naive, atol=1e-4)
+    np.testing.assert_allclose(chunked, naive, atol=1e-4)
+    with pytest.raises(ValueError):
+        predict_passes(model, _tiny_inputs(2), shifts)

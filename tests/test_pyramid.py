@@ -1,0 +1,190 @@
+"""Pyramid building: resampling geometry, orientation invariance, block means, stored files."""
+
+import itertools
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from locnet import geometry as geo
+from locnet.io import InputError
+from locnet.pyramid import (apply_window, build_pyramid, downsample2, load_level, read_grid,
+                            resample_to_grid)
+
+WINDOW = (-1000.0, 1000.0)
+BACKGROUND = -1000.0
+
+
+def blob_scan(affine, shape, centre_world, sigma_mm=3.0, amplitude=1500.0):
+    """A Gaussian blob at a world position on an air background (HU)."""
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=-1)
+    d2 = ((geo.voxel_to_world(affine, ijk) - centre_world) ** 2).sum(-1)
+    return (BACKGROUND + amplitude * np.exp(-d2 / (2 * sigma_mm**2))).astype(np.float32)
+
+
+def centre_of_mass(a):
+    idx = np.stack(np.meshgrid(*[np.arange(n) for n in a.shape], indexing="ij"), axis=-1)
+    return (idx * a[..., None]).sum((0, 1, 2)) / a.sum()
+
+
+def signed_permutation(data, affine, perm, flips):
+    """Store the same scan with its array axes permuted and flipped; adjust the affine to match.
+
+    New voxel j holds old voxel i with i[perm[m]] = j[m] (or n - 1 - j[m] when flipped), so
+    old_index = P @ new_index + t and new_affine = affine @ [[P, t], [0, 1]].
+    """
+    new = np.transpose(data, perm)
+    m = np.zeros((4, 4))
+    m[3, 3] = 1
+    for axis_new, axis_old in enumerate(perm):
+        if flips[axis_new]:
+            new = np.flip(new, axis=axis_new)
+            m[axis_old, axis_new] = -1
+            m[axis_old, 3] = data.shape[axis_old] - 1
+        else:
+            m[axis_old, axis_new] = 1
+    return np.ascontiguousarray(new), affine @ m
+
+
+def test_identity_grid_reproduces_the_windowed_scan(write_nifti, tmp_path):
+    # axis-aligned native scan whose voxels coincide with the grid: resampling is the identity
+    rng = np.random.default_rng(0)
+    data = rng.uniform(-1200, 1200, size=(16, 16, 16)).astype(np.float32)
+    aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    aff[:3, 3] = [-7.0, 3.0, 11.0]
+    path = write_nifti(data, aff)
+    grid = build_pyramid(path, {"finest_shape": 16, "finest_spacing_mm": 2.0, "levels": 3},
+                         WINDOW, BACKGROUND, tmp_path / "pyr", threads=2)
+    np.testing.assert_allclose(grid.level_affine(0), aff, atol=1e-12)
+    level0, _ = load_level(tmp_path / "pyr", 0)
+    expected = (np.clip(data, *WINDOW) - WINDOW[0]) / (WINDOW[1] - WINDOW[0])
+    np.testing.assert_allclose(level0, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_known_world_point_lands_on_the_right_voxel_of_every_level(
+        write_nifti, tmp_path, oblique_affine, threads):
+    aff = oblique_affine(angles_deg=(6, -4, 9), spacing=(0.8, 0.9, 1.7), origin=(-30, -25, -20))
+    shape = (64, 60, 36)
+    centre = geo.scan_center(aff, shape)
+    point = centre + np.array([4.3, -6.1, 2.7])  # not on the grid centre, not on a voxel
+    path = write_nifti(blob_scan(aff, shape, point), aff)
+    out = tmp_path / "pyr"
+    grid = build_pyramid(path, {"finest_shape": 48, "finest_spacing_mm": 1.0, "levels": 3},
+                         WINDOW, BACKGROUND, out, threads=threads)
+    for level in range(grid.levels):
+        arr, g = load_level(out, level)
+        assert g == grid
+        expected = grid.world_to_voxel(point, level)
+        assert np.abs(centre_of_mass(arr) - expected).max() < 0.1, level
+
+
+def test_orientation_does_not_change_the_resampled_volume(tmp_path, oblique_affine):
+    aff = oblique_affine(angles_deg=(4, 7, -5), spacing=(1.1, 0.9, 1.45), origin=(5, -8, 12))
+    shape = (14, 12, 10)
+    data = np.random.default_rng(3).uniform(-1000, 1000, size=shape).astype(np.float32)
+    params = {"finest_shape": 16, "finest_spacing_mm": 0.85, "levels": 2}
+    reference = None
+    variants = list(itertools.product(itertools.permutations(range(3)),
+                                      itertools.product((False, True), repeat=3)))
+    assert len(variants) == 48  # all 6 permutations x all 8 flips (incl. LPS storage: flip i, j)
+    for n, (perm, flips) in enumerate(variants):
+        d, a = signed_permutation(data, aff, perm, flips)
+        path = tmp_path / f"v{n}.nii"
+        nib.save(nib.Nifti1Image(d, a), str(path))
+        grid = build_pyramid(path, params, WINDOW, BACKGROUND, tmp_path / f"p{n}", threads=1)
+        level0, _ = load_level(tmp_path / f"p{n}", 0, mmap=False)
+        if reference is None:
+            reference, ref_grid = level0, grid
+            assert 0.05 < level0.mean() < 0.95  # the scan fills a good part of the grid
+        else:
+            np.testing.assert_allclose(grid.origin, ref_grid.origin, atol=1e-5)  # float32 header
+            np.testing.assert_allclose(level0, reference, atol=1e-5, err_msg=f"{perm} {flips}")
+
+
+def test_coarse_levels_carry_the_half_voxel_offset():
+    grid = geo.Grid(origin=(-10.0, 20.0, 5.0), spacing=0.5, shape=32, levels=4)
+    level0 = np.zeros(grid.level_shape(0), np.float32)
+    lo, hi = np.array([8, 16, 24]), np.array([16, 24, 32])  # aligned with the coarsest blocks
+    level0[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = 1.0
+    expected_world = grid.voxel_to_world((lo + hi - 1) / 2, 0)
+    arr = level0
+    for level in range(grid.levels):
+        if level:
+            arr = downsample2(arr)
+        com_world = geo.voxel_to_world(grid.level_affine(level), centre_of_mass(arr))
+        np.testing.assert_allclose(com_world, expected_world, atol=1e-9)
+        np.testing.assert_allclose(grid.world_to_voxel(expected_world, level),
+                                   centre_of_mass(arr), atol=1e-9)
+
+
+def test_downsample2_is_the_block_mean():
+    a = np.random.default_rng(4).random((8, 6, 4), dtype=np.float32)
+    expected = a.reshape(4, 2, 3, 2, 2, 2).mean(axis=(1, 3, 5))
+    np.testing.assert_allclose(downsample2(a), expected, rtol=1e-6)
+    assert downsample2(a).dtype == np.float32
+    with pytest.raises(ValueError):
+        downsample2(np.zeros((3, 4, 4), np.float32))
+
+
+def test_stored_levels_files_and_grid(write_nifti, tmp_path, oblique_affine):
+    aff = oblique_affine()
+    shape = (20, 18, 12)
+    data = np.random.default_rng(5).integers(-1100, 1500, size=shape).astype(np.int16)
+    path = write_nifti(data, aff, "case.nii.gz")
+    out = tmp_path / "pyr"
+    grid = build_pyramid(path, {"finest_shape": 16, "finest_spacing_mm": 1.5, "levels": 3,
+                                "background_hu": 0}, (-200, 800), -1000, out, case="c1")
+    assert sorted(p.name for p in out.iterdir()) == ["grid.json", "level0.nii", "level1.nii",
+                                                      "level2.nii"]  # no temporary files left
+    assert read_grid(out) == grid
+    prev = None
+    for level in range(3):
+        arr, g = load_level(out, level)
+        assert isinstance(arr, np.memmap) and arr.dtype == np.float32
+        assert arr.shape == grid.level_shape(level)
+        assert 0.0 <= arr.min() and arr.max() <= 1.0
+        img = nib.load(str(out / f"level{level}.nii"))
+        np.testing.assert_allclose(img.affine, grid.level_affine(level), atol=1e-4)
+        assert int(img.header["sform_code"]) == 1
+        if prev is not None:
+            n = arr.shape[0]
+            block_mean = prev.reshape(n, 2, n, 2, n, 2).mean(axis=(1, 3, 5))
+            np.testing.assert_allclose(arr, block_mean, atol=1e-6)
+        prev = np.array(arr)
+    # the grid corner region lies outside the scan: background (air) -> 0 after windowing
+    level0, _ = load_level(out, 0)
+    assert level0[0, 0, 0] == 0.0
+
+
+def test_window_scales_to_unit_range():
+    a = np.array([-2000.0, -200.0, 300.0, 800.0, 5000.0], np.float32)
+    np.testing.assert_allclose(apply_window(a, (-200, 800)), [0, 0, 0.5, 1, 1])
+    with pytest.raises(ValueError):
+        apply_window(a, (1, 1))
+
+
+def test_resample_to_grid_without_window_keeps_hu(oblique_affine):
+    aff = oblique_affine()
+    data = np.full((10, 10, 10), 40, np.int16)
+    grid = geo.grid_for_scan(aff, data.shape, N0=8, s0=1.0, levels=1)
+    out = resample_to_grid(data, aff, grid, background=-1000.0, threads=2, slab=3)
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out[3:5, 3:5, 3:5], 40.0)
+
+
+def test_missing_image_names_the_case(tmp_path):
+    with pytest.raises(InputError, match=r"case 'c7'.*nope\.nii\.gz"):
+        build_pyramid(tmp_path / "nope.nii.gz", {"finest_shape": 8, "finest_spacing_mm": 1.0,
+                                                 "levels": 2}, WINDOW, BACKGROUND,
+                      tmp_path / "pyr", case="c7")
+    assert not (tmp_path / "pyr").exists()
+
+
+def test_truncated_image_names_the_case(write_nifti, tmp_path):
+    path = write_nifti(np.random.default_rng(6).normal(size=(20, 20, 20)).astype(np.float32),
+                       np.eye(4), "trunc.nii.gz")
+    path.write_bytes(path.read_bytes()[:3000])  # header intact, voxel data cut short
+    with pytest.raises(InputError, match=r"case 'c9' \(file .*trunc\.nii\.gz\): unreadable"):
+        build_pyramid(path, {"finest_shape": 8, "finest_spacing_mm": 1.0, "levels": 2},
+                      WINDOW, BACKGROUND, tmp_path / "pyr", case="c9")

@@ -1,0 +1,279 @@
+"""Tests of locnet.stats: paired tests + Holm, AUROC, calibration, correlations, bootstrap."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats as sps
+from statsmodels.stats.multitest import multipletests
+
+from locnet import stats
+from locnet.metrics import confidence_volume
+
+LMS = ["left_bifurcation", "right_bifurcation"]
+
+
+def make_table(errors, landmarks=LMS, seed=0, sd=None, subset="test"):
+    """A prediction table whose error_mm equals ``errors`` (cases x landmarks, NaN = missing).
+
+    The prediction is the truth shifted by ``error`` along a random direction; with ``sd``
+    (same shape + (3,)) the noisy-method columns are added.
+    """
+    rng = np.random.default_rng(seed)
+    errors = np.asarray(errors, float)
+    rows = []
+    for c in range(errors.shape[0]):
+        for j, lm in enumerate(landmarks):
+            t = rng.normal(0, 30, 3)
+            u = rng.normal(size=3)
+            u /= np.linalg.norm(u)
+            e = errors[c, j]
+            p = t + (0.0 if np.isnan(e) else e) * u
+            r = dict(case_id=f"case{c:03d}", subset=subset, landmark=lm, x=p[0], y=p[1],
+                     z=p[2], true_x=t[0], true_y=t[1], true_z=t[2], error_mm=e)
+            if np.isnan(e):
+                r.update(true_x=np.nan, true_y=np.nan, true_z=np.nan)
+            if sd is not None:
+                s = sd[c, j]
+                r.update(sd_x=s[0], sd_y=s[1], sd_z=s[2], conf_volume_mm3=confidence_volume(s))
+            rows.append(r)
+    return pd.DataFrame(rows)
+
+
+def gaussian_noisy_table(n_cases, sd_scale=1.0, seed=0):
+    """Noisy-method table with truth - prediction ~ N(0, diag(sd^2)); reports sd_scale * sd."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for c in range(n_cases):
+        for lm in LMS:
+            sd = rng.uniform(0.3, 3.0, 3)
+            t = rng.normal(0, 30, 3)
+            p = t + rng.normal(size=3) * sd
+            rsd = sd_scale * sd
+            rows.append(dict(case_id=f"c{c}", subset="test", landmark=lm, x=p[0], y=p[1],
+                             z=p[2], true_x=t[0], true_y=t[1], true_z=t[2],
+                             error_mm=float(np.linalg.norm(p - t)), sd_x=rsd[0], sd_y=rsd[1],
+                             sd_z=rsd[2], conf_volume_mm3=confidence_volume(rsd)))
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------------------------
+# Wilcoxon + Holm
+# --------------------------------------------------------------------------------------------
+
+
+def test_wilcoxon_holm_matches_direct_calls():
+    rng = np.random.default_rng(3)
+    n = 30
+    prop = rng.gamma(2.0, 1.0, (n, 2))
+    others = {"heatmap_unet": rng.gamma(2.0, 1.6, (n, 2)),
+              "locnet_single": rng.gamma(2.0, 1.3, (n, 2)),
+              "multiscale_e2e": rng.gamma(2.0, 1.05, (n, 2))}
+    prop[[1, 4], [0, 1]] = np.nan                      # missing in the proposed method
+    others["heatmap_unet"][[2, 4], [0, 0]] = np.nan    # missing in another
+    preds = {"multiscale_e2e_noise": make_table(prop, seed=1)}
+    for i, (m, e) in enumerate(others.items()):
+        preds[m] = make_table(e, seed=10 + i)
+    # an extra test case only the other method has, and val rows: both must be ignored
+    extra = make_table(np.array([[1.0, 1.0]]), seed=5)
+    extra["case_id"] = "case999"
+    preds["locnet_single"] = pd.concat(
+        [preds["locnet_single"], extra, make_table(np.ones((3, 2)), seed=6, subset="val")],
+        ignore_index=True)
+
+    res = stats.paired_wilcoxon(preds, "multiscale_e2e_noise", subset="test")
+    assert list(res["method"]) == ["heatmap_unet", "locnet_single", "multiscale_e2e"]
+    ps = []
+    for _, row in res.iterrows():
+        o = others[row["method"]]
+        ok = ~np.isnan(prop) & ~np.isnan(o)
+        a, b = prop[ok], o[ok]
+        direct = sps.wilcoxon(a, b)
+        assert row["n_pairs"] == ok.sum()
+        assert row["statistic"] == pytest.approx(direct.statistic)
+        assert row["p"] == pytest.approx(direct.pvalue, rel=1e-9)
+        assert row["median_diff_mm"] == pytest.approx(np.median(a - b))
+        assert row["mean_diff_mm"] == pytest.approx(np.mean(a - b))
+        assert row["mean_diff_ci_low"] < row["mean_diff_mm"] < row["mean_diff_ci_high"]
+        ps.append(direct.pvalue)
+    np.testing.assert_allclose(res["p_holm"], multipletests(ps, method="holm")[1], rtol=1e-9)
+    assert list(res["significant"]) == list(res["p_holm"] < 0.05)
+
+
+def test_wilcoxon_detects_real_difference_and_not_equal_methods():
+    rng = np.random.default_rng(7)
+    n = 40
+    base = rng.gamma(2.0, 1.5, (n, 2))
+    preds = {
+        "multiscale_e2e_noise": make_table(0.6 * base * rng.uniform(0.8, 1.2, (n, 2)), seed=1),
+        "heatmap_unet": make_table(base, seed=2),
+        # same distribution as the proposed method, independent draws
+        "multiscale_e2e": make_table(0.6 * rng.gamma(2.0, 1.5, (n, 2)), seed=3),
+    }
+    res = stats.paired_wilcoxon(preds).set_index("method")
+    assert res.loc["heatmap_unet", "p_holm"] < 0.05
+    assert res.loc["heatmap_unet", "significant"]
+    assert res.loc["heatmap_unet", "median_diff_mm"] < 0
+    assert res.loc["multiscale_e2e", "p_holm"] > 0.05
+    assert not res.loc["multiscale_e2e", "significant"]
+
+
+def test_wilcoxon_identical_methods_and_missing_proposed():
+    e = np.random.default_rng(0).gamma(2.0, 1.0, (10, 2))
+    preds = {"multiscale_e2e_noise": make_table(e), "multiscale_e2e": make_table(e, seed=4)}
+    res = stats.paired_wilcoxon(preds)
+    assert res.loc[0, "p"] == 1.0 and not res.loc[0, "significant"]
+    assert "zero" in res.loc[0, "note"]
+    with pytest.raises(KeyError):
+        stats.paired_wilcoxon({"multiscale_e2e": make_table(e)})
+
+
+def test_duplicate_rows_are_rejected():
+    df = make_table(np.ones((3, 2)))
+    with pytest.raises(ValueError, match="duplicate"):
+        stats.paired_errors(pd.concat([df, df.iloc[:1]]), df)
+
+
+# --------------------------------------------------------------------------------------------
+# AUROC and Wilson interval
+# --------------------------------------------------------------------------------------------
+
+
+def test_auroc():
+    assert stats.auroc([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1]) == 1.0
+    assert stats.auroc([0.1, 0.2, 0.8, 0.9], [1, 1, 0, 0]) == 0.0
+    assert stats.auroc([1.0, 1.0, 1.0, 1.0], [0, 1, 0, 1]) == 0.5  # ties count one half
+    assert math.isnan(stats.auroc([1.0, 2.0], [1, 1]))
+    rng = np.random.default_rng(0)
+    s, y = rng.normal(size=4000), rng.integers(0, 2, 4000)
+    assert stats.auroc(s, y) == pytest.approx(0.5, abs=0.03)
+    # equals the Mann-Whitney U statistic / (n1 n0), with ties
+    s = rng.integers(0, 5, 300).astype(float)
+    y = rng.integers(0, 2, 300)
+    u = sps.mannwhitneyu(s[y == 1], s[y == 0]).statistic
+    assert stats.auroc(s, y) == pytest.approx(u / ((y == 1).sum() * (y == 0).sum()))
+
+
+def test_wilson_ci_formula():
+    k, n, z = 45, 50, sps.norm.ppf(0.975)
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    lo, hi = stats.wilson_ci(k, n)
+    assert lo == pytest.approx(centre - half) and hi == pytest.approx(centre + half)
+    assert all(math.isnan(v) for v in stats.wilson_ci(0, 0))
+
+
+# --------------------------------------------------------------------------------------------
+# Confidence volume versus error; calibration
+# --------------------------------------------------------------------------------------------
+
+
+def test_confidence_correlation_matches_scipy():
+    df = gaussian_noisy_table(60, seed=2)
+    df.loc[[3, 7], ["true_x", "true_y", "true_z", "error_mm"]] = np.nan
+    c = stats.confidence_correlation(df)
+    ok = df["error_mm"].notna()
+    v, e = df.loc[ok, "conf_volume_mm3"], df.loc[ok, "error_mm"]
+    assert c["n"] == ok.sum() == 118
+    r = sps.pearsonr(v, e)
+    assert c["pearson_r"] == pytest.approx(r.statistic) and c["pearson_p"] == pytest.approx(
+        r.pvalue)
+    assert c["pearson_r_logvol"] == pytest.approx(sps.pearsonr(np.log10(v), e).statistic)
+    assert c["spearman_rho"] == pytest.approx(sps.spearmanr(v, e).statistic)
+    assert c["pearson_r"] > 0.3  # error grows with the sds by construction
+    one = stats.confidence_correlation(df, landmark="left_bifurcation")
+    assert one["n"] == (ok & (df["landmark"] == "left_bifurcation")).sum()
+    # volume recomputed from the sds when the column is absent
+    c2 = stats.confidence_correlation(df.drop(columns="conf_volume_mm3"))
+    assert c2["pearson_r"] == pytest.approx(c["pearson_r"])
+
+
+def test_paper_p_value_implies_54_points():
+    # the paper's r = 0.608, p = 1.08e-6 is reproduced by n = 54 (its test cases)
+    r, n = stats.PAPER_PEARSON_R, 54
+    t = r * math.sqrt((n - 2) / (1 - r * r))
+    assert 2 * sps.t.sf(t, n - 2) == pytest.approx(stats.PAPER_PEARSON_P, rel=0.01)
+
+
+def test_calibration_coverage_and_auroc():
+    good = stats.calibration(gaussian_noisy_table(1500, seed=4))
+    assert good["n"] == 3000
+    assert good["coverage"] == pytest.approx(0.90, abs=0.02)
+    assert good["coverage_ci_low"] < 0.90 < good["coverage_ci_high"]
+    assert good["auroc"] > 0.7  # large sds go with large errors
+    over = stats.calibration(gaussian_noisy_table(1500, sd_scale=0.6, seed=4))
+    assert over["coverage"] < 0.7 and over["coverage_ci_high"] < 0.9
+    # one class only: NaN with a note
+    tiny = stats.calibration(gaussian_noisy_table(5, seed=1), error_threshold_mm=100.0)
+    assert math.isnan(tiny["auroc"]) and "undefined" in tiny["auroc_note"]
+
+
+# --------------------------------------------------------------------------------------------
+# Bootstrap
+# --------------------------------------------------------------------------------------------
+
+
+def test_bootstrap_resamples_cases_and_is_seeded():
+    rng = np.random.default_rng(5)
+    per_case = rng.gamma(2.0, 1.5, 30)
+    one = make_table(per_case[:, None], landmarks=["a"])
+    two = make_table(np.repeat(per_case[:, None], 2, axis=1), landmarks=["a", "b"])
+    b1 = stats.bootstrap_mean_ci({"m": one}, n_boot=500, seed=9)
+    b2 = stats.bootstrap_mean_ci({"m": two}, n_boot=500, seed=9)
+    # duplicating every landmark within its case adds no information: a case bootstrap
+    # gives exactly the same interval (a landmark bootstrap would narrow it by ~1/sqrt(2))
+    assert b2.loc[0, "n"] == 60 and b2.loc[0, "n_cases"] == 30
+    assert b2.loc[0, "ci_low"] == pytest.approx(b1.loc[0, "ci_low"])
+    assert b2.loc[0, "ci_high"] == pytest.approx(b1.loc[0, "ci_high"])
+    assert b1.loc[0, "ci_low"] < per_case.mean() < b1.loc[0, "ci_high"]
+    again = stats.bootstrap_mean_ci({"m": one}, n_boot=500, seed=9)
+    pd.testing.assert_frame_equal(b1, again)
+    # a method's interval does not depend on the other methods present
+    both = stats.bootstrap_mean_ci({"m": one, "heatmap_unet": two}, n_boot=500, seed=9)
+    assert both.set_index("method").loc["m", "ci_low"] == b1.loc[0, "ci_low"]
+
+
+# --------------------------------------------------------------------------------------------
+# Statistics table and summary
+# --------------------------------------------------------------------------------------------
+
+
+def test_statistics_table_and_summary(tmp_path):
+    rng = np.random.default_rng(11)
+    noisy = gaussian_noisy_table(25, seed=3)
+    preds = {"multiscale_e2e_noise": noisy,
+             "heatmap_unet": make_table(rng.gamma(2.0, 2.0, (25, 2)), seed=8)}
+    preds["heatmap_unet"]["case_id"] = noisy["case_id"].to_numpy()
+    st = stats.statistics_table(preds, n_boot=200)
+    assert list(st.columns) == ["test", "comparison", "quantity", "value", "note"]
+    assert set(st["test"]) == {"bootstrap_mean", "wilcoxon_holm", "confidence_vs_error",
+                               "calibration"}
+    assert pd.api.types.is_float_dtype(st["value"])
+    sel = st[(st["test"] == "wilcoxon_holm") & (st["quantity"] == "n_pairs")]
+    assert sel["comparison"].tolist() == ["multiscale_e2e_noise vs heatmap_unet"]
+    assert sel["value"].iloc[0] == 50
+    comps = set(st.loc[st["test"] == "calibration", "comparison"])
+    assert comps == {"multiscale_e2e_noise", "multiscale_e2e_noise [left_bifurcation]",
+                     "multiscale_e2e_noise [right_bifurcation]"}
+    path = stats.write_statistics(st, tmp_path / "statistics.csv")
+    back = pd.read_csv(path, keep_default_na=False, na_values=[""])
+    assert len(back) == len(st)
+    text = stats.statistics_summary(st)
+    for s in ("Wilcoxon", "Holm", "bootstrap", "Pearson", "coverage", "AUROC", "0.608"):
+        assert s.lower() in text.lower()
+
+
+def test_statistics_table_without_proposed_or_sds():
+    e = np.random.default_rng(0).gamma(2.0, 1.0, (8, 2))
+    st = stats.statistics_table({"heatmap_unet": make_table(e)}, n_boot=50)
+    notes = st.loc[st["test"] != "bootstrap_mean", "note"]
+    assert (notes.str.contains("not in this run")).all()
+    st2 = stats.statistics_table({"multiscale_e2e_noise": make_table(e),
+                                  "heatmap_unet": make_table(e * 2, seed=3)}, n_boot=50)
+    ce = st2[st2["test"] == "confidence_vs_error"]
+    assert len(ce) == 1 and "no confidence volume" in ce["note"].iloc[0]
+    assert "Not computed" in stats.statistics_summary(st2)

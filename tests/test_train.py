@@ -1,0 +1,191 @@
+"""Tests of locnet.train: learning, best-model keeping, save/load, exact resume, multi-step.
+
+All tests train the real models of ``locnet.models`` at toy size (a 2-level 16^3 pyramid of
+10 cases with a bright blob per landmark, U-Nets of a few filters), so each run takes seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+
+from locnet import train as T
+from locnet.data import LandmarkDataset, load_case_inputs
+from test_data import LANDMARKS, write_tiny_cohort
+
+TINY_UNET = {"filters": [2, 4]}
+E2E_NOISE = {"patch": 4, "noise_mm": 8.0, "unet": TINY_UNET}
+
+
+# --------------------------------------------------------------------------------------------
+# fixtures and helpers
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cohort")
+    # one missing landmark in the training set, one in the validation set
+    dirs, table = write_tiny_cohort(root, n_cases=10, n0=16, s0=8.0, levels=2, seed=3,
+                                    missing=("case_001", "case_009"))
+    return {"train": dirs[:8], "val": dirs[8:], "table": table,
+            "grid": {"finest_shape": 16, "finest_spacing_mm": 8.0, "levels": 2}}
+
+
+def run(cohort, tmp_path, method="multiscale_e2e_noise", method_cfg=E2E_NOISE, epochs=4,
+        lr=0.01, seed=1, name="run", **kwargs):
+    return T.train(
+        method, method_cfg, {"epochs": epochs, "learning_rate": lr}, cohort["grid"], LANDMARKS,
+        cohort["train"], cohort["val"], cohort["table"], tmp_path / name / "out",
+        tmp_path / name / "state", seed, **kwargs)
+
+
+def history_without_time(path):
+    return pd.read_csv(path).drop(columns=["time"])
+
+
+def saved_weights(out_dir):
+    model = keras.models.load_model(out_dir / "model.keras", compile=False)
+    return [v.numpy() for v in model.weights]
+
+
+class Interrupt(keras.callbacks.Callback):
+    """Raises at the end of epoch index ``at`` (before that epoch is checkpointed)."""
+
+    def __init__(self, at):
+        super().__init__()
+        self.at = at
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.at:
+            raise KeyboardInterrupt("simulated kill")
+
+
+# --------------------------------------------------------------------------------------------
+# tests
+# --------------------------------------------------------------------------------------------
+def test_learns_keeps_best_and_round_trips(cohort, tmp_path):
+    res = run(cohort, tmp_path, method="locnet_single",
+              method_cfg={"level": 0, "unet": {"filters": [4, 8]}}, epochs=5)
+    out = tmp_path / "run" / "out"
+    hist = pd.read_csv(out / "history.csv")
+    assert list(hist.epoch) == [0, 1, 2, 3, 4, 5]
+    for col in ("loss", "loss_level0", "weight_level0", "val_error_mm", "time"):
+        assert col in hist.columns
+    assert np.isnan(hist.loss[0]) and np.all(np.isfinite(hist.loss[1:]))
+    assert np.all(hist.weight_level0[1:] == 1.0)
+    # learning: the validation error falls below its value at initialisation
+    assert hist.val_error_mm[1:].min() < hist.val_error_mm[0]
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["best_epoch"] == int(hist.epoch[hist.val_error_mm.idxmin()])
+    assert meta["best_val_error_mm"] == pytest.approx(hist.val_error_mm.min(), rel=1e-12)
+    assert meta["method"] == "locnet_single" and meta["landmarks"] == LANDMARKS
+    assert meta["levels"] == [0] and "keras" in meta["versions"]
+    assert res["completed"] and res["best_epoch"] == meta["best_epoch"]
+    # the saved model is the best epoch: its validation error is the recorded best
+    model, meta2 = T.load_trained(out)
+    assert meta2 == meta
+    val = LandmarkDataset(cohort["val"], [0], cohort["table"], LANDMARKS, shuffle=False)
+    T.reseed(model, 0, 0, "val")
+    assert T.validation_error(model, val) == pytest.approx(meta["best_val_error_mm"], rel=1e-5)
+    # save -> load -> predict is identical
+    inputs = load_case_inputs(cohort["val"][0], [0])
+    p1 = T.predict_position(model, inputs)
+    model.save(tmp_path / "again.keras")
+    again = keras.models.load_model(tmp_path / "again.keras", compile=False)
+    np.testing.assert_array_equal(T.predict_position(again, inputs), p1)
+    assert p1.shape == (1, 2, 3)
+    # no temporary files left behind
+    assert sorted(p.name for p in out.iterdir()) == ["history.csv", "metadata.json",
+                                                     "model.keras"]
+
+
+def test_resume_equals_uninterrupted(cohort, tmp_path, caplog):
+    full = run(cohort, tmp_path, epochs=4, name="full")
+    with pytest.raises(KeyboardInterrupt):
+        run(cohort, tmp_path, epochs=4, name="cut", callbacks=[Interrupt(at=2)])
+    cut = tmp_path / "cut"
+    assert not (cut / "out" / "model.keras").exists()
+    state = json.loads((cut / "state" / "state.json").read_text())
+    assert state["epoch"] == 2
+    assert len(pd.read_csv(cut / "state" / "history.csv")) == 3  # epochs 0, 1, 2
+    with caplog.at_level(logging.INFO, logger="locnet.train"):
+        resumed = run(cohort, tmp_path, epochs=4, name="cut")
+    assert "resuming from epoch 2" in caplog.text
+    assert resumed["completed"] and resumed["best_epoch"] == full["best_epoch"]
+    pd.testing.assert_frame_equal(history_without_time(cut / "out" / "history.csv"),
+                                  history_without_time(tmp_path / "full/out/history.csv"),
+                                  rtol=1e-6)
+    for a, b in zip(saved_weights(cut / "out"), saved_weights(tmp_path / "full" / "out")):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    # a finished run re-run does no more training and rewrites the same outputs
+    again = run(cohort, tmp_path, epochs=4, name="cut")
+    assert again["epochs_done"] == 4
+    # another configuration does not resume from this state
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="locnet.train"):
+        run(cohort, tmp_path, epochs=1, name="cut")
+    assert "another configuration" in caplog.text and "resuming" not in caplog.text
+
+
+def test_multistep_phases_freeze_and_resume_mid_phase(cohort, tmp_path):
+    class Snap(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.weights = {}
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.weights[epoch] = [[v.numpy() for v in net.weights]
+                                   for net in self.model.level_nets]
+
+    snap = Snap()
+    cfg = {"patch": 4, "unet": TINY_UNET}
+    full = run(cohort, tmp_path, method="multiscale_multistep", method_cfg=cfg, epochs=4,
+               name="full", callbacks=[snap])
+    hist = full["history"]
+    # 2 levels, 4 epochs: phase 0 (level 1, coarse) = epochs 1-2, phase 1 (level 0) = 3-4
+    assert list(hist.phase[1:]) == [0, 0, 1, 1]
+    np.testing.assert_array_equal(hist.weight_level1[1:], [1, 1, 0, 0])
+    np.testing.assert_array_equal(hist.weight_level0[1:], [0, 0, 1, 1])
+    # phase 0 trains level_nets[1] only; phase 1 level_nets[0] only
+    same = lambda a, b: all(np.array_equal(x, y) for x, y in zip(a, b))  # noqa: E731
+    assert same(snap.weights[0][0], snap.weights[1][0])
+    assert not same(snap.weights[0][1], snap.weights[1][1])
+    assert same(snap.weights[1][1], snap.weights[3][1])
+    assert not same(snap.weights[2][0], snap.weights[3][0])
+    meta = json.loads((tmp_path / "full" / "out" / "metadata.json").read_text())
+    assert meta["phases"] == [[0, 2], [2, 4]]
+    # stop at the phase boundary (after epoch 2), then mid-phase 1 (after epoch 3), then finish
+    r = run(cohort, tmp_path, method="multiscale_multistep", method_cfg=cfg, epochs=4,
+            name="cut", max_epochs_this_run=2)
+    assert not r["completed"] and r["epochs_done"] == 2
+    assert not (tmp_path / "cut" / "out" / "model.keras").exists()
+    r = run(cohort, tmp_path, method="multiscale_multistep", method_cfg=cfg, epochs=4,
+            name="cut", max_epochs_this_run=1)
+    assert r["epochs_done"] == 3
+    r = run(cohort, tmp_path, method="multiscale_multistep", method_cfg=cfg, epochs=4,
+            name="cut")
+    assert r["completed"]
+    pd.testing.assert_frame_equal(history_without_time(tmp_path / "cut/out/history.csv"),
+                                  history_without_time(tmp_path / "full/out/history.csv"),
+                                  rtol=1e-6)
+    for a, b in zip(saved_weights(tmp_path / "cut/out"), saved_weights(tmp_path / "full/out")):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_phase_bounds():
+    assert T.phase_bounds(8, 4) == [(0, 2), (2, 4), (4, 6), (6, 8)]
+    b = T.phase_bounds(10, 4)
+    assert b[0][0] == 0 and b[-1][1] == 10 and all(x[1] == y[0] for x, y in zip(b, b[1:]))
+    assert T.multistep_phase(0, 8, 4) == (0, 3) and T.multistep_phase(7, 8, 4) == (3, 0)
+
+
+def test_mean_error_masks_missing_landmarks():
+    pred = np.array([[[0, 0, 0], [9, 9, 9]]], float)
+    true = np.array([[[3, 4, 0], [0, 0, 0]]], float)
+    assert T.mean_error_mm(pred, true, np.array([[1, 0]])) == pytest.approx(5.0)
+    assert np.isnan(T.mean_error_mm(pred, true, np.array([[0, 0]])))
+    assert not T._is_better(float("nan"), 3.0) and T._is_better(2.0, float("nan"))

@@ -1,0 +1,101 @@
+# Evaluation: Table 1, the statistics, and the figures built from the prediction tables.
+# All of these are quick CPU jobs: local rules on a cluster.
+
+
+rule table1:
+    """Table 1: error summary per method (paper order), pooled and per landmark."""
+    input:
+        predictions=lambda wc: prediction_tables(),
+    output:
+        csv=report(f"{RES}/tables/table1.csv", caption="../report/table1.rst", category="Tables"),
+        md=f"{RES}/tables/table1.md",
+        tex=f"{RES}/tables/table1.tex",
+    params:
+        methods=lambda wc: enabled_methods(),
+        landmarks=config["landmarks"],
+    log:
+        f"{RES}/logs/table1.log",
+    localrule: True
+    script:
+        "../scripts/table1.py"
+
+
+rule statistics:
+    """Paired tests, uncertainty-vs-error correlation, calibration, bootstrap CIs."""
+    input:
+        predictions=lambda wc: prediction_tables(),
+    output:
+        csv=report(
+            f"{RES}/tables/statistics.csv", caption="../report/statistics.rst", category="Tables"
+        ),
+        md=f"{RES}/tables/statistics.md",
+    params:
+        methods=lambda wc: enabled_methods(),
+        landmarks=config["landmarks"],
+        seed=rule_seed("statistics"),
+        evaluation=config["evaluation"],
+    log:
+        f"{RES}/logs/statistics.log",
+    localrule: True
+    script:
+        "../scripts/statistics.py"
+
+
+rule fig_violin:
+    """Fig. 4: error distribution per method."""
+    input:
+        predictions=lambda wc: prediction_tables(),
+    output:
+        png=report(
+            f"{RES}/figures/fig4_violin_errors.png",
+            caption="../report/violin_errors.rst",
+            category="Figures",
+        ),
+        pdf=f"{RES}/figures/fig4_violin_errors.pdf",
+    params:
+        methods=lambda wc: enabled_methods(),
+    log:
+        f"{RES}/logs/fig_violin.log",
+    localrule: True
+    script:
+        "../scripts/fig_violin.py"
+
+
+rule fig_confidence:
+    """Fig. 5: 90% confidence volume against error for the noisy model."""
+    input:
+        predictions=f"{RES}/predictions/multiscale_e2e_noise.csv",
+    output:
+        png=report(
+            f"{RES}/figures/fig5_confidence_vs_error.png",
+            caption="../report/confidence_vs_error.rst",
+            category="Figures",
+        ),
+        pdf=f"{RES}/figures/fig5_confidence_vs_error.pdf",
+    params:
+        confidence=config["evaluation"]["confidence"],
+    log:
+        f"{RES}/logs/fig_confidence.log",
+    localrule: True
+    script:
+        "../scripts/fig_confidence.py"
+
+
+rule fig_training_curves:
+    """Training curves: per-level losses, validation error, schedule weights."""
+    input:
+        histories=lambda wc: [f"{RES}/models/{m}/history.csv" for m in enabled_methods()],
+    output:
+        png=report(
+            f"{RES}/figures/training_curves.png",
+            caption="../report/training_curves.rst",
+            category="Figures",
+        ),
+        pdf=f"{RES}/figures/training_curves.pdf",
+    params:
+        methods=lambda wc: enabled_methods(),
+    log:
+        f"{RES}/logs/fig_training_curves.log",
+    localrule: True
+    script:
+        "../scripts/fig_training_curves.py"

@@ -1,0 +1,19 @@
+"""Check the cohort and write the normalised tables (thin adapter; logic in locnet.ingest)."""
+
+from locnet import ingest, split
+from locnet.runlog import job_logging
+
+with job_logging(snakemake) as log:
+    sp = snakemake.params.split
+    manifest, landmarks = ingest.ingest(
+        snakemake.input.manifest,
+        snakemake.input.landmarks,
+        landmark_names=list(snakemake.params.landmark_names),
+        coordinate_system=snakemake.params.coordinate_system,
+        out_manifest=snakemake.output.manifest,
+        out_landmarks=snakemake.output.landmarks,
+        min_cases=3,
+        split_counts=sp.get("counts"),
+    )
+    n_missing = int(landmarks[["x", "y", "z"]].isna().any(axis=1).sum())
+    log.info("%d cases, %d landmarks (%d not annotated)", len(manifest), len(landmarks), n_missing)

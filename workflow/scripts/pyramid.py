@@ -1,0 +1,24 @@
+"""Resample one case to its multi-resolution pyramid (thin adapter; logic in locnet.pyramid)."""
+
+from pathlib import Path
+
+from locnet import io, pyramid
+from locnet.runlog import job_logging
+
+with job_logging(snakemake) as log:
+    case = snakemake.wildcards.case
+    manifest = io.read_manifest(snakemake.input.manifest)
+    row = manifest.loc[manifest["case_id"] == case]
+    if row.empty:
+        raise io.InputError(f"case {case}: not in {snakemake.input.manifest}")
+    pcfg = snakemake.params.pyramid
+    grid = pyramid.build_pyramid(
+        row["image"].iloc[0],
+        pcfg,
+        window_hu=pcfg["window_hu"],
+        background_hu=pcfg["background_hu"],
+        out_dir=Path(snakemake.output.grid).parent,
+        case=case,
+        threads=snakemake.threads,
+    )
+    log.info("case %s: %d levels, finest %s at %.3f mm", case, grid.levels, grid.shape, grid.spacing)
