@@ -16,6 +16,9 @@
 # work; finished jobs stay visible to `squeue` for MinJobAge (1 h). Snakemake's SLURM plugin must
 # therefore be told `--slurm-status-command squeue` on this cluster.
 #
+# It refuses to overwrite an /etc/slurm/slurm.conf or gres.conf that it did not write itself
+# (a real cluster's configuration), unless SLURM_SETUP_FORCE=1.
+#
 # Environment overrides: SLURM_SETUP_TIMEOUT (seconds to wait for the node, default 60),
 # SLURM_SETUP_LOG_DIR (default /var/log/slurm).
 set -euo pipefail
@@ -30,6 +33,7 @@ MUNGE_KEY=/etc/munge/munge.key
 MUNGE_SOCKET_DIR=/run/munge
 MUNGE_PID="$MUNGE_SOCKET_DIR/munged.pid"
 PARTITION=debug
+MARKER="One-node test cluster written by .ci/slurm-setup.sh"
 
 log() { printf '[slurm-setup] %s\n' "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -137,7 +141,7 @@ do_configure() {
 
     local slurm_conf
     slurm_conf="$(cat <<EOF
-# One-node test cluster written by .ci/slurm-setup.sh -- do not edit, it is rewritten.
+# ${MARKER} -- do not edit, it is rewritten.
 ClusterName=${cluster}
 SlurmctldHost=${node}(127.0.0.1)
 SlurmUser=root
@@ -181,14 +185,20 @@ EOF
 )"
     local gres_conf
     gres_conf="$(cat <<EOF
-# No real GPU: /dev/null stands in for the device file. Written by .ci/slurm-setup.sh.
+# ${MARKER}. No real GPU: /dev/null stands in for the device file.
 AutoDetect=off
 NodeName=${node} Name=gpu File=/dev/null
 EOF
 )"
+    # Never overwrite the configuration of a real cluster (e.g. on a login node).
+    local f
+    for f in "$CONF_DIR/slurm.conf" "$CONF_DIR/gres.conf"; do
+        if [ -s "$f" ] && ! grep -qF ".ci/slurm-setup.sh" "$f" && [ "${SLURM_SETUP_FORCE:-0}" != 1 ]; then
+            die "$f exists and was not written by this script; not touching it (SLURM_SETUP_FORCE=1 overrides)"
+        fi
+    done
     if write_if_changed "$CONF_DIR/slurm.conf" "$slurm_conf"; then CONFIG_CHANGED=1; fi
     if write_if_changed "$CONF_DIR/gres.conf" "$gres_conf"; then CONFIG_CHANGED=1; fi
-    # cgroup.conf is not used (TaskPlugin=task/none) but keeps slurmd quiet if present elsewhere.
     chmod 0644 "$CONF_DIR/slurm.conf" "$CONF_DIR/gres.conf"
     log "configured node ${node} (${hw}, 1 GPU) in partition ${PARTITION}"
 }
@@ -198,7 +208,7 @@ EOF
 # ---------------------------------------------------------------------------------------
 pid_alive() { [ -n "${1:-}" ] && kill -0 "$1" 2>/dev/null; }
 
-pid_from_file() { [ -s "$1" ] && tr -dc '0-9' <"$1" || true; }
+pid_from_file() { if [ -s "$1" ]; then tr -dc '0-9' <"$1"; fi; }
 
 # PIDs of running processes whose executable name is exactly $1.
 pids_of() { pgrep -x "$1" 2>/dev/null | tr '\n' ' ' || true; }
@@ -259,7 +269,7 @@ start_munge() {
     fi
     local old
     old="$(pid_from_file "$MUNGE_PID")"
-    pid_alive "$old" && kill "$old" 2>/dev/null || true
+    if pid_alive "$old"; then kill "$old" 2>/dev/null || true; fi
     rm -f "$MUNGE_SOCKET_DIR/munge.socket.2" "$MUNGE_SOCKET_DIR/munge.socket.2.lock" "$MUNGE_PID"
     log "starting munged"
     runuser -u munge -- munged --force || die "munged failed to start (see /var/log/munge/munged.log)"

@@ -4,10 +4,15 @@ Each method runs in a *child process* (so peak memories do not mix): it builds t
 ``locnet.models.build_model`` for the given grid, compiles it with Adam as ``locnet.train``
 does, makes one random batch (batch 1: the paper's), runs ``--warmup`` training steps (the
 first one traces the step function) and then times ``--steps`` steps with
-``model.train_on_batch``. Memory: the child's peak resident set (``ru_maxrss``: weights,
-activations, gradients, optimizer state, the TensorFlow runtime and the batch), its resident
-set just before the first step (``base``: runtime + model + batch), and their difference
-(``step``: what training adds). On a GPU the device's peak allocation is reported too.
+``model.train_on_batch``. Memory, two ways:
+
+* ``tensor peak``: the TensorFlow allocator's peak during the timed steps
+  (``tf.config.experimental.get_memory_info``, reset after the warm-up; CPU or GPU): weights,
+  optimizer state, the batch, activations, gradients and workspaces of a training step, without
+  the one-off cost of tracing and without the runtime; ``resident`` is what the allocator held
+  when the timed steps began (weights, optimizer state, batch, cached buffers);
+* ``process peak RSS``: the child's ``ru_maxrss`` over its whole life (runtime, imports,
+  tracing, everything), an upper bound.
 
     .venv/bin/python benchmarks/bench_train.py                       # default config shapes
     .venv/bin/python benchmarks/bench_train.py --methods locnet_single multiscale_e2e_noise
@@ -71,21 +76,19 @@ def child(args: dict) -> dict:
     y = {"position": pos, "mask": np.ones((1, args["landmarks"]), np.float32)}
     build_s = time.perf_counter() - t0
     base = _rss_mib()
-    gpu = None
-    try:
-        import tensorflow as tf
+    import tensorflow as tf
 
-        gpus = tf.config.list_physical_devices("GPU")
-        if gpus:
-            tf.config.experimental.reset_memory_stats("GPU:0")
-            gpu = "GPU:0"
-    except Exception:
-        pass
+    device = "GPU:0" if tf.config.list_physical_devices("GPU") else "CPU:0"
     warm = []
     for _ in range(args["warmup"]):
         t = time.perf_counter()
         model.train_on_batch(x, y)
         warm.append(time.perf_counter() - t)
+    try:  # tensor memory of the timed steps only (tracing and runtime excluded)
+        tf.config.experimental.reset_memory_stats(device)
+        resident = tf.config.experimental.get_memory_info(device)["current"] / 2**20
+    except Exception:
+        device, resident = None, float("nan")
     times = []
     for _ in range(args["steps"]):
         t = time.perf_counter()
@@ -95,28 +98,67 @@ def child(args: dict) -> dict:
     out = {"method": args["method"], "levels": levels, "params": n_params, "build_s": build_s,
            "warmup_s": warm, "step_s": times, "base_mib": base, "peak_mib": peak,
            "loss": float(logs["loss"])}
-    if gpu:
-        import tensorflow as tf
-
-        out["gpu_peak_mib"] = tf.config.experimental.get_memory_info(gpu)["peak"] / 2**20
+    out["device"] = device or "n/a"
+    out["resident_mib"] = resident
+    out["tensor_peak_mib"] = (tf.config.experimental.get_memory_info(device)["peak"] / 2**20
+                              if device else float("nan"))
     return out
 
 
+def _mem_available_mib() -> float:
+    with open("/proc/meminfo") as fh:
+        for line in fh:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 1024.0
+    return float("inf")
+
+
+def _rss_of(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return float("nan")
+
+
 def run_child(method: str, cfg: dict, grid: dict, landmarks: int, warmup: int, steps: int,
-              timeout: float) -> dict:
+              timeout: float, min_free_mib: float) -> dict:
+    """One method in a child process. The child is stopped (and the row says so) when it runs
+    past ``timeout`` or when the machine's available memory falls below ``min_free_mib``, so a
+    model too large for the machine does not take the machine down with it."""
+    import tempfile
+
     payload = json.dumps({"method": method, "cfg": cfg, "grid": grid, "landmarks": landmarks,
                           "warmup": warmup, "steps": steps})
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    try:
-        proc = subprocess.run([sys.executable, __file__, "--child", payload], env=env,
-                              capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"method": method, "error": f"timed out after {timeout:.0f} s"}
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([sys.executable, __file__, "--child", payload], env=env,
+                                stdout=out, stderr=err, text=True)
+        t0, max_rss, why = time.time(), 0.0, None
+        while proc.poll() is None:
+            rss = _rss_of(proc.pid)
+            max_rss = max(max_rss, rss) if rss == rss else max_rss
+            if time.time() - t0 > timeout:
+                why = f"timed out after {timeout:.0f} s"
+            elif _mem_available_mib() < min_free_mib:
+                why = (f"stopped: machine memory nearly exhausted "
+                       f"(child RSS {max_rss / 1024:.1f} GiB and growing)")
+            if why:
+                proc.kill()
+                proc.wait()
+                return {"method": method, "error": why}
+            time.sleep(0.2)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
     if proc.returncode != 0:
-        tail = (proc.stderr or "").strip().splitlines()[-3:]
+        tail = (stderr or "").strip().splitlines()[-3:]
         why = "killed (out of memory?)" if proc.returncode < 0 else " | ".join(tail)
         return {"method": method, "error": f"exit {proc.returncode}: {why}"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 def _median(v):
@@ -125,9 +167,8 @@ def _median(v):
 
 
 def table(results: list[dict]) -> str:
-    gpu = any("gpu_peak_mib" in r for r in results)
     head = ["method", "levels read", "trainable params", "first step (s)", "step (s), median",
-            "peak RSS (MiB)", "base (MiB)", "step adds (MiB)"] + (["GPU peak (MiB)"] if gpu else [])
+            "tensor peak (MiB)", "resident (MiB)", "process peak RSS (MiB)"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in results:
         if "error" in r:
@@ -135,10 +176,8 @@ def table(results: list[dict]) -> str:
             continue
         row = [r["method"], ",".join(map(str, r["levels"])), f"{r['params']:,}",
                f"{r['warmup_s'][0]:.2f}" if r["warmup_s"] else "n/a",
-               f"{_median(r['step_s']):.3f}", f"{r['peak_mib']:.0f}", f"{r['base_mib']:.0f}",
-               f"{r['peak_mib'] - r['base_mib']:.0f}"]
-        if gpu:
-            row.append(f"{r.get('gpu_peak_mib', float('nan')):.0f}")
+               f"{_median(r['step_s']):.3f}", f"{r['tensor_peak_mib']:.0f}",
+               f"{r['resident_mib']:.0f}", f"{r['peak_mib']:.0f}"]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -190,6 +229,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--timeout", type=float, default=1800.0, help="per method (s)")
+    p.add_argument("--min-free-mib", type=float, default=1536.0,
+                   help="stop a child when the machine's available memory falls below this")
     p.add_argument("--paper", action="store_true",
                    help="448^3 / 0.5 mm / 56^3 patches: multiscale_e2e_noise vs locnet_single")
     p.add_argument("--append", action="store_true", help="append the table to README.md")
@@ -205,7 +246,7 @@ def main(argv=None) -> int:
     cfg = {"patch": a.patch, "level": a.level}
     results = []
     for m in a.methods:
-        r = run_child(m, cfg, grid, a.landmarks, a.warmup, a.steps, a.timeout)
+        r = run_child(m, cfg, grid, a.landmarks, a.warmup, a.steps, a.timeout, a.min_free_mib)
         results.append(r)
         brief = r.get("error") or (f"step {_median(r['step_s']):.3f} s, "
                                    f"peak {r['peak_mib']:.0f} MiB")
@@ -217,9 +258,8 @@ def main(argv=None) -> int:
         e, s = ok["multiscale_e2e_noise"], ok["locnet_single"]
         notes.append(
             f"Peak memory multiscale_e2e_noise / locnet_single (level {a.level}): "
-            f"{e['peak_mib'] / s['peak_mib']:.3f} (peak RSS), "
-            f"{(e['peak_mib'] - e['base_mib']) / max(s['peak_mib'] - s['base_mib'], 1e-9):.3f} "
-            f"(what a step adds)."
+            f"{e['tensor_peak_mib'] / s['tensor_peak_mib']:.3f} (tensor peak of a training "
+            f"step on {e['device']}), {e['peak_mib'] / s['peak_mib']:.3f} (process peak RSS)."
         )
     n0 = a.finest_shape
     header = (f"Grid {n0}^3 at {a.spacing} mm, {a.levels} levels, {a.patch}^3 patches, "

@@ -81,6 +81,18 @@ def test_grid_mm_conversions_follow_the_pyramid_contract():
         np.testing.assert_allclose(mm_to_voxel(g, level, s0), v)
 
 
+def test_grid_mm_conversions_agree_with_locnet_geometry():
+    geometry = pytest.importorskip("locnet.geometry")
+    if not hasattr(geometry, "Grid"):
+        pytest.skip("locnet.geometry has no Grid")
+    grid = geometry.Grid(origin=(1.0, 2.0, 3.0), spacing=1.25, shape=32, levels=4)
+    v = np.array([[3.25, 0.0, 7.5], [1.0, 2.0, 3.0]])
+    for level in range(4):
+        np.testing.assert_allclose(
+            voxel_to_mm(v, level, 1.25), grid.voxel_to_grid_mm(v, level), atol=1e-12
+        )
+
+
 def test_unet_shapes_and_checks():
     net = unet((8, 8, 8, 1), 3, filters=(4, 8, 16), out_activation="softplus")
     assert net.output_shape == (None, 8, 8, 8, 3)

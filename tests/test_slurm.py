@@ -12,7 +12,6 @@ profile and Snakemake's global resources behave.
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import subprocess
 import sys
@@ -20,14 +19,9 @@ from pathlib import Path
 
 import pytest
 
-_HARNESS_PATH = Path(__file__).resolve().parent / "slurm" / "cluster.py"
-_spec = importlib.util.spec_from_file_location("locnet_slurm_harness", _HARNESS_PATH)
-harness = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = harness
-_spec.loader.exec_module(harness)
-
-# pytest finds fixtures among the module's globals.
-slurm_cluster = harness.slurm_cluster
+sys.path.insert(0, str(Path(__file__).resolve().parent / "slurm"))
+import cluster as harness  # noqa: E402  (tests/slurm/cluster.py)
+from cluster import slurm_cluster  # noqa: E402,F401  (pytest finds fixtures among globals)
 
 REPO_ROOT = harness.REPO_ROOT
 TEST_SNAKEFILE = harness.TEST_WORKFLOW / "Snakefile"
@@ -97,7 +91,7 @@ def test_forgotten_gpu_resource_is_unlimited(tmp_path):
     _snakemake_local(
         ["-s", str(TEST_SNAKEFILE), "-d", str(tmp_path), "--cores", "2",
          "--workflow-profile", "none",
-         "--config", "train_seconds=2", "flaky=false", "--", *TRAIN_TARGETS],
+         "--config", "train_seconds=4", "flaky=false", "--", *TRAIN_TARGETS],
         cwd=tmp_path,
     )
     a = _interval(tmp_path / "results/train_a.txt")

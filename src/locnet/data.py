@@ -255,7 +255,9 @@ class LandmarkDataset(keras.utils.PyDataset):
         """Inputs and targets of the cases with indices ``idx`` (stacked along axis 0).
 
         For one case the level arrays are views of the memory maps (no copy here; the backend
-        copies what it feeds to the device). Several cases are stacked (one batch-sized copy).
+        copies what it feeds to the device, and since NIfTI memory maps are Fortran-ordered that
+        copy is also the reordering to C order). Several cases are stacked (one batch-sized
+        copy).
         """
         idx = [int(i) for i in idx]
         per_case = [self.case_arrays(i) for i in idx]

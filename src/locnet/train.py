@@ -692,7 +692,7 @@ def train(
         "method": method,
         "method_cfg": method_cfg,
         "train_cfg": cfg,
-        "schedule": None if multistep else schedule_kind,
+        "schedule": schedule_kind,
         "phases": [list(b) for b in bounds] if multistep else None,
         "grid": grid,
         "landmarks": landmarks,

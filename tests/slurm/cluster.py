@@ -4,7 +4,9 @@ The cluster is installed, configured, started and stopped by ``.ci/slurm-setup.s
 only). This module wraps that script for tests and runs Snakemake against the cluster with
 the repository's SLURM profile (``profiles/slurm``):
 
-    from cluster import slurm_cluster, run_snakemake_on_slurm   # a pytest fixture + helper
+    import sys
+    sys.path.insert(0, str(Path(__file__).parent / "slurm"))    # from a module in tests/
+    from cluster import REPO_ROOT, run_snakemake_on_slurm, slurm_cluster  # fixture + helper
 
     def test_tiny_study(slurm_cluster, tmp_path):
         run = run_snakemake_on_slurm(
@@ -97,6 +99,13 @@ def unavailable_reason() -> str | None:
         return "the SLURM test cluster needs root (it installs packages and starts daemons)"
     if not SETUP_SCRIPT.exists():
         return f"{SETUP_SCRIPT} is missing"
+    for conf in (Path("/etc/slurm/slurm.conf"), Path("/etc/slurm/gres.conf")):
+        try:
+            text = conf.read_text(errors="replace")
+        except OSError:
+            continue
+        if text.strip() and ".ci/slurm-setup.sh" not in text:
+            return f"{conf} belongs to another SLURM installation; not replacing it"
     if not slurm_installed() and shutil.which("apt-get") is None:
         return "SLURM is not installed and apt-get is not available to install it"
     return None
@@ -165,12 +174,23 @@ def cluster_lock(timeout: float = 1800):
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
+                fh.seek(0)
+                if fh.read().strip() == str(os.getpid()):
+                    yield  # this process holds it already
+                    return
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"SLURM test cluster still busy after {timeout:.0f} s")
                 time.sleep(1)
         try:
+            fh.seek(0)
+            fh.truncate()
+            fh.write(str(os.getpid()))
+            fh.flush()
             yield
         finally:
+            fh.seek(0)
+            fh.truncate()
+            fh.flush()
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
@@ -307,7 +327,10 @@ def run_snakemake_on_slurm(
     """Run Snakemake with the SLURM profile in ``workdir`` and wait (bounded) for it.
 
     The default workflow profile (profiles/default) is switched off with
-    ``--workflow-profile none``. ``extra_args`` go last, so they win over the profile.
+    ``--workflow-profile none``; threads are capped at this machine's cores
+    (``--max-threads``). ``extra_args`` go last, so they win over the profile and these
+    defaults; use them to shrink memory requests above this machine's memory, e.g.
+    ``["--set-resources", "train:mem_mb=4000"]``.
     On timeout the run is interrupted (Snakemake cancels its SLURM jobs), leftover jobs of
     the run are cancelled, and ``SlurmRunError`` is raised with squeue/scontrol output and
     the daemon log tails. With ``check`` (default) a non-zero exit raises it too.
@@ -322,6 +345,9 @@ def run_snakemake_on_slurm(
         "--profile", str(Path(profile).resolve()),
         "--workflow-profile", "none",
         *SLURM_TEST_ARGS,
+        # The one node has only this machine's cores: cap every rule's threads (and so its
+        # --cpus-per-task), or sbatch rejects jobs that ask for more.
+        "--max-threads", str(os.cpu_count() or 1),
     ]
     if configfile is not None:
         files = [configfile] if isinstance(configfile, (str, os.PathLike)) else list(configfile)

@@ -78,4 +78,65 @@ def study_outputs():
         f"{RES}/data/split.csv",
     ]
     outs += all_pyramids()
+    methods = enabled_methods()
+    outs += [f for m in methods for f in model_files(m)]
+    outs += prediction_tables()
+    outs += [f"{RES}/tables/table1.{ext}" for ext in ("csv", "md", "tex")]
+    outs += [f"{RES}/tables/statistics.{ext}" for ext in ("csv", "md")]
+    outs += [f"{RES}/figures/fig4_violin_errors.{ext}" for ext in ("png", "pdf")]
+    outs += [f"{RES}/figures/training_curves.{ext}" for ext in ("png", "pdf")]
+    if "multiscale_e2e_noise" in methods:
+        outs += [f"{RES}/figures/fig5_confidence_vs_error.{ext}" for ext in ("png", "pdf")]
+    if {"locnet_single", "heatmap_unet"} <= set(methods):
+        outs += [f"{RES}/figures/fig3_heatmaps.{ext}" for ext in ("png", "pdf")]
     return outs
+
+
+# ---- methods -------------------------------------------------------------------------------
+METHOD_ORDER = [
+    "heatmap_unet",
+    "locnet_single",
+    "patch_baseline",
+    "multiscale_multistep",
+    "multiscale_e2e",
+    "multiscale_e2e_noise",
+]
+NOISY_METHODS = {"multiscale_e2e_noise"}
+TRAIN_KEYS = ("epochs", "learning_rate", "batch_size", "schedule")
+
+
+def enabled_methods():
+    return [m for m in METHOD_ORDER if config["methods"][m].get("enabled", True)]
+
+
+def method_cfg(method):
+    """The model block of a method: shared U-Net under the method's own keys, + landmarks."""
+    block = {k: v for k, v in config["methods"][method].items() if k not in ("enabled",) + TRAIN_KEYS}
+    block["unet"] = {**config["unet"], **block.get("unet", {})}
+    block["landmarks"] = list(config["landmarks"])
+    return block
+
+
+def train_cfg(method):
+    """Training settings of a method: the shared training block, overridden by the method's."""
+    out = dict(config["training"])
+    out.update({k: v for k, v in config["methods"][method].items() if k in TRAIN_KEYS})
+    return out
+
+
+def grid_cfg():
+    p = config["pyramid"]
+    return {
+        "finest_shape": p["finest_shape"],
+        "finest_spacing_mm": p["finest_spacing_mm"],
+        "levels": p["levels"],
+    }
+
+
+def prediction_tables():
+    return [f"{RES}/predictions/{m}.csv" for m in enabled_methods()]
+
+
+def model_files(method):
+    d = f"{RES}/models/{method}"
+    return [f"{d}/model.keras", f"{d}/metadata.json", f"{d}/history.csv"]

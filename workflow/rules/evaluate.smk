@@ -99,3 +99,29 @@ rule fig_training_curves:
     localrule: True
     script:
         "../scripts/fig_training_curves.py"
+
+
+rule fig_heatmaps:
+    """Fig. 3: one test case with the single-scale Loc-Net and heatmap U-Net output maps."""
+    input:
+        locnet=f"{RES}/models/locnet_single/model.keras",
+        heatmap=f"{RES}/models/heatmap_unet/model.keras",
+        predictions=f"{RES}/predictions/locnet_single.csv",
+        pyramids=all_pyramids,
+    output:
+        png=report(
+            f"{RES}/figures/fig3_heatmaps.png",
+            caption="../report/heatmap_figure.rst",
+            category="Figures",
+        ),
+        pdf=f"{RES}/figures/fig3_heatmaps.pdf",
+    params:
+        pyramid_dir=f"{RES}/pyramid",
+        landmarks=config["landmarks"],
+    log:
+        f"{RES}/logs/fig_heatmaps.log",
+    threads: 1
+    resources:
+        mem_mb=4000,
+    script:
+        "../scripts/fig_heatmaps.py"

@@ -1,0 +1,71 @@
+# Training: one job per method, on the GPU when there is one. The kept model is the epoch
+# with the best validation error. A killed job resumes from its last completed epoch: the
+# resume state lives in results/.state/, outside the declared outputs, so Snakemake's
+# clean-up of a failed job's outputs does not delete it.
+
+
+rule train:
+    """Train one method of Table 1 on the training cases, validating each epoch."""
+    input:
+        pyramids=all_pyramids,
+        landmarks=f"{RES}/data/landmarks.csv",
+        split=f"{RES}/data/split.csv",
+    output:
+        model=f"{RES}/models/{{method}}/model.keras",
+        metadata=f"{RES}/models/{{method}}/metadata.json",
+        history=f"{RES}/models/{{method}}/history.csv",
+    params:
+        method_cfg=lambda wc: method_cfg(wc.method),
+        train_cfg=lambda wc: train_cfg(wc.method),
+        grid=grid_cfg(),
+        landmarks=config["landmarks"],
+        pyramid_dir=f"{RES}/pyramid",
+        state_dir=lambda wc: f"{RES}/.state/train/{wc.method}",
+        seed=lambda wc: rule_seed(f"train/{wc.method}"),
+    log:
+        f"{RES}/logs/train/{{method}}.log",
+    benchmark:
+        f"{RES}/benchmarks/train/{{method}}.tsv"
+    threads: workflow.cores
+    resources:
+        gpu=1,
+        mem_mb=lambda wc, attempt: 12000 * attempt,
+        runtime=lambda wc, attempt: 24 * 60 * attempt,
+    wildcard_constraints:
+        method="|".join(METHOD_ORDER),
+    script:
+        "../scripts/train.py"
+
+
+rule predict:
+    """Predict every validation and test case with one trained method (world RAS mm).
+
+    The noisy method adds the test-time passes: mean prediction, per-axis sd and the
+    90% confidence volume.
+    """
+    input:
+        model=f"{RES}/models/{{method}}/model.keras",
+        pyramids=all_pyramids,
+        landmarks=f"{RES}/data/landmarks.csv",
+        split=f"{RES}/data/split.csv",
+    output:
+        predictions=f"{RES}/predictions/{{method}}.csv",
+    params:
+        pyramid_dir=f"{RES}/pyramid",
+        landmarks=config["landmarks"],
+        passes=lambda wc: config["evaluation"]["passes"] if wc.method in NOISY_METHODS else 0,
+        confidence=config["evaluation"]["confidence"],
+        seed=lambda wc: rule_seed(f"predict/{wc.method}"),
+    log:
+        f"{RES}/logs/predict/{{method}}.log",
+    benchmark:
+        f"{RES}/benchmarks/predict/{{method}}.tsv"
+    threads: workflow.cores
+    resources:
+        gpu=1,
+        mem_mb=lambda wc, attempt: 8000 * attempt,
+        runtime=lambda wc, attempt: 120 * attempt,
+    wildcard_constraints:
+        method="|".join(METHOD_ORDER),
+    script:
+        "../scripts/predict.py"

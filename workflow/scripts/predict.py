@@ -1,0 +1,35 @@
+"""Predict the validation and test cases with one trained method (thin adapter)."""
+
+import os
+
+os.environ.setdefault("TF_NUM_INTRAOP_THREADS", str(snakemake.threads))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from pathlib import Path  # noqa: E402
+
+import keras  # noqa: E402
+
+import locnet.models  # noqa: E402,F401  (registers the custom layers)
+from locnet import io, predict  # noqa: E402
+from locnet import split as splitmod  # noqa: E402
+from locnet.runlog import job_logging  # noqa: E402
+
+with job_logging(snakemake) as log:
+    model = keras.saving.load_model(snakemake.input.model)
+    subsets = splitmod.read_split(snakemake.input.split)
+    subsets = subsets[subsets["subset"].isin(["val", "test"])]
+    pyr = Path(snakemake.params.pyramid_dir)
+    table = predict.predict_cases(
+        model,
+        [pyr / c for c in subsets["case_id"]],
+        dict(zip(subsets["case_id"], subsets["subset"])),
+        snakemake.input.landmarks,
+        snakemake.params.landmarks,
+        passes=snakemake.params.passes,
+        seed=snakemake.params.seed,
+        confidence=snakemake.params.confidence,
+    )
+    io.write_csv_atomic(table, snakemake.output.predictions)
+    test = table[table["subset"] == "test"]
+    log.info("%s: test mean error %.2f mm over %d landmarks", snakemake.wildcards.method,
+             test["error_mm"].mean(), test["error_mm"].notna().sum())
