@@ -18,6 +18,9 @@ from locnet import train as T
 from locnet.data import LandmarkDataset, load_case_inputs
 from test_data import LANDMARKS, write_tiny_cohort
 
+# Keras's TensorFlow backend converts variables with np.array(x) (NumPy 2 deprecation notice)
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
 TINY_UNET = {"filters": [2, 4]}
 E2E_NOISE = {"patch": 4, "noise_mm": 8.0, "unet": TINY_UNET}
 
@@ -98,7 +101,11 @@ def test_learns_keeps_best_and_round_trips(cohort, tmp_path):
     again = keras.models.load_model(tmp_path / "again.keras", compile=False)
     np.testing.assert_array_equal(T.predict_position(again, inputs), p1)
     assert p1.shape == (1, 2, 3)
-    # no temporary files left behind
+    # a temporary file of a killed run is removed by the next run; none is left behind
+    (out / ".history.csv.999.tmp").write_text("partial")
+    res = run(cohort, tmp_path, method="locnet_single",
+              method_cfg={"level": 0, "unet": {"filters": [4, 8]}}, epochs=5)
+    assert res["epochs_done"] == 5
     assert sorted(p.name for p in out.iterdir()) == ["history.csv", "metadata.json",
                                                      "model.keras"]
 

@@ -99,6 +99,17 @@ def _atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
     os.replace(tmp, path)
 
 
+_TEMPORARY = re.compile(r"^\..+\.\d+\.tmp(\.npz|\.keras)?$")
+
+
+def _remove_stale_temporaries(*dirs) -> None:
+    """Delete temporary files a killed run left behind (``.{name}.{pid}.tmp[.npz|.keras]``)."""
+    for d in dirs:
+        for f in Path(d).iterdir():
+            if f.is_file() and _TEMPORARY.match(f.name):
+                f.unlink(missing_ok=True)
+
+
 def _jsonable(obj):
     if isinstance(obj, dict):
         return {str(k): _jsonable(v) for k, v in obj.items()}
@@ -477,6 +488,7 @@ def train(
     state_dir.mkdir(parents=True, exist_ok=True)
     landmarks = list(landmarks)
     build_fn = build_fn or _default_build
+    _remove_stale_temporaries(out_dir, state_dir)
 
     if cfg.get("deterministic") and keras.backend.backend() == "tensorflow":
         import tensorflow as tf
@@ -685,7 +697,7 @@ def train(
     with np.load(state_dir / best_file) as arrays:
         restore_snapshot(model, arrays)
     _set_trainable_level(model, None)
-    tmp = out_dir / f".model.{os.getpid()}.tmp.keras"
+    tmp = out_dir / f".model.keras.{os.getpid()}.tmp.keras"
     model.save(tmp)
     os.replace(tmp, out_dir / "model.keras")
     metadata = {

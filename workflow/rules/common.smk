@@ -126,10 +126,14 @@ def train_cfg(method):
 
 def grid_cfg():
     p = config["pyramid"]
+    # Everything preprocessing needs is stored with each model (metadata.json), so
+    # inference on new scans reads it from there and can never be applied at another grid.
     return {
         "finest_shape": p["finest_shape"],
         "finest_spacing_mm": p["finest_spacing_mm"],
         "levels": p["levels"],
+        "window_hu": list(p["window_hu"]),
+        "background_hu": p["background_hu"],
     }
 
 

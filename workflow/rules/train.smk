@@ -26,7 +26,7 @@ rule train:
         f"{RES}/logs/train/{{method}}.log",
     benchmark:
         f"{RES}/benchmarks/train/{{method}}.tsv"
-    threads: workflow.cores
+    threads: 8
     resources:
         gpu=1,
         mem_mb=lambda wc, attempt: 12000 * attempt,
@@ -60,7 +60,7 @@ rule predict:
         f"{RES}/logs/predict/{{method}}.log",
     benchmark:
         f"{RES}/benchmarks/predict/{{method}}.tsv"
-    threads: workflow.cores
+    threads: 8
     resources:
         gpu=1,
         mem_mb=lambda wc, attempt: 8000 * attempt,
