@@ -6,12 +6,16 @@
 #
 # The config is validated (and defaults filled) by workflow/rules/common.smk.
 
-configfile: "config.yaml"
+import os
+
+# The default config lives beside this file, so the workflow also runs with --directory.
+configfile: os.path.join(workflow.basedir, "config.yaml")
 
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
+include: "workflow/rules/infer.smk"
 include: "workflow/rules/evaluate.smk"
 
 

@@ -38,3 +38,31 @@ def write_nifti(tmp_path: Path):
         return path
 
     return _write
+
+
+# ---- the whole tiny study, run once per test session ------------------------------------
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_snakemake(workdir, *args, timeout=900):
+    """``snakemake -s Snakefile --directory workdir ARGS`` in a subprocess (captured)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, MPLBACKEND="Agg")
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO_ROOT / "Snakefile"),
+           "--directory", str(workdir), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="session")
+def tiny_study(tmp_path_factory):
+    """Results folder of the whole study on config/tiny.yaml, run locally (about 2 min)."""
+    work = tmp_path_factory.mktemp("tiny_study")
+    run = run_snakemake(work, "--cores", "2", "--resources", "gpu=1", "--configfile",
+                        str(REPO_ROOT / "config" / "tiny.yaml"), "--config", "results=results")
+    if run.returncode != 0:
+        pytest.fail(f"tiny study failed:\n{run.stdout[-5000:]}\n{run.stderr[-8000:]}")
+    return work / "results"

@@ -87,6 +87,9 @@ def study_outputs():
     outs += [f"{RES}/figures/training_curves.{ext}" for ext in ("png", "pdf")]
     if "multiscale_e2e_noise" in methods:
         outs += [f"{RES}/figures/fig5_confidence_vs_error.{ext}" for ext in ("png", "pdf")]
+        outs += [f"{RES}/models/multiscale_e2e_noise/quality.json"]
+    if config["inference"]["manifest"]:
+        outs += [f"{RES}/inference/{m}/landmarks.csv" for m in methods if m in NOISY_METHODS]
     if {"locnet_single", "heatmap_unet"} <= set(methods):
         outs += [f"{RES}/figures/fig3_heatmaps.{ext}" for ext in ("png", "pdf")]
     return outs

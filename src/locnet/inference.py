@@ -1,0 +1,397 @@
+"""Landmarks on new scans: a trained model applied to NIfTI files, outside the study.
+
+Every step reuses the study's code so a scan is treated exactly as the study treated its
+test cases:
+
+1. the preprocessing parameters (grid size and spacing, number of levels, intensity window,
+   background value) are read from the model's ``metadata.json`` ("grid" block, written by
+   :func:`locnet.train.train`) and checked against the model itself; they are never typed
+   again, so a model cannot be applied at a grid it was not trained at;
+2. :func:`preprocess` builds the pyramid in memory with :mod:`locnet.pyramid`
+   (:func:`~locnet.geometry.grid_for_scan`, :func:`~locnet.pyramid.resample_to_grid`,
+   :func:`~locnet.pyramid.downsample2`), exactly as :func:`~locnet.pyramid.build_pyramid` does
+   on disk;
+3. :func:`predict_arrays` is :func:`locnet.predict.case_prediction` on in-memory levels (noisy
+   passes with the same per-case seed derivation, mean and sample sd over passes);
+4. grid millimetres go back to world RAS through the scan's grid, and to the original scan's
+   (fractional) voxel indices through its affine.
+
+A scan is refused (:class:`ScanError`, a one-line reason) when it cannot be read, is not 3D,
+covers too little of the model's field of view, or a landmark is predicted outside it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from . import geometry, metrics, quality, seeds
+from .io import InputError, atomic_write, load_volume, read_json
+from .pyramid import downsample2, resample_to_grid
+
+__all__ = [
+    "CONFIDENCE",
+    "DEFAULT_MIN_COVERAGE",
+    "DEFAULT_PASSES",
+    "LoadedModel",
+    "ModelDirError",
+    "ScanError",
+    "ScanResult",
+    "case_id_from_path",
+    "field_of_view_coverage",
+    "load_model_dir",
+    "predict_arrays",
+    "predict_scan",
+    "preprocess",
+    "preprocessing_params",
+    "write_overlay",
+]
+
+CONFIDENCE = 0.90
+DEFAULT_PASSES = 50
+DEFAULT_MIN_COVERAGE = 0.5
+_GRID_KEYS = ("finest_shape", "finest_spacing_mm", "levels", "window_hu", "background_hu")
+
+
+class ModelDirError(ValueError):
+    """The model folder is unusable (missing files, metadata without preprocessing)."""
+
+
+class ScanError(ValueError):
+    """One scan cannot be processed; the message is a one-line reason."""
+
+
+# --------------------------------------------------------------------------- the model
+
+@dataclass
+class LoadedModel:
+    """A trained model with everything inference needs from its folder."""
+
+    model: Any
+    metadata: dict
+    model_dir: Path
+    params: dict                      # preprocessing: the metadata's "grid" block
+    landmarks: list[str]
+    levels: list[int]                 # pyramid levels the model reads
+    noisy: bool
+    default_passes: int
+    quality: dict | None = None       # MODEL_DIR/quality.json, if any
+
+    @property
+    def method(self) -> str:
+        return str(self.metadata.get("method", self.model_dir.name))
+
+    @property
+    def threshold_mm3(self) -> float | None:
+        if self.quality is None or self.quality.get("threshold_mm3") is None:
+            return None
+        return float(self.quality["threshold_mm3"])
+
+
+def preprocessing_params(metadata: Mapping[str, Any]) -> dict:
+    """The preprocessing block (``metadata["grid"]``), checked and normalised."""
+    grid = metadata.get("grid")
+    if not isinstance(grid, Mapping):
+        raise ModelDirError("metadata.json has no 'grid' block")
+    missing = [k for k in _GRID_KEYS if k not in grid]
+    if missing:
+        raise ModelDirError(
+            f"metadata.json 'grid' lacks {', '.join(missing)}: the model was trained by an older "
+            "version that did not store its preprocessing; re-train it (the study re-runs the "
+            "train rule) so that new scans are preprocessed exactly as its training data")
+    window = [float(w) for w in grid["window_hu"]]
+    if len(window) != 2 or not window[1] > window[0]:
+        raise ModelDirError(f"metadata.json grid.window_hu must be [lo, hi], got {window}")
+    return {"finest_shape": int(grid["finest_shape"]),
+            "finest_spacing_mm": float(grid["finest_spacing_mm"]),
+            "levels": int(grid["levels"]), "window_hu": window,
+            "background_hu": float(grid["background_hu"])}
+
+
+def _default_passes(metadata: Mapping[str, Any]) -> int:
+    for holder in (metadata, metadata.get("evaluation") or {}, metadata.get("method_cfg") or {}):
+        if isinstance(holder, Mapping) and holder.get("passes"):
+            return int(holder["passes"])
+    return DEFAULT_PASSES
+
+
+def load_model_dir(model_dir: Any) -> LoadedModel:
+    """Load ``model_dir/model.keras`` + ``metadata.json`` (+ ``quality.json`` if present).
+
+    Raises :class:`ModelDirError` when a file is missing or the metadata does not match the
+    model (grid or landmarks).
+    """
+    import keras
+
+    from . import data, models, predict  # noqa: F401  (models registers the custom layers)
+
+    model_dir = Path(model_dir)
+    if model_dir.is_file() and model_dir.name == "model.keras":
+        model_dir = model_dir.parent
+    for name in ("model.keras", "metadata.json"):
+        if not (model_dir / name).is_file():
+            raise ModelDirError(f"model folder {model_dir}: {name} not found")
+    try:
+        metadata = read_json(model_dir / "metadata.json")
+    except ValueError as exc:
+        raise ModelDirError(f"{model_dir / 'metadata.json'}: not valid JSON ({exc})") from None
+    params = preprocessing_params(metadata)
+    try:
+        model = keras.saving.load_model(model_dir / "model.keras", compile=False)
+    except Exception as exc:  # keras raises many kinds
+        detail = " ".join(str(exc).split())[:300]
+        raise ModelDirError(f"{model_dir / 'model.keras'}: cannot be loaded "
+                            f"({type(exc).__name__}: {detail})") from exc
+    for attr, key in (("finest_shape", "finest_shape"), ("finest_spacing_mm", "finest_spacing_mm"),
+                      ("n_levels", "levels")):
+        have = getattr(model, attr, None)
+        if have is not None and not math.isclose(float(have), float(params[key])):
+            raise ModelDirError(f"model {model_dir} was built for {key}={have} but its "
+                                f"metadata.json says {params[key]}")
+    landmarks = [str(n) for n in metadata.get("landmarks") or getattr(model, "landmarks", [])]
+    model_landmarks = getattr(model, "landmarks", None)
+    if model_landmarks is not None and list(model_landmarks) != landmarks:
+        raise ModelDirError(f"model {model_dir}: landmarks {list(model_landmarks)} differ from "
+                            f"metadata.json {landmarks}")
+    return LoadedModel(model=model, metadata=metadata, model_dir=model_dir, params=params,
+                       landmarks=landmarks, levels=data.model_levels(model),
+                       noisy=predict.is_noisy(model), default_passes=_default_passes(metadata),
+                       quality=quality.read_quality(model_dir))
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+def preprocess(data: np.ndarray, affine: Any, params: Mapping[str, Any],
+               levels: Sequence[int] | None = None, threads: int | None = None,
+               ) -> tuple[dict[str, np.ndarray], geometry.Grid, np.ndarray]:
+    """The study's pyramid of one scan, in memory.
+
+    Returns ``(inputs, grid, level0)``: model inputs ``{"level{l}": (1, n, n, n, 1) float32}``
+    for ``levels`` (default: all), the scan's :class:`~locnet.geometry.Grid`, and the windowed
+    finest level (for overlays). Identical to :func:`locnet.pyramid.build_pyramid` + reading
+    the levels back.
+    """
+    n0, s0, n_levels = int(params["finest_shape"]), float(params["finest_spacing_mm"]), \
+        int(params["levels"])
+    grid = geometry.grid_for_scan(affine, data.shape, n0, s0, n_levels)
+    wanted = set(range(n_levels) if levels is None else (int(l) for l in levels))
+    level = resample_to_grid(data, affine, grid, float(params["background_hu"]),
+                             window=params["window_hu"], threads=threads)
+    level0 = level
+    inputs = {}
+    for lv in range(max(wanted) + 1):
+        if lv:
+            level = downsample2(level)
+        if lv in wanted:
+            inputs[f"level{lv}"] = np.ascontiguousarray(level)[None, ..., None]
+    return inputs, grid, level0
+
+
+def field_of_view_coverage(grid: geometry.Grid, affine: Any, shape: Sequence[int],
+                           samples: int = 16) -> float:
+    """Fraction of the model's field of view (the grid's cube) that the scan covers.
+
+    Estimated on a ``samples^3`` lattice of points spread over the grid's cube.
+    """
+    m = int(samples)
+    ext = grid.extent_mm
+    t = (np.arange(m) + 0.5) / m * ext - grid.spacing / 2.0
+    pts = np.stack(np.meshgrid(t, t, t, indexing="ij"), axis=-1).reshape(-1, 3)
+    pts = pts + np.asarray(grid.origin, dtype=np.float64)
+    return float(np.mean(geometry.inside_scan(affine, shape, pts)))
+
+
+# --------------------------------------------------------------------------- prediction
+
+def predict_arrays(model, levels_dict: Mapping[str, np.ndarray], passes: int = 0, seed: int = 0,
+                   chunk: int | None = None):
+    """:func:`locnet.predict.case_prediction` on in-memory inputs.
+
+    Returns ``(position (K,3) grid mm, samples (n,K,3) grid mm or None, deterministic (K,3))``;
+    with ``passes`` > 0 and a noisy model, ``position`` is the mean of the noisy passes.
+    """
+    from keras import ops
+
+    from . import models, predict
+
+    out = model(dict(levels_dict), training=False)
+    det = np.asarray(ops.convert_to_numpy(out["position"]), dtype=np.float64)[0]
+    if passes > 0 and predict.is_noisy(model):
+        shifts = models.sample_shifts(passes, model.n_landmarks, float(model.noise_mm), seed=seed)
+        samples = np.asarray(models.predict_passes(model, levels_dict, shifts, chunk=chunk),
+                             np.float64)
+        return samples.mean(axis=0), samples, det
+    return det, None, det
+
+
+@dataclass
+class ScanResult:
+    """Predictions of one scan (world RAS mm) and what the overlay needs."""
+
+    case_id: str
+    image: str
+    landmarks: list[str]
+    world: np.ndarray                  # (K, 3) RAS mm
+    voxel: np.ndarray                  # (K, 3) float index in the original scan
+    sd: np.ndarray | None              # (K, 3) mm, noisy models only
+    conf_volume_mm3: np.ndarray | None  # (K,)
+    flags: list[str]
+    coverage: float
+    grid: geometry.Grid
+    level0: np.ndarray = field(repr=False)
+
+    @property
+    def world_lps(self) -> np.ndarray:
+        return geometry.ras_lps(self.world)
+
+    def rows(self) -> list[dict]:
+        """One flat record per landmark (the columns of ``landmarks.csv``)."""
+        lps = self.world_lps
+        out = []
+        for k, name in enumerate(self.landmarks):
+            row = {"case_id": self.case_id, "image": self.image, "landmark": name,
+                   "x_ras": self.world[k, 0], "y_ras": self.world[k, 1], "z_ras": self.world[k, 2],
+                   "x_lps": lps[k, 0], "y_lps": lps[k, 1], "z_lps": lps[k, 2],
+                   "i": self.voxel[k, 0], "j": self.voxel[k, 1], "k": self.voxel[k, 2]}
+            if self.sd is not None:
+                row.update(sd_x=self.sd[k, 0], sd_y=self.sd[k, 1], sd_z=self.sd[k, 2],
+                           conf_volume_mm3=float(self.conf_volume_mm3[k]))
+            else:
+                row.update(sd_x=math.nan, sd_y=math.nan, sd_z=math.nan, conf_volume_mm3=math.nan)
+            row["quality"] = self.flags[k]
+            out.append(row)
+        return out
+
+
+def case_id_from_path(path: Any) -> str:
+    """Case id of a scan file: its name without ``.nii.gz`` / ``.nii``."""
+    name = Path(path).name
+    for ext in (".nii.gz", ".nii"):
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return Path(name).stem
+
+
+def _strip_where(msg: str) -> str:
+    """One line, without the ``case 'x' (file ...)`` prefix the CLI prints itself."""
+    return " ".join(str(msg).split())
+
+
+def predict_scan(lm: LoadedModel, path: Any, case_id: str | None = None, passes: int | None = None,
+                 seed: int = 0, threshold_mm3: float | None = None,
+                 min_coverage: float = DEFAULT_MIN_COVERAGE, threads: int | None = None,
+                 ) -> ScanResult:
+    """Predict the landmarks of one scan; raises :class:`ScanError` with a one-line reason.
+
+    ``passes``: noisy passes (default: the model's); ``seed``: the run's seed, from which the
+    scan's noise draws derive as ``seeds.derive(seed, case_id)`` (as in the study's
+    predictions); ``threshold_mm3``: quality threshold on the confidence volume (``None``:
+    no flag); ``min_coverage``: least fraction of the model's field of view the scan must cover.
+    """
+    path = Path(path)
+    case = case_id or case_id_from_path(path)
+    try:
+        data, affine = load_volume(path, case=None, dtype=None)
+    except InputError as exc:
+        raise ScanError(_strip_where(exc)) from None
+    shape = data.shape
+    params = lm.params
+    grid = geometry.grid_for_scan(affine, shape, params["finest_shape"],
+                                  params["finest_spacing_mm"], params["levels"])
+    coverage = field_of_view_coverage(grid, affine, shape)
+    if coverage < min_coverage:
+        ext = geometry.scan_corners(affine, shape)
+        size = ext.max(axis=0) - ext.min(axis=0) + geometry.native_spacing(affine)
+        raise ScanError(
+            f"outside the trained field of view: the scan ({size[0]:.0f} x {size[1]:.0f} x "
+            f"{size[2]:.0f} mm) covers {100 * coverage:.0f}% of the model's "
+            f"{grid.extent_mm:.0f} mm cube (needs >= {100 * min_coverage:.0f}%)")
+    inputs, grid, level0 = preprocess(data, affine, params, lm.levels, threads=threads)
+    del data
+    n_passes = lm.default_passes if passes is None else int(passes)
+    pos, samples, _ = predict_arrays(lm.model, inputs, n_passes if lm.noisy else 0,
+                                     seeds.derive(int(seed), case))
+    world = grid.grid_mm_to_world(pos)
+    voxel = geometry.world_to_voxel(affine, world)
+    inside = np.atleast_1d(geometry.inside_scan(affine, shape, world))
+    if not np.all(np.isfinite(world)):
+        raise ScanError("the model returned a non-finite position")
+    if not inside.all():
+        k = int(np.flatnonzero(~inside)[0])
+        raise ScanError(
+            f"landmark {lm.landmarks[k]} predicted outside the scan (RAS "
+            f"{world[k, 0]:.1f}, {world[k, 1]:.1f}, {world[k, 2]:.1f} mm; voxel "
+            f"{voxel[k, 0]:.1f}, {voxel[k, 1]:.1f}, {voxel[k, 2]:.1f} of shape {tuple(shape)})")
+    sd = vol = None
+    flags = [""] * len(lm.landmarks)
+    if samples is not None:
+        sd = samples.std(axis=0, ddof=1) if samples.shape[0] > 1 else np.full(world.shape, np.nan)
+        vol = np.atleast_1d(metrics.confidence_volume(np.nan_to_num(sd, nan=0.0),
+                                                      level=CONFIDENCE))
+        vol = np.where(np.isnan(sd).any(axis=-1), np.nan, vol)
+        flags = [quality.flag(v, threshold_mm3) for v in vol]
+    return ScanResult(case_id=case, image=str(path), landmarks=list(lm.landmarks), world=world,
+                      voxel=voxel, sd=sd, conf_volume_mm3=vol, flags=flags, coverage=coverage,
+                      grid=grid, level0=level0)
+
+
+# --------------------------------------------------------------------------- overlay
+
+_COLORS = ("#ff7f0e", "#1f9bff", "#2ca02c", "#d62728", "#9467bd", "#e377c2")
+
+
+def write_overlay(result: ScanResult, path: Any, dpi: int = 72) -> None:
+    """Three orthogonal slices of the model's finest grid through each predicted landmark.
+
+    One row per landmark (axial, coronal, sagittal; radiological display: patient right on
+    the left), axes in world RAS mm with equal aspect; the point and, for noisy models, its
+    90% confidence ellipse (the axis-aligned ellipsoid ``chi2_3(0.90)`` Mahalanobis radius,
+    projected on the plane: semi-axes ``r * sd``) are drawn. Written atomically.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Ellipse
+
+    grid, vol = result.grid, np.asarray(result.level0)
+    s0, n = grid.spacing, grid.shape
+    o = np.asarray(grid.origin, dtype=np.float64)
+    lo, hi = o - s0 / 2.0, o + s0 * (n - 0.5)
+    r = math.sqrt(metrics.chi2_radius_sq(CONFIDENCE))
+    k_n = len(result.landmarks)
+    fig, axes = plt.subplots(k_n, 3, figsize=(7.5, 2.6 * k_n), squeeze=False)
+    # (name, horizontal axis, vertical axis, slicing axis)
+    planes = (("axial", 0, 1, 2), ("coronal", 0, 2, 1), ("sagittal", 1, 2, 0))
+    letters = {0: ("L", "R"), 1: ("P", "A"), 2: ("I", "S")}
+    for k, name in enumerate(result.landmarks):
+        p = result.world[k]
+        idx = np.clip(np.rint((p - o) / s0).astype(int), 0, n - 1)
+        color = _COLORS[k % len(_COLORS)]
+        for c, (pname, a, b, cut) in enumerate(planes):
+            ax = axes[k, c]
+            sl = np.take(vol, idx[cut], axis=cut)  # remaining axes in order (a, b)
+            ax.imshow(sl.T, cmap="gray", origin="lower", vmin=0.0, vmax=1.0,
+                      extent=(lo[a], hi[a], lo[b], hi[b]), interpolation="nearest")
+            if a == 0:
+                ax.invert_xaxis()  # radiological: patient right on the viewer's left
+            ax.set_aspect("equal")
+            ax.plot(p[a], p[b], "+", color=color, ms=10, mew=1.5)
+            if result.sd is not None and np.all(np.isfinite(result.sd[k])):
+                ax.add_patch(Ellipse((p[a], p[b]), 2 * r * result.sd[k, a],
+                                     2 * r * result.sd[k, b], fill=False, color=color, lw=1.2))
+            ax.set_title(f"{name}: {pname} {'xyz'[cut]}={p[cut]:.0f} mm", fontsize=7)
+            ax.tick_params(labelsize=6)
+            ax.set_xlabel(f"{'xyz'[a]} (mm, {letters[a][1]}+)", fontsize=6)
+            ax.set_ylabel(f"{'xyz'[b]} (mm, {letters[b][1]}+)", fontsize=6)
+    flag_txt = ", ".join(f"{n}: {f}" for n, f in zip(result.landmarks, result.flags) if f)
+    fig.suptitle(f"{result.case_id}" + (f"  ({flag_txt})" if flag_txt else "")
+                 + ("  ellipses: 90% confidence" if result.sd is not None else ""), fontsize=8)
+    fig.tight_layout()
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    plt.close(fig)

@@ -1,0 +1,175 @@
+"""Tests of locnet.inference and locnet.quality: new scans give the study's predictions.
+
+A tiny untrained ``multiscale_e2e_noise`` (32^3 grid, 4 levels) is saved with a
+``metadata.json`` like the one ``locnet.train`` writes; the scans are fresh synthetic phantoms
+(unseen indices, random storage orientations, 3-5 mm voxels).
+"""
+
+from __future__ import annotations
+
+import json
+
+import keras
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from locnet import geometry, inference, metrics, phantom, predict, pyramid, quality
+from locnet.models import build_model
+
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
+LANDMARKS = ["left_bifurcation", "right_bifurcation"]
+GRID = {"finest_shape": 32, "finest_spacing_mm": 5.0, "levels": 4,
+        "window_hu": [-200.0, 800.0], "background_hu": -1000.0}
+PHANTOM = {"seed": 7, "fov_mm": [160.0, 160.0, 160.0], "spacing_inplane_mm": [3.0, 4.0],
+           "spacing_slice_mm": [3.0, 5.0], "max_rotation_deg": 12.0}
+SCAN_INDICES = (100, 101, 102)
+PASSES = 6
+
+
+def make_model_dir(root, method="multiscale_e2e_noise", method_cfg=None, grid=GRID):
+    """Build an untrained model and save it as ``locnet.train`` saves a trained one."""
+    method_cfg = method_cfg or {"patch": 4, "noise_mm": 5.0, "unet": {"filters": [4, 8]}}
+    keras.utils.set_random_seed(3)
+    model = build_model(method, {**method_cfg, "landmarks": LANDMARKS},
+                        {k: grid[k] for k in ("finest_shape", "finest_spacing_mm", "levels")})
+    root.mkdir(parents=True, exist_ok=True)
+    model.save(root / "model.keras")
+    levels = list(range(grid["levels"]))
+    meta = {"method": method, "method_cfg": method_cfg,
+            "train_cfg": {"epochs": 0, "learning_rate": 0.0005, "batch_size": 1},
+            "schedule": "linear", "phases": None, "grid": dict(grid), "landmarks": LANDMARKS,
+            "levels": levels, "loss_weight_names": [f"level{l}" for l in levels], "seed": 3,
+            "epochs": 0, "best_epoch": 0, "best_val_error_mm": float("nan"),
+            "train_cases": [], "val_cases": [], "versions": {}}
+    (root / "metadata.json").write_text(json.dumps(meta))
+    return root
+
+
+def write_scans(root, indices=SCAN_INDICES):
+    """Phantom scans ``root/images/case_XXXX.nii.gz`` and their landmark table."""
+    paths, rows = [], []
+    for i in indices:
+        paths.append(phantom.write_case(i, PHANTOM, root))
+        for name, xyz in phantom.case_landmarks(i, PHANTOM).items():
+            rows.append({"case_id": phantom.case_id(i), "landmark": name,
+                         "x": xyz[0], "y": xyz[1], "z": xyz[2]})
+    return paths, pd.DataFrame(rows)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inference")
+    model_dir = make_model_dir(root / "model")
+    scans, table = write_scans(root / "scans")
+    return {"root": root, "model_dir": model_dir, "scans": scans, "table": table,
+            "lm": inference.load_model_dir(model_dir)}
+
+
+def test_same_predictions_as_the_study(setup, tmp_path):
+    lm, seed = setup["lm"], 17
+    assert lm.noisy and lm.landmarks == LANDMARKS and lm.params == GRID
+    # the study: pyramid on disk, then predict_cases
+    dirs = []
+    for path in setup["scans"]:
+        case = inference.case_id_from_path(path)
+        pyramid.build_pyramid(path, GRID, GRID["window_hu"], GRID["background_hu"],
+                              tmp_path / case, case=case, threads=1)
+        dirs.append(tmp_path / case)
+    study = predict.predict_cases(lm.model, dirs, {}, setup["table"], LANDMARKS,
+                                  passes=PASSES, seed=seed, progress=False)
+    truth = {(r.case_id, r.landmark): np.array([r.x, r.y, r.z])
+             for r in setup["table"].itertuples()}
+    for path in setup["scans"]:
+        res = inference.predict_scan(lm, path, passes=PASSES, seed=seed, threshold_mm3=None)
+        for row in res.rows():
+            s = study[(study.case_id == row["case_id"]) & (study.landmark == row["landmark"])]
+            assert len(s) == 1
+            s = s.iloc[0]
+            ras = np.array([row["x_ras"], row["y_ras"], row["z_ras"]])
+            np.testing.assert_allclose(ras, [s.x, s.y, s.z], atol=1e-4)
+            np.testing.assert_allclose([row["sd_x"], row["sd_y"], row["sd_z"]],
+                                       [s.sd_x, s.sd_y, s.sd_z], atol=1e-4)
+            assert row["conf_volume_mm3"] == pytest.approx(s.conf_volume_mm3, rel=1e-4)
+            err = np.linalg.norm(ras - truth[(row["case_id"], row["landmark"])])
+            assert err == pytest.approx(s.error_mm, abs=1e-4)
+            assert row["quality"] == ""
+
+
+def test_coordinates_lps_and_voxels(setup):
+    lm = setup["lm"]
+    for path in setup["scans"]:
+        res = inference.predict_scan(lm, path, passes=3, seed=0)
+        img = nib.load(str(path))
+        np.testing.assert_allclose(res.world_lps[:, :2], -res.world[:, :2])
+        np.testing.assert_allclose(res.world_lps[:, 2], res.world[:, 2])
+        back = geometry.voxel_to_world(img.affine, res.voxel)
+        np.testing.assert_allclose(back, res.world, atol=1e-6)
+        assert np.all(geometry.inside_scan(img.affine, img.shape, res.world))
+        assert res.level0.shape == (32, 32, 32) and 0.9 < res.coverage <= 1.0
+
+
+def test_predict_arrays_equals_case_prediction(setup, tmp_path):
+    lm, path = setup["lm"], setup["scans"][0]
+    pyramid.build_pyramid(path, GRID, GRID["window_hu"], GRID["background_hu"], tmp_path / "c")
+    img = nib.load(str(path))
+    inputs, _, _ = inference.preprocess(np.asanyarray(img.dataobj), img.affine, lm.params,
+                                        lm.levels)
+    a = inference.predict_arrays(lm.model, inputs, passes=4, seed=5)
+    b = predict.case_prediction(lm.model, tmp_path / "c", passes=4, seed=5)
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x, y, atol=1e-5)
+
+
+def test_metadata_without_preprocessing_is_refused(setup, tmp_path):
+    d = make_model_dir(tmp_path / "old", grid=GRID)
+    meta = json.loads((d / "metadata.json").read_text())
+    del meta["grid"]["window_hu"]
+    (d / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(inference.ModelDirError, match="window_hu"):
+        inference.load_model_dir(d)
+    meta["grid"]["window_hu"] = [-200.0, 800.0]
+    meta["grid"]["finest_spacing_mm"] = 2.5  # another grid than the model's
+    (d / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(inference.ModelDirError, match="finest_spacing_mm"):
+        inference.load_model_dir(d)
+
+
+def test_far_outside_the_field_of_view(setup, write_nifti):
+    thin = write_nifti(np.zeros((40, 40, 2), np.int16), np.diag([4.0, 4.0, 4.0, 1.0]),
+                       "thin.nii.gz")
+    with pytest.raises(inference.ScanError, match="outside the trained field of view"):
+        inference.predict_scan(setup["lm"], thin, passes=2)
+
+
+# --------------------------------------------------------------------------- quality
+
+def _val_table(volumes, errors, subset="val"):
+    return pd.DataFrame({"subset": subset, "conf_volume_mm3": volumes, "error_mm": errors})
+
+
+def test_choose_threshold():
+    df = _val_table([10, 20, 30, 40, 50, 60], [1, 2, 9, 3, 4, 20])
+    # fractions within 5 mm among the n smallest: 1, 1, 2/3, 3/4, 4/5, 4/6
+    r = quality.choose_threshold(df, target_error_mm=5.0, target_fraction=0.75)
+    assert r["threshold_mm3"] == 50 and r["n_accepted"] == 5
+    assert r["fraction_within_target"] == pytest.approx(0.8)
+    r = quality.choose_threshold(df, target_error_mm=5.0, target_fraction=0.9)
+    assert r["threshold_mm3"] == 20 and r["accepted_fraction"] == pytest.approx(2 / 6)
+    # test rows are ignored; nothing meets the target -> 0 (everything 'review')
+    both = pd.concat([df, _val_table([1.0], [0.1], subset="test")])
+    assert quality.choose_threshold(both, 5.0, 0.9)["threshold_mm3"] == 20
+    assert quality.choose_threshold(_val_table([5, 6], [9, 9]), 5.0, 0.9)["threshold_mm3"] == 0
+    assert quality.flag(20.0, 20.0) == "ok" and quality.flag(20.5, 20.0) == "review"
+    assert quality.flag(20.0, None) == ""
+    with pytest.raises(ValueError, match="conf_volume_mm3"):
+        quality.choose_threshold(df.drop(columns="conf_volume_mm3"))
+
+
+def test_confidence_volume_matches_metrics(setup):
+    res = inference.predict_scan(setup["lm"], setup["scans"][1], passes=5, seed=2,
+                                 threshold_mm3=1e12)
+    np.testing.assert_allclose(res.conf_volume_mm3, metrics.confidence_volume(res.sd))
+    assert res.flags == ["ok", "ok"]

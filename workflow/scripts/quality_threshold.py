@@ -1,0 +1,24 @@
+"""Choose the quality threshold of a noisy method on its validation predictions (thin adapter)."""
+
+import pandas as pd
+
+from locnet import quality
+from locnet.runlog import job_logging
+
+with job_logging(snakemake) as log:
+    preds = pd.read_csv(snakemake.input.predictions)
+    result = quality.choose_threshold(
+        preds,
+        target_error_mm=snakemake.params.target_error_mm,
+        target_fraction=snakemake.params.target_fraction,
+        subset="val",
+    )
+    result["method"] = snakemake.wildcards.method
+    quality.write_quality(result, snakemake.output.quality)
+    log.info("%s: threshold %.1f mm^3 (%d of %d validation landmarks accepted)",
+             snakemake.wildcards.method, result["threshold_mm3"], result["n_accepted"],
+             result["n_landmarks"])
+    if result["n_accepted"] == 0:
+        log.warning("no confidence volume meets the target (%.1f mm for %.0f%% of landmarks): "
+                    "every prediction will be flagged 'review'", result["target_error_mm"],
+                    100 * result["target_fraction"])
