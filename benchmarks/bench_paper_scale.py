@@ -242,6 +242,10 @@ def child_passes(a):
     res = {"forward_tf_function_s": _median(ts)}
     chunk = a["chunk"] or 5
     t = time.perf_counter()
+    predict_passes(model, x, shifts)
+    res["eager, one batch (as shipped)"] = time.perf_counter() - t
+    res["peak_rss_one_batch_mib"] = _status_mib("VmHWM")
+    t = time.perf_counter()
     ref = predict_passes(model, x, shifts, chunk=chunk)
     res[f"eager, chunk {chunk}"] = time.perf_counter() - t
     top = model.n_levels - 1
@@ -549,7 +553,9 @@ def report(a, res):
         for key, v in pv.items():
             if key.startswith(("eager", "tf.function")):
                 print(f"| {key} | {_ms(v)} | {v / fwd:.1f}x |")
-        print(f"| max difference between the two (mm) | {pv['max_abs_diff_mm']:.2g} | |")
+        print(f"| max difference, compiled vs eager (mm) | {pv['max_abs_diff_mm']:.2g} | |")
+        print(f"| process peak RSS after the one-batch run / at the end | "
+              f"{pv['peak_rss_one_batch_mib']:,.0f} MiB / {pv['peak_rss_mib']:,.0f} MiB | |")
     elif pv:
         print(f"\npasses failed: {pv['error']}")
     ld = res.get("loader")

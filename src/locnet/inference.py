@@ -30,6 +30,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from . import geometry, metrics, quality, seeds
+from . import predict as predict_module
 from .io import InputError, atomic_write, load_volume, read_json
 from .pyramid import downsample2, resample_to_grid
 
@@ -207,25 +208,8 @@ def field_of_view_coverage(grid: geometry.Grid, affine: Any, shape: Sequence[int
 
 # --------------------------------------------------------------------------- prediction
 
-def predict_arrays(model, levels_dict: Mapping[str, np.ndarray], passes: int = 0, seed: int = 0,
-                   chunk: int | None = None):
-    """:func:`locnet.predict.case_prediction` on in-memory inputs.
-
-    Returns ``(position (K,3) grid mm, samples (n,K,3) grid mm or None, deterministic (K,3))``;
-    with ``passes`` > 0 and a noisy model, ``position`` is the mean of the noisy passes.
-    """
-    from keras import ops
-
-    from . import models, predict
-
-    out = model(dict(levels_dict), training=False)
-    det = np.asarray(ops.convert_to_numpy(out["position"]), dtype=np.float64)[0]
-    if passes > 0 and predict.is_noisy(model):
-        shifts = models.sample_shifts(passes, model.n_landmarks, float(model.noise_mm), seed=seed)
-        samples = np.asarray(models.predict_passes(model, levels_dict, shifts, chunk=chunk),
-                             np.float64)
-        return samples.mean(axis=0), samples, det
-    return det, None, det
+#: the study's prediction on in-memory inputs (one implementation for the study and new scans)
+predict_arrays = predict_module.predict_arrays
 
 
 @dataclass

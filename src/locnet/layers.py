@@ -238,7 +238,7 @@ def decode_heatmap(heatmap):
     is used when the argmax is an interior strict maximum along that axis (curvature < 0),
     clipped to [-0.5, 0.5]; otherwise the offset is 0. Not differentiable (argmax).
     """
-    heatmap = ops.stop_gradient(heatmap)
+    heatmap = ops.stop_gradient(ops.convert_to_tensor(heatmap))
     shape = heatmap.shape
     n1, n2, n3, k = (int(s) for s in shape[1:])
     flat = ops.reshape(ops.transpose(heatmap, (0, 4, 1, 2, 3)), (-1, k, n1 * n2 * n3))

@@ -27,6 +27,11 @@ from locnet.pyramid import read_grid
 
 log = logging.getLogger("locnet.predict")
 
+#: Noisy passes per batch of finest crops. One batch of all 50 passes (100 patches of 56^3 at
+#: paper scale) peaked at 14 GiB on the CPU and ran 3x slower than batches of 5-10
+#: (benchmarks/README.md, "Performance at paper scale").
+PASS_CHUNK = 8
+
 COLUMNS = ["case_id", "subset", "landmark", "x", "y", "z", "true_x", "true_y", "true_z", "error_mm"]
 NOISE_COLUMNS = ["sd_x", "sd_y", "sd_z", "conf_volume_mm3", "det_x", "det_y", "det_z", "det_error_mm"]
 
@@ -35,21 +40,27 @@ def is_noisy(model) -> bool:
     return isinstance(model, models.MultiScaleLocNet) and float(getattr(model, "noise_mm", 0)) > 0
 
 
-def case_prediction(model, case_dir, passes: int = 0, seed: int = 0, chunk: int | None = None):
-    """One case: ``(position (K,3) grid mm, passes (n,K,3) grid mm or None, deterministic (K,3))``.
+def predict_arrays(model, inputs, passes: int = 0, seed: int = 0, chunk: int | None = PASS_CHUNK):
+    """One case from in-memory inputs ``{"level{l}": (1, n, n, n, 1)}``.
 
+    Returns ``(position (K,3) grid mm, passes (n,K,3) grid mm or None, deterministic (K,3))``.
     With ``passes`` > 0 and a noisy model, ``position`` is the mean over the noisy passes and
     ``deterministic`` the noise-free prediction; otherwise both are the noise-free prediction.
+    Used by the study (:func:`case_prediction`) and by inference on new scans alike.
     """
-    levels = data.model_levels(model)
-    inputs = data.load_case_inputs(case_dir, levels)
-    out = model(inputs, training=False)
+    out = model(dict(inputs), training=False)
     det = np.asarray(ops.convert_to_numpy(out["position"]), dtype=np.float64)[0]
     if passes > 0 and is_noisy(model):
         shifts = models.sample_shifts(passes, model.n_landmarks, float(model.noise_mm), seed=seed)
         samples = np.asarray(models.predict_passes(model, inputs, shifts, chunk=chunk), np.float64)
         return samples.mean(axis=0), samples, det
     return det, None, det
+
+
+def case_prediction(model, case_dir, passes: int = 0, seed: int = 0, chunk: int | None = PASS_CHUNK):
+    """:func:`predict_arrays` on a case of the stored (memory-mapped) pyramid."""
+    inputs = data.load_case_inputs(case_dir, data.model_levels(model))
+    return predict_arrays(model, inputs, passes, seed, chunk)
 
 
 def predict_cases(

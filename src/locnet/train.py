@@ -698,7 +698,12 @@ def train(
         restore_snapshot(model, arrays)
     _set_trainable_level(model, None)
     tmp = out_dir / f".model.keras.{os.getpid()}.tmp.keras"
-    model.save(tmp)
+    # The kept model is for inference: save an uncompiled copy with the best weights, not
+    # the training model, whose optimizer state belongs to the last epoch (not the kept one)
+    # and, for multistep, to the last phase's optimizer only.
+    kept = type(model).from_config(model.get_config())
+    kept.set_weights(model.get_weights())
+    kept.save(tmp)
     os.replace(tmp, out_dir / "model.keras")
     metadata = {
         "method": method,
