@@ -13,6 +13,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import locnet.metrics
+
 sys.path.insert(0, str(Path(__file__).resolve().parent / "slurm"))
 import cluster as harness  # noqa: E402  (tests/slurm/cluster.py)
 from cluster import slurm_cluster  # noqa: E402,F401  (fixture)
@@ -48,8 +50,7 @@ def test_tiny_study_on_slurm(slurm_cluster, tiny_study, tmp_path):
 
     # same study, same seeds, same thread count: the results equal the local run's
     results = tmp_path / "results"
-    for method in ["heatmap_unet", "locnet_single", "patch_baseline", "multiscale_multistep",
-                   "multiscale_e2e", "multiscale_e2e_noise"]:
+    for method in locnet.metrics.METHODS:
         local = pd.read_csv(tiny_study / "predictions" / f"{method}.csv")
         slurm = pd.read_csv(results / "predictions" / f"{method}.csv")
         assert list(local["case_id"]) == list(slurm["case_id"])

@@ -12,17 +12,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import locnet.metrics
+
 from conftest import run_snakemake
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = [
-    "heatmap_unet",
-    "locnet_single",
-    "patch_baseline",
-    "multiscale_multistep",
-    "multiscale_e2e",
-    "multiscale_e2e_noise",
-]
+METHODS = list(locnet.metrics.METHODS)  # Table 1's order
 
 
 @pytest.fixture(scope="module")

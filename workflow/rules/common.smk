@@ -4,6 +4,7 @@ import pandas as pd
 from snakemake.exceptions import WorkflowError
 
 import locnet.config
+import locnet.metrics
 import locnet.seeds
 
 try:
@@ -96,14 +97,7 @@ def study_outputs():
 
 
 # ---- methods -------------------------------------------------------------------------------
-METHOD_ORDER = [
-    "heatmap_unet",
-    "locnet_single",
-    "patch_baseline",
-    "multiscale_multistep",
-    "multiscale_e2e",
-    "multiscale_e2e_noise",
-]
+METHOD_ORDER = list(locnet.metrics.METHODS)  # Table 1's order
 NOISY_METHODS = {"multiscale_e2e_noise"}
 TRAIN_KEYS = ("epochs", "learning_rate", "batch_size", "schedule")
 
