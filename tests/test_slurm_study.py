@@ -6,6 +6,8 @@ rules stayed local, and that the results equal those of the local run of the sam
 
 from __future__ import annotations
 
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -38,18 +40,25 @@ def test_tiny_study_on_slurm(slurm_cluster, tiny_study, tmp_path):
     assert GPU_RULES | {"pyramid", "synthetic_case", "ingest"} <= rules, rules
     assert not rules & LOCAL_RULES, rules & LOCAL_RULES
 
-    # SLURM's own record of each GPU job: it asked for, and was granted, the gpu resource
-    queue = run.squeue()
+    # Each GPU job asked SLURM for the GPU (SLURM's own record of the job) and ran with it
+    # (the job's environment, logged by the job itself into its rule log).
+    results = tmp_path / "results"
     for rule in GPU_RULES:
         jobs = run.jobs_of(rule)
         assert len(jobs) == 6, (rule, len(jobs))
         for job in jobs:
-            rec = queue[job.slurm_jobid]
-            assert "gpu" in rec["tres_per_node"], (rule, rec)
-            assert rec["state"] == "COMPLETED", (rule, rec)
+            record = subprocess.run(["scontrol", "-d", "show", "job", job.slurm_jobid],
+                                    capture_output=True, text=True, timeout=30).stdout
+            assert "JobState=COMPLETED" in record, record
+            assert re.search(r"TresPer(Job|Node)=gres[:/]gpu[:=]1", record), record
+            method = job.wildcards.split("=")[-1].split("/")[-1] or job.wildcards
+            log = (results / "logs" / rule / f"{method}.log").read_text()
+            m = re.search(rf"SLURM job {job.slurm_jobid} on \S+: CUDA_VISIBLE_DEVICES=(\S+) "
+                          r"SLURM_GPUS_ON_NODE=(\d+)", log)
+            assert m, (rule, method, log[-2000:])
+            assert m.group(1) != "none" and int(m.group(2)) == 1, m.group(0)
 
     # same study, same seeds, same thread count: the results equal the local run's
-    results = tmp_path / "results"
     for method in locnet.metrics.METHODS:
         local = pd.read_csv(tiny_study / "predictions" / f"{method}.csv")
         slurm = pd.read_csv(results / "predictions" / f"{method}.csv")

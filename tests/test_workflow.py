@@ -153,3 +153,15 @@ def test_bad_config_key_is_named(tmp_path):
                     str(ROOT / "config" / "tiny.yaml"), "--config", "pyramid={'finest_shap': 3}")
     assert run.returncode != 0
     assert "pyramid.finest_shap" in run.stdout + run.stderr
+
+
+def test_html_report_gathers_figures_and_tables(study):
+    report = study / "report.html"
+    run = snakemake(study.parent, "--report", str(report), "--configfile",
+                    str(ROOT / "config" / "tiny.yaml"), "--config", "results=results")
+    assert run.returncode == 0, run.stderr[-3000:]
+    html = report.read_text(errors="replace")
+    for name in ["fig3_heatmaps.png", "fig4_violin_errors.png", "fig5_confidence_vs_error.png",
+                 "training_curves.png", "table1.csv", "statistics.csv"]:
+        assert name in html, name
+    assert "paper Fig. 4" in html  # a caption from workflow/report/

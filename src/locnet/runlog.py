@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import time
 
@@ -41,6 +42,16 @@ def job_logging(smk=None, log_path: str | None = None, name: str = "locnet"):
     t0 = time.perf_counter()
     if rule:
         log.info("rule %s started (wildcards: %s)", rule, dict(getattr(smk, "wildcards", {})))
+    if os.environ.get("SLURM_JOB_ID"):
+        # where a cluster job ran and which GPU SLURM gave it: the first thing to look at
+        # when a job is slow or cannot see its GPU
+        log.info(
+            "SLURM job %s on %s: CUDA_VISIBLE_DEVICES=%s SLURM_GPUS_ON_NODE=%s",
+            os.environ["SLURM_JOB_ID"],
+            os.environ.get("SLURMD_NODENAME", "?"),
+            os.environ.get("CUDA_VISIBLE_DEVICES", "none"),
+            os.environ.get("SLURM_GPUS_ON_NODE", "0"),
+        )
     try:
         yield log
     except BaseException:

@@ -1,4 +1,11 @@
 # Shared helpers: config validation, case lists, paths. Imported by every other .smk file.
+import os
+import sys
+
+# locnet is importable without installing it (e.g. in the environment that --sdm conda
+# builds from envs/locnet.yaml): the workflow and its scripts put src/ first on the path.
+sys.path.insert(0, os.path.join(workflow.basedir, "src"))
+
 import pandas as pd
 
 from snakemake.exceptions import WorkflowError
@@ -15,6 +22,8 @@ config.clear()
 config.update(_validated)
 
 RES = config["results"].rstrip("/")
+# Every script rule runs in this environment under --sdm conda (same pins as the venv).
+CONDA_ENV = os.path.join(workflow.basedir, "envs", "locnet.yaml")
 LEVELS = list(range(config["pyramid"]["levels"]))
 
 

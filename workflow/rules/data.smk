@@ -16,6 +16,8 @@ rule synthetic_case:
     resources:
         mem_mb=2000,
         runtime=10,
+    conda:
+        CONDA_ENV
     script:
         "../scripts/synthetic_case.py"
 
@@ -32,6 +34,8 @@ rule synthetic_cohort:
     log:
         f"{RES}/logs/synthetic_cohort.log",
     localrule: True
+    conda:
+        CONDA_ENV
     script:
         "../scripts/synthetic_cohort.py"
 
@@ -55,6 +59,8 @@ rule ingest:
     resources:
         mem_mb=4000,
         runtime=30,
+    conda:
+        CONDA_ENV
     script:
         "../scripts/ingest.py"
 
@@ -76,6 +82,8 @@ rule pyramid:
     resources:
         mem_mb=lambda wc, attempt: 4000 * attempt,
         runtime=lambda wc, attempt: 15 * attempt,
+    conda:
+        CONDA_ENV
     script:
         "../scripts/pyramid.py"
 
@@ -91,5 +99,7 @@ rule split:
     log:
         f"{RES}/logs/split.log",
     localrule: True
+    conda:
+        CONDA_ENV
     script:
         "../scripts/split.py"

@@ -16,6 +16,8 @@ rule table1:
     log:
         f"{RES}/logs/table1.log",
     localrule: True
+    conda:
+        CONDA_ENV
     script:
         "../scripts/table1.py"
 
@@ -37,6 +39,8 @@ rule statistics:
     log:
         f"{RES}/logs/statistics.log",
     localrule: True
+    conda:
+        CONDA_ENV
     script:
         "../scripts/statistics.py"
 
@@ -57,6 +61,8 @@ rule fig_violin:
     log:
         f"{RES}/logs/fig_violin.log",
     localrule: True
+    conda:
+        CONDA_ENV
     script:
         "../scripts/fig_violin.py"
 
@@ -77,6 +83,8 @@ rule fig_confidence:
     log:
         f"{RES}/logs/fig_confidence.log",
     localrule: True
+    conda:
+        CONDA_ENV
     script:
         "../scripts/fig_confidence.py"
 
@@ -97,6 +105,8 @@ rule fig_training_curves:
     log:
         f"{RES}/logs/fig_training_curves.log",
     localrule: True
+    conda:
+        CONDA_ENV
     script:
         "../scripts/fig_training_curves.py"
 
@@ -123,5 +133,7 @@ rule fig_heatmaps:
     threads: 1
     resources:
         mem_mb=4000,
+    conda:
+        CONDA_ENV
     script:
         "../scripts/fig_heatmaps.py"

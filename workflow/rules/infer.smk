@@ -21,6 +21,8 @@ rule quality_threshold:
     localrule: True
     wildcard_constraints:
         method="|".join(sorted(NOISY_METHODS)),
+    conda:
+        CONDA_ENV
     script:
         "../scripts/quality_threshold.py"
 
@@ -50,5 +52,7 @@ rule infer:
         runtime=lambda wc, attempt: 120 * attempt,
     wildcard_constraints:
         method="|".join(METHOD_ORDER),
+    conda:
+        CONDA_ENV
     script:
         "../scripts/infer.py"

@@ -33,6 +33,8 @@ rule train:
         runtime=lambda wc, attempt: 24 * 60 * attempt,
     wildcard_constraints:
         method="|".join(METHOD_ORDER),
+    conda:
+        CONDA_ENV
     script:
         "../scripts/train.py"
 
@@ -67,5 +69,7 @@ rule predict:
         runtime=lambda wc, attempt: 120 * attempt,
     wildcard_constraints:
         method="|".join(METHOD_ORDER),
+    conda:
+        CONDA_ENV
     script:
         "../scripts/predict.py"

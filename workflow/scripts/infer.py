@@ -2,6 +2,11 @@
 locnet.cli / locnet.inference). Failed scans are logged; the rule fails only if every scan
 failed, so one bad scan does not block the others' results."""
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(snakemake.scriptdir).parents[1] / "src"))  # locnet from src/
+
 import os
 
 os.environ.setdefault("TF_NUM_INTRAOP_THREADS", str(snakemake.threads))
@@ -10,7 +15,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import contextlib  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 from locnet import cli  # noqa: E402
 from locnet.runlog import job_logging  # noqa: E402

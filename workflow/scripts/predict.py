@@ -1,11 +1,15 @@
 """Predict the validation and test cases with one trained method (thin adapter)."""
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(snakemake.scriptdir).parents[1] / "src"))  # locnet from src/
+
 import os
 
 os.environ.setdefault("TF_NUM_INTRAOP_THREADS", str(snakemake.threads))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from pathlib import Path  # noqa: E402
 
 import keras  # noqa: E402
 

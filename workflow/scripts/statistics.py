@@ -1,5 +1,10 @@
 """Statistics of the study (thin adapter; logic in locnet.stats)."""
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(snakemake.scriptdir).parents[1] / "src"))  # locnet from src/
+
 import pandas as pd
 
 from locnet import metrics, stats

@@ -1,12 +1,16 @@
 """Train one method (thin adapter; logic in locnet.train)."""
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(snakemake.scriptdir).parents[1] / "src"))  # locnet from src/
+
 import os
 
 os.environ.setdefault("TF_NUM_INTRAOP_THREADS", str(snakemake.threads))
 os.environ.setdefault("TF_NUM_INTEROP_THREADS", "2")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from pathlib import Path  # noqa: E402
 
 from locnet import split as splitmod  # noqa: E402
 from locnet import train  # noqa: E402
