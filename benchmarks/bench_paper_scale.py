@@ -213,7 +213,7 @@ def child_inference(a):
     ts = []
     for _ in range(a["pass_repeat"]):
         t = time.perf_counter()
-        predict_passes(model, x, shifts, chunk=a["chunk"])
+        predict_passes(model, x, shifts, **({"chunk": a["chunk"]} if a["chunk"] else {}))
         ts.append(time.perf_counter() - t)
     res["passes"] = {"times_s": ts, "median_s": _median(ts), "n": a["passes"],
                      "chunk": a["chunk"], "peak_rss_mib": _status_mib("VmHWM")}
@@ -221,7 +221,7 @@ def child_inference(a):
 
 
 def child_passes(a):
-    """``predict_passes`` variants: as shipped (all passes in one batch), chunked, and the
+    """``predict_passes`` variants: all passes in one batch, chunked (as shipped), and the
     finest stage chunked through a ``tf.function`` (what a compiled predict_passes would do)."""
     keras, tf = _setup(a["threads"])
     import numpy as np
@@ -240,14 +240,17 @@ def child_passes(a):
         fn(xt).numpy()
         ts.append(time.perf_counter() - t)
     res = {"forward_tf_function_s": _median(ts)}
-    chunk = a["chunk"] or 5
+    from locnet.models import PASS_CHUNK
+
+    chunk = a["chunk"] or PASS_CHUNK
     t = time.perf_counter()
-    predict_passes(model, x, shifts)
-    res["eager, one batch (as shipped)"] = time.perf_counter() - t
+    predict_passes(model, x, shifts, chunk=None)
+    res["eager, one batch"] = time.perf_counter() - t
     res["peak_rss_one_batch_mib"] = _status_mib("VmHWM")
     t = time.perf_counter()
     ref = predict_passes(model, x, shifts, chunk=chunk)
-    res[f"eager, chunk {chunk}"] = time.perf_counter() - t
+    res[f"eager, chunk {chunk}" + (" (as shipped)" if chunk == PASS_CHUNK else "")] = (
+        time.perf_counter() - t)
     top = model.n_levels - 1
     coarse = tf.function(lambda inp: model.refine(
         1, inp["level1"], model.refine(2, inp["level2"], model.coarsest(inp))))
@@ -424,7 +427,8 @@ def main(argv=None):
     p.add_argument("--parts", nargs="+", default=list(CHILDREN), choices=list(CHILDREN))
     p.add_argument("--repeat", type=int, default=None, help="timed repeats (after warm-up)")
     p.add_argument("--passes", type=int, default=50)
-    p.add_argument("--chunk", type=int, default=None, help="predict_passes chunk (passes)")
+    p.add_argument("--chunk", type=int, default=None,
+                   help="predict_passes chunk (passes); default: the library's PASS_CHUNK")
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: TF default)")
     p.add_argument("--tmpdir", default=None, help="where the loader writes its level files")
     p.add_argument("--timeout", type=float, default=900)

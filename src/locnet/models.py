@@ -819,13 +819,19 @@ def sample_shifts(n_passes: int, n_landmarks: int, noise_mm: float, seed=None) -
     return rng.uniform(-noise_mm, noise_mm, size=(n_passes, n_landmarks, 3)).astype("float32")
 
 
-def predict_passes(model: MultiScaleLocNet, inputs: dict, shifts_mm, chunk: int | None = None):
+#: Noisy passes per batch of finest crops: one batch of all 50 passes (100 patches of 56^3 at
+#: paper scale) peaked at 14 GiB on the CPU and ran 3x slower than batches of 5-10
+#: (benchmarks/README.md, "Performance at paper scale").
+PASS_CHUNK = 8
+
+
+def predict_passes(model: MultiScaleLocNet, inputs: dict, shifts_mm, chunk: int | None = PASS_CHUNK):
     """Finest-level predictions of one case for many shifts of the finest crop centre.
 
     ``inputs``: the model inputs of a single case (batch 1); ``shifts_mm``: (n_passes, K, 3)
     added to the level-1 prediction before the finest crop. The deterministic coarse
-    levels run once; the finest crops of all passes run as one batch (or in chunks of
-    ``chunk`` passes). Returns a NumPy array (n_passes, K, 3) in grid mm, equal to calling
+    levels run once; the finest crops then run in batches of ``chunk`` passes (``None``:
+    all passes in one batch). Returns a NumPy array (n_passes, K, 3) in grid mm, equal to calling
     ``model(inputs, finest_shift_mm=shifts_mm[i:i+1])["position"][0]`` for each pass.
     """
     if not isinstance(model, MultiScaleLocNet):

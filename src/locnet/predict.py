@@ -27,10 +27,7 @@ from locnet.pyramid import read_grid
 
 log = logging.getLogger("locnet.predict")
 
-#: Noisy passes per batch of finest crops. One batch of all 50 passes (100 patches of 56^3 at
-#: paper scale) peaked at 14 GiB on the CPU and ran 3x slower than batches of 5-10
-#: (benchmarks/README.md, "Performance at paper scale").
-PASS_CHUNK = 8
+PASS_CHUNK = models.PASS_CHUNK
 
 COLUMNS = ["case_id", "subset", "landmark", "x", "y", "z", "true_x", "true_y", "true_z", "error_mm"]
 NOISE_COLUMNS = ["sd_x", "sd_y", "sd_z", "conf_volume_mm3", "det_x", "det_y", "det_z", "det_error_mm"]
