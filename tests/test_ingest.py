@@ -187,3 +187,22 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     write_json_atomic({"a": np.float32(1.5), "b": np.arange(2)}, target)
     assert target.read_text() == '{\n  "a": 1.5,\n  "b": [\n    0,\n    1\n  ]\n}\n'
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["x.json"]
+
+
+def test_atomic_write_keeps_old_file_on_failure_and_cleans_up(tmp_path):
+    from locnet import io
+
+    target = tmp_path / "table.csv"
+    io.write_text_atomic("old\n", target)
+    with pytest.raises(RuntimeError):
+        with io.atomic_write(target) as tmp:
+            tmp.write_text("half a fi")
+            raise RuntimeError("killed")
+    assert target.read_text() == "old\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["table.csv"]
+    # what a SIGKILLed writer leaves behind is recognised and removed; other files are not
+    (tmp_path / ".tmp-0123456789ab-table.csv").write_text("partial")
+    (tmp_path / ".hidden-but-mine").write_text("keep")
+    removed = io.remove_stale_temporaries(tmp_path)
+    assert [p.name for p in removed] == [".tmp-0123456789ab-table.csv"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".hidden-but-mine", "table.csv"]

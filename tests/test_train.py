@@ -102,7 +102,7 @@ def test_learns_keeps_best_and_round_trips(cohort, tmp_path):
     np.testing.assert_array_equal(T.predict_position(again, inputs), p1)
     assert p1.shape == (1, 2, 3)
     # a temporary file of a killed run is removed by the next run; none is left behind
-    (out / ".history.csv.999.tmp").write_text("partial")
+    (out / ".tmp-0123456789ab-history.csv").write_text("partial")  # as io.atomic_write names it
     res = run(cohort, tmp_path, method="locnet_single",
               method_cfg={"level": 0, "unet": {"filters": [4, 8]}}, epochs=5)
     assert res["epochs_done"] == 5

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
@@ -161,11 +162,42 @@ def atomic_write(path: Any) -> Iterator[Path]:
         yield tmp
         if not tmp.exists():
             raise FileNotFoundError(f"nothing was written to the temporary file for {path}")
+        if tmp.is_file():
+            # the bytes reach the disk before the rename: after a crash the file is either
+            # the old one or the complete new one, never an empty or partial one
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+
+
+#: names of the temporary files of :func:`atomic_write` (left behind only by a killed process)
+TEMPORARY_NAME = re.compile(r"^\.tmp-[0-9a-f]{12}-.")
+
+
+def remove_stale_temporaries(*folders: Any) -> list[Path]:
+    """Delete the temporary files a killed process left in ``folders``; returns them."""
+    removed = []
+    for folder in folders:
+        folder = Path(folder)
+        if not folder.is_dir():
+            continue
+        for f in folder.iterdir():
+            if f.is_file() and TEMPORARY_NAME.match(f.name):
+                f.unlink(missing_ok=True)
+                removed.append(f)
+    return removed
+
+
+def write_text_atomic(text: str, path: Any) -> Path:
+    """Write ``text`` (UTF-8, newlines as given) to ``path`` atomically; returns the path."""
+    with atomic_write(path) as tmp:
+        with open(tmp, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+    return Path(path)
 
 
 def write_csv_atomic(df: pd.DataFrame, path: Any, **kwargs: Any) -> None:

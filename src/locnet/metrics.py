@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from scipy import stats as _sps
+
+from locnet.io import write_text_atomic
 
 __all__ = [
     "MethodInfo",
@@ -48,7 +49,6 @@ __all__ = [
     "table1_markdown",
     "table1_latex",
     "write_table1",
-    "atomic_write_text",
 ]
 
 
@@ -390,33 +390,15 @@ def table1_latex(df: pd.DataFrame, subset: str | None = "test") -> str:
     return "\n".join(out) + "\n"
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def write_table1(
     df: pd.DataFrame, out_prefix: str | os.PathLike, subset: str | None = "test"
 ) -> dict[str, Path]:
     """Write ``{out_prefix}.csv``, ``.md`` and ``.tex`` atomically; returns the paths by suffix."""
     prefix = Path(out_prefix)
     paths = {}
-    paths["csv"] = atomic_write_text(
-        prefix.with_name(prefix.name + ".csv"), df.to_csv(index=False, lineterminator="\n")
+    paths["csv"] = write_text_atomic(
+        df.to_csv(index=False, lineterminator="\n"), prefix.with_name(prefix.name + ".csv")
     )
-    paths["md"] = atomic_write_text(prefix.with_name(prefix.name + ".md"),
-                                    table1_markdown(df, subset))
-    paths["tex"] = atomic_write_text(prefix.with_name(prefix.name + ".tex"),
-                                     table1_latex(df, subset))
+    paths["md"] = write_text_atomic(table1_markdown(df, subset), prefix.with_name(prefix.name + ".md"))
+    paths["tex"] = write_text_atomic(table1_latex(df, subset), prefix.with_name(prefix.name + ".tex"))
     return paths

@@ -34,9 +34,9 @@ from scipy import stats as _sps
 from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.proportion import proportion_confint
 
+from .io import write_text_atomic
 from .metrics import (
     PROPOSED_METHOD,
-    atomic_write_text,
     chi2_radius_sq,
     confidence_volume,
     errors_of,
@@ -432,7 +432,7 @@ def statistics_table(
 
 def write_statistics(df: pd.DataFrame, path: str | os.PathLike) -> Path:
     """Write the statistics table as CSV, atomically (full float precision)."""
-    return atomic_write_text(path, df.to_csv(index=False, lineterminator="\n"))
+    return write_text_atomic(df.to_csv(index=False, lineterminator="\n"), path)
 
 
 def _get(df: pd.DataFrame, test: str, comparison: str, quantity: str) -> float:

@@ -43,7 +43,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import platform
 import random
 import re
@@ -54,7 +53,7 @@ import keras
 import numpy as np
 import pandas as pd
 
-from locnet import seeds
+from locnet import io, seeds
 from locnet.data import LandmarkDataset, case_id_of, model_levels, read_landmark_table
 
 STATE_VERSION = 1
@@ -76,38 +75,16 @@ DEFAULT_TRAIN_CFG = {
 # small helpers
 # --------------------------------------------------------------------------------------------
 def _atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    io.write_text_atomic(text, path)
 
 
 def _atomic_write_json(path: Path, obj) -> None:
-    _atomic_write_text(path, json.dumps(_jsonable(obj), indent=2, sort_keys=False) + "\n")
+    io.write_json_atomic(_jsonable(obj), path)
 
 
 def _atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
-    with open(tmp, "wb") as fh:
-        np.savez(fh, **arrays)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-_TEMPORARY = re.compile(r"^\..+\.\d+\.tmp(\.npz|\.keras)?$")
-
-
-def _remove_stale_temporaries(*dirs) -> None:
-    """Delete temporary files a killed run left behind (``.{name}.{pid}.tmp[.npz|.keras]``)."""
-    for d in dirs:
-        for f in Path(d).iterdir():
-            if f.is_file() and _TEMPORARY.match(f.name):
-                f.unlink(missing_ok=True)
+    with io.atomic_write(path) as tmp:  # the temporary name ends in .npz, so savez keeps it
+        np.savez(tmp, **arrays)
 
 
 def _jsonable(obj):
@@ -488,7 +465,7 @@ def train(
     state_dir.mkdir(parents=True, exist_ok=True)
     landmarks = list(landmarks)
     build_fn = build_fn or _default_build
-    _remove_stale_temporaries(out_dir, state_dir)
+    io.remove_stale_temporaries(out_dir, state_dir)
 
     if cfg.get("deterministic") and keras.backend.backend() == "tensorflow":
         import tensorflow as tf
@@ -697,14 +674,13 @@ def train(
     with np.load(state_dir / best_file) as arrays:
         restore_snapshot(model, arrays)
     _set_trainable_level(model, None)
-    tmp = out_dir / f".model.keras.{os.getpid()}.tmp.keras"
     # The kept model is for inference: save an uncompiled copy with the best weights, not
     # the training model, whose optimizer state belongs to the last epoch (not the kept one)
     # and, for multistep, to the last phase's optimizer only.
     kept = type(model).from_config(model.get_config())
     kept.set_weights(model.get_weights())
-    kept.save(tmp)
-    os.replace(tmp, out_dir / "model.keras")
+    with io.atomic_write(out_dir / "model.keras") as tmp:  # ends in .keras, as Keras requires
+        kept.save(tmp)
     metadata = {
         "method": method,
         "method_cfg": method_cfg,

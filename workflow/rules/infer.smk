@@ -4,7 +4,7 @@
 
 
 rule quality_threshold:
-    """Confidence-volume threshold for the 'ok'/'review' flag, chosen on the validation set.
+    """Confidence-volume threshold for the quality flag (ok or review), chosen on the validation set.
 
     The largest 90% confidence volume such that, among validation landmarks with a volume
     at or below it, at least `target_fraction` have an error of at most `target_error_mm`.

@@ -14,7 +14,7 @@ import keras  # noqa: E402
 import pandas as pd  # noqa: E402
 
 import locnet.models  # noqa: E402,F401  (registers the custom layers)
-from locnet import data, figures, predict  # noqa: E402
+from locnet import figures, predict  # noqa: E402
 from locnet.pyramid import load_level  # noqa: E402
 from locnet.runlog import job_logging  # noqa: E402
 

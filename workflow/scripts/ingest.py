@@ -5,7 +5,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(snakemake.scriptdir).parents[1] / "src"))  # locnet from src/
 
-from locnet import ingest, split
+from locnet import ingest
 from locnet.runlog import job_logging
 
 with job_logging(snakemake) as log:

@@ -7,7 +7,7 @@ sys.path.insert(0, str(Path(snakemake.scriptdir).parents[1] / "src"))  # locnet 
 
 import pandas as pd
 
-from locnet import metrics, stats
+from locnet import io, stats
 from locnet.runlog import job_logging
 
 with job_logging(snakemake) as log:
@@ -24,5 +24,5 @@ with job_logging(snakemake) as log:
     )
     stats.write_statistics(table, snakemake.output.csv)
     summary = stats.statistics_summary(table)
-    metrics.atomic_write_text(snakemake.output.md, summary)
+    io.write_text_atomic(summary, snakemake.output.md)
     log.info("\n%s", summary)
