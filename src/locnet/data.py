@@ -19,7 +19,6 @@ so a resumed training run sees exactly the batches an uninterrupted one would.
 from __future__ import annotations
 
 import collections
-import json
 import math
 import os
 import re
@@ -29,6 +28,7 @@ import keras
 import numpy as np
 import pandas as pd
 
+from locnet import pyramid as _pyramid
 from locnet import seeds
 
 LEVEL_KEY = re.compile(r"^level(\d+)$")
@@ -43,33 +43,17 @@ def case_id_of(case_dir: str | os.PathLike) -> str:
 
 
 def read_grid(case_dir: str | os.PathLike) -> dict:
-    """The case's ``grid.json`` (origin, finest spacing and shape, levels, source geometry)."""
-    with open(Path(case_dir) / "grid.json") as fh:
-        return json.load(fh)
+    """The case's ``grid.json`` as a dict (origin, finest spacing and shape, levels, source)."""
+    return _pyramid.read_grid(case_dir).to_dict()
 
 
 def open_level(case_dir: str | os.PathLike, level: int, mmap: bool = True) -> np.ndarray:
     """Level ``level`` of a case as a 3D float32 array, memory-mapped when ``mmap``.
 
-    Uses ``locnet.pyramid.load_level`` when available (the pyramid module owns the file
-    format); falls back to reading the NIfTI with nibabel.
+    The pyramid module owns the file format (``locnet.pyramid.load_level``); this only checks
+    the contract (3D, float32) that the models rely on.
     """
-    try:
-        from locnet.pyramid import load_level
-    except ImportError:  # pragma: no cover - only while the pyramid module is missing
-        load_level = None
-    if load_level is not None:
-        arr = load_level(case_dir, level, mmap=mmap)
-        if isinstance(arr, tuple):  # (array, affine) variants
-            arr = arr[0]
-    else:  # pragma: no cover
-        import nibabel as nib
-
-        img = nib.load(str(Path(case_dir) / f"level{level}.nii"), mmap="r" if mmap else False)
-        arr = np.asanyarray(img.dataobj)
-    arr = np.asanyarray(arr)
-    if arr.ndim == 4 and arr.shape[-1] == 1:
-        arr = arr[..., 0]
+    arr = np.asanyarray(_pyramid.load_level(case_dir, level, mmap=mmap)[0])
     if arr.ndim != 3:
         raise ValueError(f"{case_dir}: level{level} has shape {arr.shape}, expected 3D")
     if arr.dtype != np.float32:
