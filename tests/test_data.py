@@ -15,12 +15,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from locnet.pyramid import read_grid
 from locnet.data import (
     LandmarkDataset,
     case_targets,
     load_case_inputs,
     model_levels,
-    read_grid,
     read_landmark_table,
 )
 
@@ -193,5 +193,5 @@ def test_model_levels_from_input_names():
 
 def test_read_grid(cohort):
     dirs, _, _ = cohort
-    g = read_grid(dirs[0])
-    assert g["finest_shape"] == 32 and len(g["origin"]) == 3
+    g = read_grid(dirs[0])  # the cohort writer's grid.json is one the pyramid module reads
+    assert g.shape == 32 and len(g.origin) == 3

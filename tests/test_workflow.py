@@ -20,33 +20,23 @@ ROOT = Path(__file__).resolve().parents[1]
 METHODS = list(locnet.metrics.METHODS)  # Table 1's order
 
 
-@pytest.fixture(scope="module")
-def study(tiny_study):
-    """The session's tiny study (tests/conftest.py), shared with the SLURM comparison."""
-    return tiny_study
-
-
-def snakemake(workdir, *args, timeout=900):
-    return run_snakemake(workdir, *args, timeout=timeout)
-
-
-def test_cohort_tables(study):
-    raw = pd.read_csv(study / "synthetic" / "landmarks.csv")
-    lm = pd.read_csv(study / "data" / "landmarks.csv")
+def test_cohort_tables(tiny_study):
+    raw = pd.read_csv(tiny_study / "synthetic" / "landmarks.csv")
+    lm = pd.read_csv(tiny_study / "data" / "landmarks.csv")
     assert len(lm) == 8 * 2 and set(lm["landmark"]) == {"left_bifurcation", "right_bifurcation"}
     merged = raw.merge(lm, on=["case_id", "landmark"], suffixes=("_raw", ""))
     # the synthetic table is RAS: ingest must carry it through unchanged
     for c in "xyz":
         np.testing.assert_allclose(merged[c], merged[f"{c}_raw"], atol=1e-6)
-    split = pd.read_csv(study / "data" / "split.csv")
+    split = pd.read_csv(tiny_study / "data" / "split.csv")
     assert split["subset"].value_counts().to_dict() == {"train": 5, "test": 2, "val": 1}
 
 
-def test_pyramid_levels_and_affines(study):
+def test_pyramid_levels_and_affines(tiny_study):
     import nibabel as nib
 
     for level, n in enumerate([32, 16, 8, 4]):
-        img = nib.load(study / "pyramid" / "case_0000" / f"level{level}.nii")
+        img = nib.load(tiny_study / "pyramid" / "case_0000" / f"level{level}.nii")
         assert img.shape == (n, n, n)
         assert img.get_data_dtype() == np.float32
         s = 5.0 * 2**level
@@ -55,28 +45,28 @@ def test_pyramid_levels_and_affines(study):
         assert 0.0 <= data.min() and data.max() <= 1.0
 
 
-def test_every_model_loads_and_predicts(study):
+def test_every_model_loads_and_predicts(tiny_study):
     import keras
 
     import locnet.models  # noqa: F401
     from locnet import data
 
-    case = study / "pyramid" / "case_0000"
+    case = tiny_study / "pyramid" / "case_0000"
     for method in METHODS:
-        model = keras.saving.load_model(study / "models" / method / "model.keras")
+        model = keras.saving.load_model(tiny_study / "models" / method / "model.keras")
         out = model(data.load_case_inputs(case, data.model_levels(model)), training=False)
         pos = np.asarray(keras.ops.convert_to_numpy(out["position"]))
         assert pos.shape == (1, 2, 3) and np.isfinite(pos).all(), method
-        hist = pd.read_csv(study / "models" / method / "history.csv")
+        hist = pd.read_csv(tiny_study / "models" / method / "history.csv")
         assert list(hist["epoch"]) == [0, 1, 2], method  # row 0: untrained model
         assert hist["val_error_mm"].notna().all(), method
 
 
-def test_predictions_are_world_coordinates_with_errors(study):
-    split = pd.read_csv(study / "data" / "split.csv")
+def test_predictions_are_world_coordinates_with_errors(tiny_study):
+    split = pd.read_csv(tiny_study / "data" / "split.csv")
     want = set(split.loc[split["subset"].isin(["val", "test"]), "case_id"])
     for method in METHODS:
-        df = pd.read_csv(study / "predictions" / f"{method}.csv")
+        df = pd.read_csv(tiny_study / "predictions" / f"{method}.csv")
         assert set(df["case_id"]) == want and len(df) == 2 * len(want)
         err = np.linalg.norm(
             df[["x", "y", "z"]].to_numpy() - df[["true_x", "true_y", "true_z"]].to_numpy(), axis=1
@@ -84,62 +74,62 @@ def test_predictions_are_world_coordinates_with_errors(study):
         np.testing.assert_allclose(df["error_mm"], err, rtol=1e-6)
         # predictions lie in the scanner frame of the truth, not in voxel or grid units
         assert np.all(np.abs(df[["x", "y", "z"]].to_numpy() - df[["true_x", "true_y", "true_z"]].to_numpy()) < 160)
-    noisy = pd.read_csv(study / "predictions" / "multiscale_e2e_noise.csv")
+    noisy = pd.read_csv(tiny_study / "predictions" / "multiscale_e2e_noise.csv")
     sd = noisy[["sd_x", "sd_y", "sd_z"]].to_numpy()
     assert (sd > 0).all()
     np.testing.assert_allclose(noisy["conf_volume_mm3"], 65.5 * sd.prod(axis=1), rtol=2e-3)
 
 
-def test_table1_matches_predictions(study):
-    t = pd.read_csv(study / "tables" / "table1.csv")
+def test_table1_matches_predictions(tiny_study):
+    t = pd.read_csv(tiny_study / "tables" / "table1.csv")
     pooled = t[t["scope"] == "all"]
     assert list(pooled["method"]) == METHODS  # the paper's order
     for method in METHODS:
-        df = pd.read_csv(study / "predictions" / f"{method}.csv")
+        df = pd.read_csv(tiny_study / "predictions" / f"{method}.csv")
         e = df.loc[df["subset"] == "test", "error_mm"]
         row = pooled[pooled["method"] == method].iloc[0]
         assert row["mean_mm"] == pytest.approx(e.mean())
         assert row["sd_mm"] == pytest.approx(e.std(ddof=1))
         assert row["n"] == e.notna().sum()
     assert (pooled["paper_mean_sd"].iloc[-1]) == "2.81 ± 2.37"
-    assert "\\begin{tabular}" in (study / "tables" / "table1.tex").read_text()
+    assert "\\begin{tabular}" in (tiny_study / "tables" / "table1.tex").read_text()
 
 
-def test_statistics(study):
-    s = pd.read_csv(study / "tables" / "statistics.csv")
+def test_statistics(tiny_study):
+    s = pd.read_csv(tiny_study / "tables" / "statistics.csv")
     wil = s[(s["test"] == "wilcoxon_holm") & (s["quantity"] == "p_holm")]
     assert len(wil) == 5  # proposed method against each other method
     assert ((wil["value"] >= 0) & (wil["value"] <= 1)).all()
     tests = set(s["test"])
     assert {"bootstrap_mean", "wilcoxon_holm", "confidence_vs_error", "calibration"} <= tests
-    assert "Statistics" in (study / "tables" / "statistics.md").read_text()
+    assert "Statistics" in (tiny_study / "tables" / "statistics.md").read_text()
 
 
 @pytest.mark.parametrize(
     "name",
     ["fig3_heatmaps", "fig4_violin_errors", "fig5_confidence_vs_error", "training_curves"],
 )
-def test_figures_are_drawn(study, name):
+def test_figures_are_drawn(tiny_study, name):
     import matplotlib.image as mpimg
 
-    png = study / "figures" / f"{name}.png"
+    png = tiny_study / "figures" / f"{name}.png"
     img = mpimg.imread(png)
     h, w = img.shape[:2]
     assert w >= 600 and h >= 300, (name, img.shape)
     assert img[..., :3].std() > 0.05, f"{name} looks blank"
-    pdf = study / "figures" / f"{name}.pdf"
+    pdf = tiny_study / "figures" / f"{name}.pdf"
     assert pdf.read_bytes()[:5] == b"%PDF-"
 
 
-def test_rerun_has_nothing_to_do(study):
-    run = snakemake(study.parent, "-n", "--cores", "2", "--configfile",
+def test_rerun_has_nothing_to_do(tiny_study):
+    run = run_snakemake(tiny_study.parent, "-n", "--cores", "2", "--configfile",
                     str(ROOT / "config" / "tiny.yaml"), "--config", "results=results")
     assert run.returncode == 0, run.stderr[-3000:]
     assert "Nothing to be done" in run.stdout + run.stderr
 
 
 def test_paper_config_plans(tmp_path):
-    run = snakemake(tmp_path, "-n", "--quiet", "rules", "--cores", "8", "--resources", "gpu=1",
+    run = run_snakemake(tmp_path, "-n", "--quiet", "rules", "--cores", "8", "--resources", "gpu=1",
                     "--configfile", str(ROOT / "config" / "paper.yaml"), timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     out = run.stdout + run.stderr
@@ -149,15 +139,15 @@ def test_paper_config_plans(tmp_path):
 
 
 def test_bad_config_key_is_named(tmp_path):
-    run = snakemake(tmp_path, "-n", "--cores", "1", "--configfile",
+    run = run_snakemake(tmp_path, "-n", "--cores", "1", "--configfile",
                     str(ROOT / "config" / "tiny.yaml"), "--config", "pyramid={'finest_shap': 3}")
     assert run.returncode != 0
     assert "pyramid.finest_shap" in run.stdout + run.stderr
 
 
-def test_html_report_gathers_figures_and_tables(study):
-    report = study / "report.html"
-    run = snakemake(study.parent, "--report", str(report), "--configfile",
+def test_html_report_gathers_figures_and_tables(tiny_study):
+    report = tiny_study / "report.html"
+    run = run_snakemake(tiny_study.parent, "--report", str(report), "--configfile",
                     str(ROOT / "config" / "tiny.yaml"), "--config", "results=results")
     assert run.returncode == 0, run.stderr[-3000:]
     html = report.read_text(errors="replace")

@@ -42,11 +42,6 @@ def case_id_of(case_dir: str | os.PathLike) -> str:
     return Path(case_dir).name
 
 
-def read_grid(case_dir: str | os.PathLike) -> dict:
-    """The case's ``grid.json`` as a dict (origin, finest spacing and shape, levels, source)."""
-    return _pyramid.read_grid(case_dir).to_dict()
-
-
 def open_level(case_dir: str | os.PathLike, level: int, mmap: bool = True) -> np.ndarray:
     """Level ``level`` of a case as a 3D float32 array, memory-mapped when ``mmap``.
 
@@ -183,7 +178,7 @@ class LandmarkDataset(keras.utils.PyDataset):
         # targets are tiny (K x 3 per case): computed once, grid.json read once per case
         self._targets = []
         for d, cid in zip(self.case_dirs, self.case_ids):
-            origin = read_grid(d)["origin"]
+            origin = _pyramid.read_grid(d).origin
             self._targets.append(case_targets(index.get(cid), self.landmarks, origin))
         self._cache: collections.OrderedDict[int, dict[int, np.ndarray]] = (
             collections.OrderedDict()

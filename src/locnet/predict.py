@@ -27,8 +27,6 @@ from locnet.pyramid import read_grid
 
 log = logging.getLogger("locnet.predict")
 
-PASS_CHUNK = models.PASS_CHUNK
-
 COLUMNS = ["case_id", "subset", "landmark", "x", "y", "z", "true_x", "true_y", "true_z", "error_mm"]
 NOISE_COLUMNS = ["sd_x", "sd_y", "sd_z", "conf_volume_mm3", "det_x", "det_y", "det_z", "det_error_mm"]
 
@@ -37,7 +35,8 @@ def is_noisy(model) -> bool:
     return isinstance(model, models.MultiScaleLocNet) and float(getattr(model, "noise_mm", 0)) > 0
 
 
-def predict_arrays(model, inputs, passes: int = 0, seed: int = 0, chunk: int | None = PASS_CHUNK):
+def predict_arrays(model, inputs, passes: int = 0, seed: int = 0,
+                   chunk: int | None = models.PASS_CHUNK):
     """One case from in-memory inputs ``{"level{l}": (1, n, n, n, 1)}``.
 
     Returns ``(position (K,3) grid mm, passes (n,K,3) grid mm or None, deterministic (K,3))``.
@@ -54,7 +53,8 @@ def predict_arrays(model, inputs, passes: int = 0, seed: int = 0, chunk: int | N
     return det, None, det
 
 
-def case_prediction(model, case_dir, passes: int = 0, seed: int = 0, chunk: int | None = PASS_CHUNK):
+def case_prediction(model, case_dir, passes: int = 0, seed: int = 0,
+                    chunk: int | None = models.PASS_CHUNK):
     """:func:`predict_arrays` on a case of the stored (memory-mapped) pyramid."""
     inputs = data.load_case_inputs(case_dir, data.model_levels(model))
     return predict_arrays(model, inputs, passes, seed, chunk)

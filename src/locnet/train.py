@@ -74,10 +74,6 @@ DEFAULT_TRAIN_CFG = {
 # --------------------------------------------------------------------------------------------
 # small helpers
 # --------------------------------------------------------------------------------------------
-def _atomic_write_text(path: Path, text: str) -> None:
-    io.write_text_atomic(text, path)
-
-
 def _atomic_write_json(path: Path, obj) -> None:
     io.write_json_atomic(_jsonable(obj), path)
 
@@ -559,7 +555,7 @@ def train(
         if model.optimizer is not None and model.optimizer.built:
             arrays.update(_var_arrays(model.optimizer.variables, "optimizer/"))
         _atomic_savez(state_dir / ckpt_file, arrays)
-        _atomic_write_text(state_dir / "history.csv", _history_frame(history).to_csv(index=False))
+        io.write_text_atomic(_history_frame(history).to_csv(index=False), state_dir / "history.csv")
         _atomic_write_json(state_path, {
             "version": STATE_VERSION, "fingerprint": fingerprint, "method": method,
             "epoch": epoch_done, "total_epochs": total, "phase": phase,
@@ -700,7 +696,7 @@ def train(
         "versions": versions(),
     }
     _atomic_write_json(out_dir / "metadata.json", metadata)
-    _atomic_write_text(out_dir / "history.csv", result["history"].to_csv(index=False))
+    io.write_text_atomic(result["history"].to_csv(index=False), out_dir / "history.csv")
     log.info("kept epoch %d (val_error_mm %.3f); wrote %s", best_epoch, best_err, out_dir)
     return result
 

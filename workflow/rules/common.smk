@@ -1,4 +1,5 @@
 # Shared helpers: config validation, case lists, paths. Imported by every other .smk file.
+import functools
 import os
 import sys
 
@@ -48,14 +49,17 @@ def raw_landmarks_path():
     return config["cohort"]["landmarks"]
 
 
+@functools.cache
 def case_ids():
     """Case ids, known when the DAG is built (no checkpoint needed).
+
+    Cached: input functions ask for it once per job, and a user's manifest is read once.
 
     Synthetic ids follow from the cohort size; a user's ids are read from their manifest,
     which exists before the run. ingest checks the manifest and stops on bad rows.
     """
     if config["cohort"]["source"] == "synthetic":
-        return synthetic_case_ids()
+        return tuple(synthetic_case_ids())
     path = config["cohort"]["manifest"]
     try:
         ids = pd.read_csv(path, dtype=str)["case_id"].dropna().str.strip()
@@ -63,7 +67,7 @@ def case_ids():
         raise WorkflowError(f"cohort.manifest: file not found: {path}") from None
     except KeyError:
         raise WorkflowError(f"cohort.manifest: {path} has no 'case_id' column") from None
-    return list(dict.fromkeys(ids))
+    return tuple(dict.fromkeys(ids))
 
 
 def pyramid_files(case):
