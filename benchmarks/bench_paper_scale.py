@@ -13,9 +13,10 @@ Parts (each runs in its own child process, so memory and threads do not mix; pic
   of ``locnet_single`` at level 1 and level 2 (extrapolated to level 0, which does not fit),
   one child per model: ``VmHWM`` minus ``VmRSS`` after imports, and the TensorFlow allocator
   peak of the step;
-* ``loader``: random pyramid levels written as uncompressed NIfTI; seconds to deliver one
-  case's levels from the memory maps (hot and, if ``drop_caches`` is writable, cold page
-  cache) and training step time with memory-mapped inputs vs arrays already in memory.
+* ``loader``: random pyramid cases written by ``locnet.pyramid.write_level`` (and one in the
+  older ``[i, j, k]`` layout); seconds to deliver one case's levels as tensors (hot and, if
+  ``drop_caches`` is writable, cold page cache) and training step time with the inputs from
+  ``locnet.data.LandmarkDataset`` vs arrays already in memory, with and without readahead.
 
     .venv/bin/python benchmarks/bench_paper_scale.py                 # paper scale, all parts
     .venv/bin/python benchmarks/bench_paper_scale.py --quick         # 128^3, 16^3 patches
@@ -161,7 +162,6 @@ def _targets(a):
 
 def child_flops(a):
     keras, tf = _setup(a["threads"])
-    import numpy as np
 
     out = model_counts(a["finest"], a["levels"], a["patch"], a["k"], a["passes"])
     # reference: one large 3x3x3 convolution, the decoder's 48 -> 16 at the patch size,
@@ -185,7 +185,6 @@ def child_flops(a):
 
 def child_inference(a):
     keras, tf = _setup(a["threads"])
-    import numpy as np
 
     from locnet.models import predict_passes, sample_shifts
 
@@ -307,26 +306,29 @@ def child_memory(a):
     return out
 
 
-def _write_case(root: Path, a, seed=0):
+def _write_case(root: Path, a, seed=0, layout="locnet"):
+    """One random case: ``layout="locnet"`` through ``locnet.pyramid.write_level`` (stored
+    ``[k, j, i]``, maps in C order), ``"ijk"`` as pyramids were first stored (Fortran maps)."""
     import nibabel as nib
     import numpy as np
+
+    from locnet.geometry import Grid
+    from locnet.io import write_json_atomic
+    from locnet.pyramid import write_level
 
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
+    grid = Grid(origin=(0.0, 0.0, 0.0), spacing=a["spacing"], shape=a["finest"],
+                levels=a["levels"])
     for l in range(a["levels"]):
         n = a["finest"] // 2**l
         arr = rng.random((n, n, n), dtype=np.float32)
-        aff = np.diag([a["spacing"] * 2**l] * 3 + [1.0])
-        nib.save(nib.Nifti1Image(arr, aff), str(root / f"level{l}.nii"))
-
-
-def _open_case(root: Path, levels):
-    import nibabel as nib
-    import numpy as np
-
-    # what locnet.pyramid.load_level does: a copy-on-write memory map of each level
-    return {f"level{l}": np.asanyarray(nib.load(str(root / f"level{l}.nii"), mmap="c").dataobj)
-            [None, ..., None] for l in levels}
+        if layout == "locnet":
+            write_level(arr, grid, l, root)
+        else:
+            nib.save(nib.Nifti1Image(arr, grid.level_affine(l)), str(root / f"level{l}.nii"))
+    write_json_atomic(grid.to_dict(), root / "grid.json")
+    return root
 
 
 def _drop_caches() -> bool:
@@ -340,57 +342,79 @@ def _drop_caches() -> bool:
 
 
 def child_loader(a):
+    """Training steps fed by ``locnet.data.LandmarkDataset`` (the training code's loader) vs
+    the same step on arrays already in memory, in one process."""
     keras, tf = _setup(a["threads"])
     import numpy as np
+    import pandas as pd
+
+    from locnet.data import LandmarkDataset
 
     model = _build(a)
     model.compile(optimizer=keras.optimizers.Adam(5e-4))
     levels = list(model.input_levels)
     y = _targets(a)
+    names = [f"lm{k}" for k in range(a["k"])]
     tmp = Path(tempfile.mkdtemp(prefix="locnet_bench_", dir=a["tmpdir"]))
     res = {}
     try:
         t = time.perf_counter()
-        _write_case(tmp / "case0", a)
-        res["write_s"] = time.perf_counter() - t
-        res["case_mib"] = sum((tmp / "case0" / f"level{l}.nii").stat().st_size
+        dirs = [_write_case(tmp / f"case{c}", a, seed=c) for c in range(3)]
+        res["write_s"] = (time.perf_counter() - t) / 3
+        old = _write_case(tmp / "old0", a, seed=9, layout="ijk")
+        res["case_mib"] = sum((dirs[0] / f"level{l}.nii").stat().st_size
                               for l in levels) / 2**20
+        table = pd.DataFrame([(d.name, n, *y["position"][0, k]) for d in dirs + [old]
+                              for k, n in enumerate(names)],
+                             columns=["case_id", "landmark", "x", "y", "z"])
 
-        def deliver():
-            x = _open_case(tmp / "case0", levels)
-            return {k: tf.convert_to_tensor(np.ascontiguousarray(v)) for k, v in x.items()}
+        def dataset(case_dirs, readahead=True):
+            return LandmarkDataset(case_dirs, levels, table, names, shuffle=False,
+                                   readahead=readahead)
 
+        def deliver(ds, i=0):
+            x, _ = ds.case_batch(i)
+            return {k: tf.convert_to_tensor(v) for k, v in x.items()}
+
+        new_ds, old_ds = dataset(dirs), dataset([old])
         res["cold_ok"] = _drop_caches()
         t = time.perf_counter()
-        deliver()
+        deliver(new_ds)
         res["deliver_cold_s" if res["cold_ok"] else "deliver_first_s"] = time.perf_counter() - t
-        hot = []
-        for _ in range(a["repeat"]):
-            t = time.perf_counter()
-            deliver()
-            hot.append(time.perf_counter() - t)
-        res["deliver_hot_s"] = _median(hot)
-        # training steps: arrays in memory (C order) vs memory maps (views, hot cache)
-        x_mem = {k: np.ascontiguousarray(v) for k, v in _open_case(tmp / "case0", levels).items()}
+        for key, ds in (("deliver_hot_s", new_ds), ("deliver_hot_ijk_s", old_ds)):
+            hot = []
+            for _ in range(a["repeat"]):
+                t = time.perf_counter()
+                deliver(ds)
+                hot.append(time.perf_counter() - t)
+            res[key] = _median(hot)
+
+        # hot page cache: arrays in memory (C order) vs the dataset's memory-mapped views
+        x_mem = {k: np.array(v) for k, v in new_ds.case_batch(0)[0].items()}
         model.train_on_batch(x_mem, y)  # trace
         model.train_on_batch(x_mem, y)
-        mem, mm, mm_cold = [], [], []
+        times = {"mem": [], "mmap": [], "mmap_ijk": []}
         for _ in range(a["steps"]):
-            t = time.perf_counter()
-            model.train_on_batch(x_mem, y)
-            mem.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            model.train_on_batch(_open_case(tmp / "case0", levels), y)
-            mm.append(time.perf_counter() - t)
-        if res["cold_ok"]:
-            for _ in range(max(1, a["steps"] // 2)):
-                _drop_caches()
+            for key, x in (("mem", lambda: x_mem), ("mmap", lambda: new_ds.case_batch(0)[0]),
+                           ("mmap_ijk", lambda: old_ds.case_batch(0)[0])):
                 t = time.perf_counter()
-                model.train_on_batch(_open_case(tmp / "case0", levels), y)
-                mm_cold.append(time.perf_counter() - t)
-        res.update({"step_mem_s": _median(mem), "step_mmap_s": _median(mm),
-                    "step_mem_all": mem, "step_mmap_all": mm,
-                    "step_mmap_cold_s": _median(mm_cold) if mm_cold else float("nan")})
+                model.train_on_batch(x(), y)
+                times[key].append(time.perf_counter() - t)
+        # cold page cache: an epoch over the 3 cases as fit runs it (ds[b] in order), with and
+        # without the readahead of the next batch; the first batch has nothing read ahead
+        for key, ra in (("cold_no_readahead", False), ("cold_readahead", True)):
+            ds = dataset(dirs, readahead=ra)
+            if not _drop_caches():
+                break
+            times[key] = []
+            for b in range(len(ds)):
+                t = time.perf_counter()
+                x, _ = ds[b]
+                model.train_on_batch(x, y)
+                times[key].append(time.perf_counter() - t)
+        res.update({f"step_{k}_s": _median(v[1:] if k.startswith("cold") else v)
+                    for k, v in times.items() if v})
+        res["steps_all"] = times
     finally:
         import shutil
 
@@ -443,7 +467,6 @@ def main(argv=None):
          "chunk": args.chunk, "threads": args.threads, "tmpdir": args.tmpdir,
          "repeat": args.repeat or (3 if args.quick else 2),
          "pass_repeat": 2 if args.quick else 1, "steps": 3 if args.quick else 2}
-    import numpy as np  # noqa: F401
 
     with open("/proc/loadavg") as fh:
         load0 = fh.read().split()[:3]
@@ -473,7 +496,6 @@ def main(argv=None):
 def report(a, res):
     c = model_counts(a["finest"], a["levels"], a["patch"], a["k"], a["passes"])
     fwd_f, fwd_b = c["forward_flops"], c["forward_bytes"] + c["inputs_bytes"]
-    rows = []
     h_fp32 = max(fwd_f / H100["fp32"], fwd_b / H100["hbm"])
     h_tf32 = max(fwd_f / H100["tf32"], fwd_b / H100["hbm"])
     print("\n| quantity | value |\n| --- | --- |")
@@ -565,20 +587,24 @@ def report(a, res):
     ld = res.get("loader")
     if ld and "error" not in ld:
         cold = ld.get("deliver_cold_s", ld.get("deliver_first_s"))
-        print("\n| loader / step | value |\n| --- | --- |")
+        mem = ld["step_mem_s"]
+        print("\n| loader / step (LandmarkDataset) | value |\n| --- | --- |")
         print(f"| one case, {a['levels']} levels, on disk | {ld['case_mib']:,.0f} MiB "
               f"(written in {_ms(ld['write_s'])}) |")
-        print(f"| deliver one case from memmap, {'cold' if ld['cold_ok'] else 'first'} cache "
+        print(f"| deliver one case as tensors, {'cold' if ld['cold_ok'] else 'first'} cache "
               f"(drop_caches {'ok' if ld['cold_ok'] else 'not writable'}) | {_ms(cold)} "
               f"({ld['case_mib'] / cold:,.0f} MiB/s) |")
-        print(f"| deliver one case from memmap, hot cache (open + C-order copy) | "
-              f"{_ms(ld['deliver_hot_s'])} |")
-        print(f"| training step, arrays in memory | {_ms(ld['step_mem_s'])} |")
-        print(f"| training step, memory-mapped views (hot cache) | {_ms(ld['step_mmap_s'])} "
-              f"(ratio {ld['step_mmap_s'] / ld['step_mem_s']:.2f}, target <= 1.2) |")
-        if ld["cold_ok"]:
-            print(f"| training step, memory-mapped, cold cache | {_ms(ld['step_mmap_cold_s'])} "
-                  f"(ratio {ld['step_mmap_cold_s'] / ld['step_mem_s']:.2f}) |")
+        print(f"| deliver one case as tensors, hot cache: stored [k, j, i] (C-order maps) / "
+              f"stored [i, j, k] (Fortran maps) | {_ms(ld['deliver_hot_s'])} / "
+              f"{_ms(ld['deliver_hot_ijk_s'])} |")
+        print(f"| training step, arrays in memory | {_ms(mem)} |")
+        for key, label in (("step_mmap_s", "memory-mapped, hot cache, stored [k, j, i]"),
+                           ("step_mmap_ijk_s", "memory-mapped, hot cache, stored [i, j, k]"),
+                           ("step_cold_no_readahead_s", "memory-mapped, cold cache, no readahead"),
+                           ("step_cold_readahead_s", "memory-mapped, cold cache, readahead")):
+            if key in ld:
+                print(f"| training step, {label} | {_ms(ld[key])} (ratio {ld[key] / mem:.2f}, "
+                      "target <= 1.2) |")
         step_h100 = 3 * fwd_f / H100["fp32"]
         step_h100_t = 3 * fwd_f / H100["tf32"]
         print(f"| H100 training step floor (3 x forward FLOPs; fp32 / TF32) | "

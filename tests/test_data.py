@@ -1,8 +1,8 @@
 """Tests of locnet.data: streaming cases from a memory-mapped pyramid.
 
 ``write_tiny_cohort`` (also used by test_train.py) writes a pyramid exactly as the contract of
-docs/architecture.md says: ``{case}/level{l}.nii`` float32 uncompressed with the level affines,
-``{case}/grid.json``, and a landmark table in world RAS mm. Each landmark is a bright blob.
+docs/architecture.md says: ``{case}/level{l}.nii`` float32 uncompressed with the level affines
+(through ``locnet.pyramid.write_level``, the owner of the stored layout), ``{case}/grid.json``, and a landmark table in world RAS mm. Each landmark is a bright blob.
 """
 
 from __future__ import annotations
@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
 
-from locnet.pyramid import read_grid
+from locnet.geometry import Grid
+from locnet.pyramid import read_grid, write_level
 from locnet.data import (
     LandmarkDataset,
     case_targets,
@@ -59,18 +59,16 @@ def write_tiny_cohort(root, n_cases=4, n0=32, s0=4.0, levels=4, seed=0, missing=
             else:
                 rows.append((case, name, *world))
         level = np.clip(vol, 0, 1).astype(np.float32)
+        grid = Grid(origin=tuple(origin), spacing=s0, shape=n0, levels=levels)
         for l in range(levels):
             if l:
                 level = _downsample2(level)
             sl = s0 * 2**l
             aff = np.diag([sl, sl, sl, 1.0])
             aff[:3, 3] = origin + (sl - s0) / 2
-            img = nib.Nifti1Image(level, aff)
-            img.set_data_dtype(np.float32)
-            nib.save(img, str(d / f"level{l}.nii"))
-        grid = {"origin": origin.tolist(), "finest_spacing_mm": s0, "finest_shape": n0,
-                "levels": levels}
-        (d / "grid.json").write_text(json.dumps(grid))
+            np.testing.assert_allclose(grid.level_affine(l), aff)  # the contract's affines
+            write_level(level, grid, l, d)
+        (d / "grid.json").write_text(json.dumps(grid.to_dict()))
         dirs.append(d)
     table = pd.DataFrame(rows, columns=["case_id", "landmark", "x", "y", "z"])
     return dirs, table
@@ -195,3 +193,30 @@ def test_read_grid(cohort):
     dirs, _, _ = cohort
     g = read_grid(dirs[0])  # the cohort writer's grid.json is one the pyramid module reads
     assert g.shape == 32 and len(g.origin) == 3
+
+
+def test_readahead_requests_the_next_batch_and_changes_no_value(cohort, monkeypatch):
+    from locnet import data
+
+    dirs, _, csv = cohort
+    asked = []
+    real = data.read_into_page_cache
+    monkeypatch.setattr(data, "read_into_page_cache", lambda paths: (asked.append(paths),
+                                                                     real(paths)))
+    on = LandmarkDataset(dirs, [0, 2], csv, LANDMARKS, shuffle=True, seed=3)
+    off = LandmarkDataset(dirs, [0, 2], csv, LANDMARKS, shuffle=True, seed=3, readahead=False)
+    on.set_epoch(1)
+    off.set_epoch(1)
+    order = on.order_for_epoch(1)
+    for b in range(len(on)):
+        (xa, ya), (xb, yb) = on[b], off[b]
+        on.readahead.wait(10)
+        for k in xa:
+            np.testing.assert_array_equal(xa[k], xb[k])
+        np.testing.assert_array_equal(ya["position"], yb["position"])
+    # after batch b, the files of batch b + 1 of this epoch's order were read; none after the last
+    want = [[d / f"level{l}.nii" for l in (0, 2)] for d in (dirs[i] for i in order[1:])]
+    assert asked == want
+    assert off.readahead is None
+    # a file that vanished is skipped: the batch that needs it reports the error, not the thread
+    data.read_into_page_cache([dirs[0] / "nope.nii", dirs[0] / "level0.nii"])

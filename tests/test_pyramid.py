@@ -9,7 +9,7 @@ import pytest
 from locnet import geometry as geo
 from locnet.io import InputError
 from locnet.pyramid import (apply_window, build_pyramid, downsample2, load_level, read_grid,
-                            resample_to_grid)
+                            resample_to_grid, stored_affine, to_c_order)
 
 WINDOW = (-1000.0, 1000.0)
 BACKGROUND = -1000.0
@@ -143,9 +143,18 @@ def test_stored_levels_files_and_grid(write_nifti, tmp_path, oblique_affine):
         arr, g = load_level(out, level)
         assert isinstance(arr, np.memmap) and arr.dtype == np.float32
         assert arr.shape == grid.level_shape(level)
+        # a view of the map in the order the backends take: no copy when fed to a model
+        assert arr.flags.c_contiguous
         assert 0.0 <= arr.min() and arr.max() <= 1.0
         img = nib.load(str(out / f"level{level}.nii"))
-        np.testing.assert_allclose(img.affine, grid.level_affine(level), atol=1e-4)
+        # stored [k, j, i]: the file's affine is the grid's with its axis columns reversed,
+        # so any viewer (and nibabel's canonical reorientation) sees the level as load_level
+        np.testing.assert_allclose(img.affine, stored_affine(grid.level_affine(level)),
+                                   atol=1e-4)
+        np.testing.assert_array_equal(np.asarray(img.dataobj), arr.T)
+        canonical = nib.as_closest_canonical(img)
+        np.testing.assert_allclose(canonical.affine, grid.level_affine(level), atol=1e-4)
+        np.testing.assert_array_equal(np.asarray(canonical.dataobj), arr)
         assert int(img.header["sform_code"]) == 1
         if prev is not None:
             n = arr.shape[0]
@@ -188,3 +197,34 @@ def test_truncated_image_names_the_case(write_nifti, tmp_path):
     with pytest.raises(InputError, match=r"case 'c9' \(file .*trunc\.nii\.gz\): unreadable"):
         build_pyramid(path, {"finest_shape": 8, "finest_spacing_mm": 1.0, "levels": 2},
                       WINDOW, BACKGROUND, tmp_path / "pyr", case="c9")
+
+
+def test_load_level_reads_the_older_layout_and_rejects_a_foreign_affine(write_nifti, tmp_path):
+    data = np.random.default_rng(2).integers(-1000, 1000, size=(14, 12, 10)).astype(np.int16)
+    out = tmp_path / "pyr"
+    grid = build_pyramid(write_nifti(data, np.diag([1.2, 1.0, 1.6, 1.0]), "c.nii.gz"),
+                         {"finest_shape": 8, "finest_spacing_mm": 2.0, "levels": 2},
+                         (-500, 500), -1000, out, case="c")
+    want = [np.array(load_level(out, lv, mmap=False)[0]) for lv in range(2)]
+    # rewrite level 1 as pyramids were first written: array [i, j, k], the grid affine as is
+    nib.save(nib.Nifti1Image(want[1], grid.level_affine(1)), str(out / "level1.nii"))
+    old, _ = load_level(out, 1)
+    assert old.flags.f_contiguous and not old.flags.c_contiguous
+    np.testing.assert_array_equal(old, want[1])
+    # a level whose affine belongs to another grid is refused, naming the file
+    nib.save(nib.Nifti1Image(want[0], np.diag([3.0, 3.0, 3.0, 1.0])), str(out / "level0.nii"))
+    with pytest.raises(InputError, match=r"level0\.nii.*affine"):
+        load_level(out, 0)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_to_c_order_copies_any_layout_exactly(threads):
+    rng = np.random.default_rng(4)
+    a = np.asfortranarray(rng.random((37, 21, 50), dtype=np.float32))  # not multiples of 16
+    c = to_c_order(a, threads=threads)
+    assert c.flags.c_contiguous and c is not a
+    np.testing.assert_array_equal(c, a)
+    view = a[::2, 3:, ::-1]  # neither C nor Fortran contiguous
+    np.testing.assert_array_equal(to_c_order(view, threads=threads), view)
+    already = np.ascontiguousarray(a)
+    assert to_c_order(already) is already

@@ -11,7 +11,12 @@ intensities already windowed to [0, 1]) and ``grid.json``. The model contract
   x/y/z or no row) has mask 0 and position 0.
 
 Nothing is cached beyond a small LRU of *open memory maps* (file mappings, not copies), so memory
-does not grow with the cohort: the operating system pages in what a step reads. The order of the
+does not grow with the cohort: the operating system pages in what a step reads. The levels map
+in C order (``locnet.pyramid`` stores them ``[k, j, i]``), so what the backend copies per step is
+a plain memory copy out of the page cache, and while a batch trains, a background thread reads
+the next batch's files into the page cache (``readahead``): the disk is read in parallel with the
+step instead of page by page inside it. Neither changes a value: a batch is the same arrays
+with or without them. The order of the
 cases in an epoch depends only on ``(seed, epoch)``, never on how many epochs ran in this process,
 so a resumed training run sees exactly the batches an uninterrupted one would.
 """
@@ -22,6 +27,7 @@ import collections
 import math
 import os
 import re
+import threading
 from pathlib import Path
 
 import keras
@@ -126,6 +132,55 @@ def model_levels(model) -> list[int]:
 
 
 # --------------------------------------------------------------------------------------------
+# page-cache readahead
+# --------------------------------------------------------------------------------------------
+def read_into_page_cache(paths, chunk_mib: int = 8) -> None:
+    """Read ``paths`` start to end and drop the bytes: the OS keeps them in its page cache.
+
+    Unreadable files are skipped (the batch that needs them reports the error itself).
+    """
+    buf = bytearray(chunk_mib << 20)
+    for p in paths:
+        try:
+            with open(p, "rb", buffering=0) as fh:
+                while fh.readinto(buf):
+                    pass
+        except OSError:
+            continue
+
+
+class PageCacheReadahead:
+    """Reads files into the page cache on one background thread, one request at a time.
+
+    ``request(paths)`` starts reading unless the previous request is still running (it is then
+    dropped: readahead is a hint, and a batch it misses is read on demand as without it).
+    ``posix_fadvise(WILLNEED)`` would be the thread-free way, but on this project's machine it
+    left the page cache cold (a read after it took as long as a cold read); a plain read does not
+    depend on the kernel honouring a hint.
+    """
+
+    def __init__(self):
+        self._thread: threading.Thread | None = None
+
+    def request(self, paths) -> bool:
+        if self._thread is not None and self._thread.is_alive():
+            return False
+        self._thread = threading.Thread(
+            target=read_into_page_cache, args=(list(paths),), name="locnet-readahead", daemon=True
+        )
+        self._thread.start()
+        return True
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until the current request is read (tests and benchmarks)."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def __getstate__(self):  # a dataset copied to another process starts without a thread
+        return {"_thread": None}
+
+
+# --------------------------------------------------------------------------------------------
 # the dataset
 # --------------------------------------------------------------------------------------------
 class LandmarkDataset(keras.utils.PyDataset):
@@ -141,6 +196,8 @@ class LandmarkDataset(keras.utils.PyDataset):
         seed: the permutation of epoch ``e`` is drawn from ``derive(seed, "epoch-order", e)``.
         cache_size: how many cases keep their memory maps open (LRU). 0 reopens every time.
         mmap: memory-map the level files (default); False reads them into memory per batch.
+        readahead: with ``mmap``, read the next batch's level files into the page cache on a
+            background thread while the current batch trains (default on).
 
     Call :meth:`set_epoch` before each epoch; the order then depends only on ``(seed, epoch)``.
     ``fit`` must be called with ``shuffle=False`` (this class shuffles itself).
@@ -157,6 +214,7 @@ class LandmarkDataset(keras.utils.PyDataset):
         seed: int = 0,
         cache_size: int = 2,
         mmap: bool = True,
+        readahead: bool = True,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -173,6 +231,7 @@ class LandmarkDataset(keras.utils.PyDataset):
         self.seed = int(seed)
         self.cache_size = int(cache_size)
         self.mmap = bool(mmap)
+        self.readahead = PageCacheReadahead() if (readahead and self.mmap) else None
         table = read_landmark_table(landmark_table)
         index = landmark_index(table)
         # targets are tiny (K x 3 per case): computed once, grid.json read once per case
@@ -211,7 +270,15 @@ class LandmarkDataset(keras.utils.PyDataset):
         if index < 0 or index >= len(self):
             raise IndexError(index)
         idx = self._order[index * self.batch_size : (index + 1) * self.batch_size]
-        return self.batch(idx)
+        out = self.batch(idx)
+        if self.readahead is not None and index + 1 < len(self):
+            nxt = self._order[(index + 1) * self.batch_size : (index + 2) * self.batch_size]
+            self.readahead.request(self.level_files(nxt))
+        return out
+
+    def level_files(self, idx) -> list[Path]:
+        """The level files the cases with indices ``idx`` are read from."""
+        return [_pyramid.level_path(self.case_dirs[int(i)], l) for i in idx for l in self.levels]
 
     # ---- batches -----------------------------------------------------------------------------
     def case_arrays(self, i: int) -> dict[int, np.ndarray]:
@@ -234,9 +301,8 @@ class LandmarkDataset(keras.utils.PyDataset):
         """Inputs and targets of the cases with indices ``idx`` (stacked along axis 0).
 
         For one case the level arrays are views of the memory maps (no copy here; the backend
-        copies what it feeds to the device, and since NIfTI memory maps are Fortran-ordered that
-        copy is also the reordering to C order). Several cases are stacked (one batch-sized
-        copy).
+        copies what it feeds to the device, straight from the page cache since the maps are in
+        C order). Several cases are stacked (one batch-sized copy).
         """
         idx = [int(i) for i in idx]
         per_case = [self.case_arrays(i) for i in idx]

@@ -32,7 +32,7 @@ import numpy as np
 from . import geometry, metrics, quality, seeds
 from . import predict as predict_module
 from .io import InputError, atomic_write, load_volume, read_json
-from .pyramid import downsample2, resample_to_grid
+from .pyramid import downsample2, resample_to_grid, to_c_order
 
 __all__ = [
     "CONFIDENCE",
@@ -182,13 +182,13 @@ def preprocess(data: np.ndarray, affine: Any, params: Mapping[str, Any],
     wanted = set(range(n_levels) if levels is None else (int(l) for l in levels))
     level = resample_to_grid(data, affine, grid, float(params["background_hu"]),
                              window=params["window_hu"], threads=threads)
-    level0 = level
+    level = level0 = to_c_order(level, threads=threads)  # the order the backends take
     inputs = {}
     for lv in range(max(wanted) + 1):
         if lv:
             level = downsample2(level)
         if lv in wanted:
-            inputs[f"level{lv}"] = np.ascontiguousarray(level)[None, ..., None]
+            inputs[f"level{lv}"] = level[None, ..., None]
     return inputs, grid, level0
 
 
