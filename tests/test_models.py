@@ -342,5 +342,29 @@ def test_predict_passes_equals_naive_loop():
     assert batched.shape == (5, 2, 3)
     np.testing.assert_allclose(batched, naive, atol=1e-4)
     np.testing.assert_allclose(chunked, naive, atol=1e-4)
+    eager = predict_passes(model, x, shifts, chunk=2, compiled=False)
+    np.testing.assert_allclose(chunked, eager, atol=1e-5)
     with pytest.raises(ValueError):
         predict_passes(model, _tiny_inputs(2), shifts)
+
+
+def test_compiled_finest_stage_is_reused_and_follows_the_weights():
+    from locnet.models import coarse_stages, finest_stage
+
+    model = _build("multiscale_e2e_noise")
+    x = _tiny_inputs(1)
+    shifts = sample_shifts(3, 2, 5.0, seed=1)
+    before = predict_passes(model, x, shifts, chunk=2)  # chunks of 2 and 1 pass: 2 stages
+    stage = finest_stage(model, 4)
+    assert finest_stage(model, 4) is stage and finest_stage(model, 2) is not stage
+    shared = {id(v) for v in stage.weights}
+    assert all(id(v) in shared for v in model.level_nets[0].weights)  # the same variables
+    # the stage shares the chain's variables: a weight change shows in the next compiled call
+    net = model.level_nets[0]
+    net.set_weights([w * 1.5 for w in net.get_weights()])
+    coarse = model.level_nets[-1]
+    coarse.set_weights([w * 0.7 for w in coarse.get_weights()])
+    after = predict_passes(model, x, shifts, chunk=2)
+    assert finest_stage(model, 4) is stage and coarse_stages(model) is coarse_stages(model)
+    assert np.max(np.abs(after - before)) > 1e-4
+    np.testing.assert_allclose(after, predict_passes(model, x, shifts, compiled=False), atol=1e-5)

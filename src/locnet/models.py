@@ -26,6 +26,7 @@ Methods (:func:`build_model`)
 from __future__ import annotations
 
 import copy
+import weakref
 
 import keras
 import numpy as np
@@ -825,13 +826,79 @@ def sample_shifts(n_passes: int, n_landmarks: int, noise_mm: float, seed=None) -
 PASS_CHUNK = 8
 
 
-def predict_passes(model: MultiScaleLocNet, inputs: dict, shifts_mm, chunk: int | None = PASS_CHUNK):
+class FinestStage(keras.Model):
+    """The finest refinement of a multi-scale model for ``m`` crop centres, as a model of its own.
+
+    ``{"volume": level 0 (1, n, n, n, 1), "centres": (1, m, 3) grid mm} -> (1, m, 3)`` grid mm,
+    with the chain's own layers and weights (nothing is copied). Running it through
+    ``predict_on_batch`` lets Keras compile it the backend's way (``tf.function``, ``jax.jit``;
+    torch stays eager), traced once and reused for every later chunk and case: the finest
+    patches of the noisy passes are 100 of the 105 patch nets of 50 passes. One stage serves
+    one ``m`` because the crop and the per-landmark channel selection need a static ``m``
+    (TensorFlow relaxes a second shape to ``None``); a last, shorter chunk gets its own stage.
+    """
+
+    def __init__(self, chain: MultiScaleLocNet, m: int, **kwargs):
+        super().__init__(**kwargs)
+        self.chain = chain
+        self.m = int(m)
+
+    def call(self, inputs, training=None):
+        centres = inputs["centres"]
+        if int(centres.shape[1]) != self.m:
+            raise ValueError(f"this stage takes {self.m} centres, got {centres.shape[1]}")
+        return self.chain.refine(0, inputs["volume"], centres, training=False)
+
+
+class CoarseStages(keras.Model):
+    """The deterministic part of the noisy passes: the coarsest level and every finer level but
+    the finest, ``{"level1": ..., "level{top}": ...} -> (1, K, 3)`` grid mm at level 1.
+
+    Compiled through ``predict_on_batch`` like :class:`FinestStage`; it runs once per case.
+    """
+
+    def __init__(self, chain: MultiScaleLocNet, **kwargs):
+        super().__init__(**kwargs)
+        self.chain = chain
+
+    def call(self, inputs, training=None):
+        chain = self.chain
+        g = chain.coarsest(inputs, training=False)
+        for level in range(chain.n_levels - 2, 0, -1):
+            g = chain.refine(level, inputs[f"level{level}"], g, training=False)
+        return g
+
+
+#: compiled stages ``{model: {"coarse" or m: stage}}``, dropped with the model
+_STAGES: "weakref.WeakKeyDictionary[MultiScaleLocNet, dict]" = weakref.WeakKeyDictionary()
+
+
+def finest_stage(model: MultiScaleLocNet, m: int) -> FinestStage:
+    """The :class:`FinestStage` of ``model`` for ``m`` centres (made on first use, then reused)."""
+    stages = _STAGES.setdefault(model, {})
+    if int(m) not in stages:
+        stages[int(m)] = FinestStage(model, m, name=f"{model.name}_finest_{int(m)}")
+    return stages[int(m)]
+
+
+def coarse_stages(model: MultiScaleLocNet) -> CoarseStages:
+    """The :class:`CoarseStages` of ``model`` (made on first use, then reused)."""
+    stages = _STAGES.setdefault(model, {})
+    if "coarse" not in stages:
+        stages["coarse"] = CoarseStages(model, name=f"{model.name}_coarse")
+    return stages["coarse"]
+
+
+def predict_passes(model: MultiScaleLocNet, inputs: dict, shifts_mm, chunk: int | None = PASS_CHUNK,
+                   compiled: bool = True):
     """Finest-level predictions of one case for many shifts of the finest crop centre.
 
     ``inputs``: the model inputs of a single case (batch 1); ``shifts_mm``: (n_passes, K, 3)
     added to the level-1 prediction before the finest crop. The deterministic coarse
     levels run once; the finest crops then run in batches of ``chunk`` passes (``None``:
-    all passes in one batch). Returns a NumPy array (n_passes, K, 3) in grid mm, equal to calling
+    all passes in one batch). Both parts run compiled (:func:`coarse_stages`,
+    :func:`finest_stage`) unless ``compiled`` is false (then eagerly; the two agree to float32
+    rounding). Returns a NumPy array (n_passes, K, 3) in grid mm, equal to calling
     ``model(inputs, finest_shift_mm=shifts_mm[i:i+1])["position"][0]`` for each pass.
     """
     if not isinstance(model, MultiScaleLocNet):
@@ -844,19 +911,26 @@ def predict_passes(model: MultiScaleLocNet, inputs: dict, shifts_mm, chunk: int 
          for l in model.input_levels}
     if int(x["level0"].shape[0]) != 1:
         raise ValueError("predict_passes takes a single case (batch size 1)")
-    top = model.n_levels - 1
-    g = model.coarsest(x, training=False)
-    for level in range(top - 1, 0, -1):
-        g = model.refine(level, x[f"level{level}"], g, training=False)
-    base = ops.convert_to_numpy(g)[0]  # (K, 3)
+    if compiled:
+        g = coarse_stages(model).predict_on_batch(
+            {f"level{l}": x[f"level{l}"] for l in model.input_levels if l > 0})
+    else:
+        g = model.coarsest(x, training=False)
+        for level in range(model.n_levels - 2, 0, -1):
+            g = model.refine(level, x[f"level{level}"], g, training=False)
+    base = np.asarray(ops.convert_to_numpy(g))[0]  # (K, 3)
     n = shifts.shape[0]
     chunk = n if not chunk else int(chunk)
     out = []
     for start in range(0, n, chunk):
         c = base[None] + shifts[start : start + chunk]  # (n_c, K, 3)
         centres = ops.convert_to_tensor(c.reshape(1, -1, 3))
-        pos = model.refine(0, x["level0"], centres, training=False)
-        out.append(ops.convert_to_numpy(pos).reshape(-1, k, 3))
+        if compiled:
+            stage = finest_stage(model, c.shape[0] * k)
+            pos = stage.predict_on_batch({"volume": x["level0"], "centres": centres})
+        else:
+            pos = model.refine(0, x["level0"], centres, training=False)
+        out.append(np.asarray(ops.convert_to_numpy(pos)).reshape(-1, k, 3))
     return np.concatenate(out, axis=0)
 
 
