@@ -16,6 +16,7 @@ import pytest
 
 from locnet import train as T
 from locnet.data import LandmarkDataset, load_case_inputs
+from locnet.models import predict_position
 from test_data import LANDMARKS, write_tiny_cohort
 
 # Keras's TensorFlow backend converts variables with np.array(x) (NumPy 2 deprecation notice)
@@ -96,10 +97,10 @@ def test_learns_keeps_best_and_round_trips(cohort, tmp_path):
     assert T.validation_error(model, val) == pytest.approx(meta["best_val_error_mm"], rel=1e-5)
     # save -> load -> predict is identical
     inputs = load_case_inputs(cohort["val"][0], [0])
-    p1 = T.predict_position(model, inputs)
+    p1 = predict_position(model, inputs)
     model.save(tmp_path / "again.keras")
     again = keras.models.load_model(tmp_path / "again.keras", compile=False)
-    np.testing.assert_array_equal(T.predict_position(again, inputs), p1)
+    np.testing.assert_array_equal(predict_position(again, inputs), p1)
     assert p1.shape == (1, 2, 3)
     # a temporary file of a killed run is removed by the next run; none is left behind
     (out / ".tmp-0123456789ab-history.csv").write_text("partial")  # as io.atomic_write names it

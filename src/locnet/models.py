@@ -826,6 +826,18 @@ def sample_shifts(n_passes: int, n_landmarks: int, noise_mm: float, seed=None) -
 PASS_CHUNK = 8
 
 
+def predict_position(model, inputs: dict) -> np.ndarray:
+    """The model's noise-free ``position`` output (B, K, 3) in grid mm for one batch of inputs.
+
+    Through ``predict_on_batch``, which the backend compiles (traced once per input shape);
+    at paper scale on the CPU that is 1.06 s against 1.55 s for an eager call.
+    """
+    out = model.predict_on_batch(dict(inputs))
+    if isinstance(out, dict):
+        out = out["position"]
+    return np.asarray(out, dtype=np.float64)
+
+
 class FinestStage(keras.Model):
     """The finest refinement of a multi-scale model for ``m`` crop centres, as a model of its own.
 

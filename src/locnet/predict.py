@@ -6,7 +6,7 @@ axis-aligned RAS, so the map is a translation: ``world = origin + g``).
 
 Noisy models (those built with ``noise_mm > 0``) are also run ``passes`` times with independent
 uniform shifts of the finest crop centre. The coarse levels run once and the noisy finest
-passes run as one batch (:func:`locnet.models.predict_passes`). The prediction is the mean
+passes run in chunks, both compiled (:func:`locnet.models.predict_passes`). The prediction is the mean
 over passes; the per-axis sample standard deviation gives the 90% confidence volume
 (:func:`locnet.metrics.confidence_volume`). The noise-free prediction is kept beside it
 (``det_*`` columns) so the effect of test-time averaging can be measured.
@@ -44,8 +44,7 @@ def predict_arrays(model, inputs, passes: int = 0, seed: int = 0,
     ``deterministic`` the noise-free prediction; otherwise both are the noise-free prediction.
     Used by the study (:func:`case_prediction`) and by inference on new scans alike.
     """
-    out = model(dict(inputs), training=False)
-    det = np.asarray(ops.convert_to_numpy(out["position"]), dtype=np.float64)[0]
+    det = models.predict_position(model, inputs)[0]
     if passes > 0 and is_noisy(model):
         shifts = models.sample_shifts(passes, model.n_landmarks, float(model.noise_mm), seed=seed)
         samples = np.asarray(models.predict_passes(model, inputs, shifts, chunk=chunk), np.float64)

@@ -55,6 +55,7 @@ import pandas as pd
 
 from locnet import io, seeds
 from locnet.data import LandmarkDataset, case_id_of, model_levels, read_landmark_table
+from locnet.models import predict_position
 
 STATE_VERSION = 1
 MULTISTEP = "multiscale_multistep"
@@ -193,14 +194,6 @@ def reseed(model, seed: int, epoch: int, purpose: str) -> None:
 # --------------------------------------------------------------------------------------------
 # prediction and validation
 # --------------------------------------------------------------------------------------------
-def predict_position(model, inputs: dict) -> np.ndarray:
-    """The model's ``position`` output (B, K, 3) in grid mm for one batch of inputs."""
-    out = model.predict_on_batch(inputs)
-    if isinstance(out, dict):
-        out = out["position"]
-    return np.asarray(out, dtype=np.float64)
-
-
 def predict_dataset(model, dataset: LandmarkDataset):
     """Predictions of every case of ``dataset`` (one at a time, in the dataset's case order).
 
@@ -706,9 +699,6 @@ def load_trained(out_dir) -> tuple[keras.Model, dict]:
     out_dir = Path(out_dir)
     with open(out_dir / "metadata.json") as fh:
         meta = json.load(fh)
-    try:  # registers the custom layers and models
-        import locnet.models  # noqa: F401
-    except ImportError:  # pragma: no cover
-        pass
+    # the custom layers and models are registered by the import of locnet.models above
     model = keras.models.load_model(out_dir / "model.keras", compile=False)
     return model, meta
