@@ -34,7 +34,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -50,6 +49,9 @@ from bench_paper_scale import (  # noqa: E402  (plain helpers: no TensorFlow at 
     model_counts,
     random_inputs,
     random_targets,
+    run_as_child,
+    run_child,
+    shapes,
     write_case,
 )
 
@@ -255,20 +257,6 @@ def child_epoch(a):
 CHILDREN = {"forward": child_forward, "memory": child_memory, "epoch": child_epoch}
 
 
-def run_child(part: str, a: dict, timeout: float) -> dict:
-    t = time.perf_counter()
-    try:
-        proc = subprocess.run([sys.executable, __file__, "--child", part, json.dumps(a)],
-                              capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s"}
-    if proc.returncode != 0:
-        return {"error": (proc.stderr.strip().splitlines() or [f"rc {proc.returncode}"])[-1]}
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    out["wall_s"] = time.perf_counter() - t
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
 # report
 # ---------------------------------------------------------------------------------------------
@@ -348,14 +336,10 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=float, default=1200)
     p.add_argument("--json", default=None, help="also write every number here")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.child:
-        part, payload = args.child
-        print(json.dumps(CHILDREN[part](json.loads(payload))))
+    if run_as_child(sys.argv[1:] if argv is None else list(argv), CHILDREN):
         return 0
-    a = {"finest": 128 if args.quick else 448, "spacing": 1.75 if args.quick else 0.5,
-         "levels": 4, "patch": 16 if args.quick else 56, "k": 2, "passes": args.passes,
-         "repeat": args.repeat, "steps": args.steps, "cases": args.cases,
+    args = p.parse_args(argv)
+    a = {**shapes(args.quick), "passes": args.passes, "repeat": args.repeat, "steps": args.steps, "cases": args.cases,
          "tmpdir": args.tmpdir, "threads": 0, "chunk": None}
     print(f"# locnet accelerator benchmark ({'quick' if args.quick else 'paper scale'})\n")
     print(f"finest {a['finest']}^3 at {a['spacing']} mm, {a['levels']} levels, {a['patch']}^3 "
@@ -364,11 +348,11 @@ def main(argv=None) -> int:
     res: dict = {"config": a}
     for part in args.parts:
         if part == "memory":
-            res[part] = [run_child(part, dict(a, method=m, level=l), args.timeout)
+            res[part] = [run_child(part, dict(a, method=m, level=l), args.timeout, __file__)
                          for m, l in (("multiscale_e2e_noise", 1), ("locnet_single", 1),
                                       ("locnet_single", 2))]
         else:
-            res[part] = run_child(part, a, args.timeout)
+            res[part] = run_child(part, a, args.timeout, __file__)
         print(f"<!-- {part}: {json.dumps(res[part])} -->", flush=True)
     report(a, res)
     if args.json:

@@ -426,16 +426,36 @@ CHILDREN = {"flops": child_flops, "inference": child_inference, "passes": child_
             "memory": child_memory, "loader": child_loader}
 
 
-def run_child(part: str, a: dict, timeout: float) -> dict:
+def run_child(part: str, a: dict, timeout: float, script: str = __file__) -> dict:
+    """Run ``script --child part a`` in a fresh interpreter; its last stdout line (JSON)."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     t = time.perf_counter()
-    proc = subprocess.run([sys.executable, __file__, "--child", part, json.dumps(a)], env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    try:
+        proc = subprocess.run([sys.executable, script, "--child", part, json.dumps(a)],
+                              env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
     if proc.returncode != 0:
-        return {"error": proc.stderr.strip().splitlines()[-1:] or [f"rc {proc.returncode}"]}
+        return {"error": (proc.stderr.strip().splitlines() or [f"rc {proc.returncode}"])[-1]}
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     out["wall_s"] = time.perf_counter() - t
     return out
+
+
+def shapes(quick: bool) -> dict:
+    """The benchmark's model shapes: the paper's, or 128^3 with 16^3 patches (``quick``)."""
+    return {"finest": 128 if quick else 448, "spacing": 1.75 if quick else 0.5, "levels": 4,
+            "patch": 16 if quick else 56, "k": 2}
+
+
+def run_as_child(argv, children: dict) -> bool:
+    """If ``argv`` holds ``--child part payload``, run that child, print its JSON, say True."""
+    if "--child" not in argv:
+        return False
+    i = argv.index("--child")
+    part, payload = argv[i + 1], argv[i + 2]
+    print(json.dumps(children[part](json.loads(payload))))
+    return True
 
 
 # ---------------------------------------------------------------------------------------
@@ -457,14 +477,10 @@ def main(argv=None):
     p.add_argument("--tmpdir", default=None, help="where the loader writes its level files")
     p.add_argument("--timeout", type=float, default=900)
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.child:
-        part, payload = args.child
-        print(json.dumps(CHILDREN[part](json.loads(payload))))
+    if run_as_child(sys.argv[1:] if argv is None else list(argv), CHILDREN):
         return 0
-    a = {"finest": 128 if args.quick else 448, "spacing": 1.75 if args.quick else 0.5,
-         "levels": 4, "patch": 16 if args.quick else 56, "k": 2, "passes": args.passes,
-         "chunk": args.chunk, "threads": args.threads, "tmpdir": args.tmpdir,
+    args = p.parse_args(argv)
+    a = {**shapes(args.quick), "passes": args.passes, "chunk": args.chunk, "threads": args.threads, "tmpdir": args.tmpdir,
          "repeat": args.repeat or (3 if args.quick else 2),
          "pass_repeat": 2 if args.quick else 1, "steps": 3 if args.quick else 2}
 

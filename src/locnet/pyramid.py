@@ -114,14 +114,19 @@ def resample_to_grid(data: np.ndarray, affine: Any, grid: Grid, background: floa
         if window is not None:
             apply_window(part, window)
 
-    if n_threads == 1:
-        for i0 in starts:
-            work(i0)
-    else:
-        with ThreadPoolExecutor(n_threads) as pool:
-            for _ in pool.map(work, starts):
-                pass
+    _for_each(work, starts, n_threads)
     return out
+
+
+def _for_each(work, starts, n_threads: int) -> None:
+    """``work(s)`` for every ``s`` in ``starts``, on ``n_threads`` threads (1: in this one)."""
+    if n_threads == 1:
+        for s in starts:
+            work(s)
+        return
+    with ThreadPoolExecutor(n_threads) as pool:
+        for _ in pool.map(work, starts):
+            pass
 
 
 def to_c_order(a: np.ndarray, threads: int | None = None, block: int = 16) -> np.ndarray:
@@ -143,15 +148,7 @@ def to_c_order(a: np.ndarray, threads: int | None = None, block: int = 16) -> np
         for k0 in range(0, n2, block):
             out[i0:i0 + block, :, k0:k0 + block] = a[i0:i0 + block, :, k0:k0 + block]
 
-    n_threads = _n_threads(threads)
-    starts = range(0, n0, block)
-    if n_threads == 1:
-        for i0 in starts:
-            work(i0)
-    else:
-        with ThreadPoolExecutor(n_threads) as pool:
-            for _ in pool.map(work, starts):
-                pass
+    _for_each(work, range(0, n0, block), _n_threads(threads))
     return out
 
 
