@@ -1,4 +1,4 @@
-"""Shared pytest fixtures: small helpers for writing synthetic NIfTI files."""
+"""Shared pytest fixtures and hooks: synthetic NIfTI helpers, backend-dependent skips."""
 
 from __future__ import annotations
 
@@ -7,6 +7,20 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip tests marked ``tensorflow_only`` when Keras runs another backend (tests/test_backends.py
+    reruns the layer and model tests under ``KERAS_BACKEND=torch``)."""
+    import keras
+
+    if keras.backend.backend() == "tensorflow":
+        return
+    skip = pytest.mark.skip(reason=f"uses TensorFlow itself; Keras backend is "
+                                   f"{keras.backend.backend()}")
+    for item in items:
+        if "tensorflow_only" in item.keywords:
+            item.add_marker(skip)
 
 
 def oblique_affine(angles_deg=(5.0, -7.0, 3.0), spacing=(0.9, 1.1, 1.6), origin=(-20.0, 13.0, 7.5)):

@@ -2,7 +2,6 @@
 
 import itertools
 
-import keras
 import numpy as np
 import pytest
 from keras import ops
@@ -15,10 +14,6 @@ from locnet.layers import (
     crop_resample,
     decode_heatmap,
     patch_to_volume,
-)
-
-needs_tf = pytest.mark.skipif(
-    keras.backend.backend() != "tensorflow", reason="gradient check uses tf.GradientTape"
 )
 
 
@@ -75,7 +70,7 @@ def test_com_of_dead_map_is_volume_centre_and_finite():
     np.testing.assert_allclose(out, np.broadcast_to([3.5, 2.5, 1.5], (1, 3, 3)), atol=1e-6)
 
 
-@needs_tf
+@pytest.mark.tensorflow_only
 def test_com_gradient_of_dead_map_is_finite():
     import tensorflow as tf
 
@@ -140,7 +135,7 @@ def test_patch_to_volume_inverts_the_sampling_rule():
     np.testing.assert_allclose(_np(patch_to_volume(c, np.zeros((1, 1, 3)), 4)), c - 1.5)
 
 
-@needs_tf
+@pytest.mark.tensorflow_only
 def test_crop_gradient_wrt_centre_matches_finite_differences():
     import tensorflow as tf
 

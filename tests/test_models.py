@@ -18,10 +18,6 @@ from locnet.models import (
     voxel_to_mm,
 )
 
-needs_tf = pytest.mark.skipif(
-    keras.backend.backend() != "tensorflow", reason="gradient checks use tf.GradientTape"
-)
-
 # finest 16^3 at 5 mm, 3 levels (16, 8, 4 voxels), 4^3 patches, a 2-level U-Net
 TINY_GRID = {"finest_shape": 16, "finest_spacing_mm": 5.0, "levels": 3}
 TINY_CFG = {
@@ -188,7 +184,7 @@ def _finest_loss_grads(model, x, y):
     return tape.gradient(loss, coarse)
 
 
-@needs_tf
+@pytest.mark.tensorflow_only
 def test_finest_loss_reaches_coarsest_net_only_end_to_end():
     x, y = _tiny_inputs(1), _tiny_targets(1)
     grads = _finest_loss_grads(_build("multiscale_e2e"), x, y)
@@ -197,7 +193,7 @@ def test_finest_loss_reaches_coarsest_net_only_end_to_end():
     assert all(g is None or not np.any(g.numpy()) for g in grads)
 
 
-@needs_tf
+@pytest.mark.tensorflow_only
 def test_gradient_flows_through_the_resampled_patch_content():
     # d position / d centre = identity (the additive term) + the content term of the
     # trilinear crop; with an integer-slice crop (authors' code) it would be exactly 1.
