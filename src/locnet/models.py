@@ -829,8 +829,9 @@ PASS_CHUNK = 8
 def predict_position(model, inputs: dict) -> np.ndarray:
     """The model's noise-free ``position`` output (B, K, 3) in grid mm for one batch of inputs.
 
-    Through ``predict_on_batch``, which the backend compiles (traced once per input shape);
-    at paper scale on the CPU that is 1.06 s against 1.55 s for an eager call.
+    Through ``predict_on_batch``, which the backend compiles (traced once per input shape):
+    at paper scale on the 2-core CPU, 0.65 s against 0.87 s for an eager call
+    (benchmarks/README.md).
     """
     out = model.predict_on_batch(dict(inputs))
     if isinstance(out, dict):
