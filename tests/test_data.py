@@ -218,5 +218,12 @@ def test_readahead_requests_the_next_batch_and_changes_no_value(cohort, monkeypa
     want = [[d / f"level{l}.nii" for l in (0, 2)] for d in (dirs[i] for i in order[1:])]
     assert asked == want
     assert off.readahead is None
+    # one case at a time (validation): the case named as the next one is read ahead
+    asked.clear()
+    on.readahead.wait(10)
+    on.case_batch(2, then=0)
+    on.readahead.wait(10)
+    on.case_batch(0)
+    assert asked == [[dirs[0] / f"level{l}.nii" for l in (0, 2)]]
     # a file that vanished is skipped: the batch that needs it reports the error, not the thread
     data.read_into_page_cache([dirs[0] / "nope.nii", dirs[0] / "level0.nii"])

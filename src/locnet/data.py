@@ -316,6 +316,13 @@ class LandmarkDataset(keras.utils.PyDataset):
         mask = np.stack([self._targets[i][1] for i in idx])
         return x, {"position": pos, "mask": mask}
 
-    def case_batch(self, case_index: int):
-        """Inputs and targets of one case (batch of 1), regardless of the epoch order."""
-        return self.batch([case_index])
+    def case_batch(self, case_index: int, then: int | None = None):
+        """Inputs and targets of one case (batch of 1), regardless of the epoch order.
+
+        ``then``: the case index to be asked for next, whose files are then read ahead (as
+        ``__getitem__`` does for the next batch of the epoch).
+        """
+        out = self.batch([case_index])
+        if self.readahead is not None and then is not None:
+            self.readahead.request(self.level_files([then]))
+        return out

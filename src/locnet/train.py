@@ -200,8 +200,9 @@ def predict_dataset(model, dataset: LandmarkDataset):
     Returns ``(pred, true, mask)`` with shapes (N, K, 3), (N, K, 3), (N, K).
     """
     preds, trues, masks = [], [], []
-    for i in range(len(dataset.case_dirs)):
-        x, y = dataset.case_batch(i)
+    n = len(dataset.case_dirs)
+    for i in range(n):
+        x, y = dataset.case_batch(i, then=i + 1 if i + 1 < n else None)
         preds.append(predict_position(model, x)[0])
         trues.append(y["position"][0])
         masks.append(y["mask"][0])
