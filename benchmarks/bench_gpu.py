@@ -354,9 +354,9 @@ def main(argv=None) -> int:
         else:
             res[part] = run_child(part, a, args.timeout, __file__)
         print(f"<!-- {part}: {json.dumps(res[part])} -->", flush=True)
+        if args.json:  # after every part, so a run cut short keeps what it measured
+            Path(args.json).write_text(json.dumps(res, indent=1))
     report(a, res)
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=1))
     return 0
 
 
