@@ -45,13 +45,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from bench_paper_scale import (  # noqa: E402  (plain helpers: no TensorFlow at import)
     build,
     drop_caches,
+    input_label,
     median,
     model_counts,
     random_inputs,
-    random_targets,
     run_as_child,
     run_child,
     shapes,
+    training_setup,
     write_case,
 )
 
@@ -157,12 +158,8 @@ def child_forward(a):
 
 
 def child_memory(a):
-    import keras
-
-    model = build(a, a["method"], a["level"])
-    model.compile(optimizer=keras.optimizers.Adam(5e-4))
-    x = random_inputs(a, model.input_levels)
-    y = random_targets(a)
+    model, levels, y, _ = training_setup(a, a["method"], a["level"])
+    x = random_inputs(a, levels)
     steps = []
     for _ in range(2):
         t = time.perf_counter()
@@ -193,11 +190,7 @@ def child_epoch(a):
         def on_epoch_end(self, epoch, logs=None):
             self.seconds.append(time.perf_counter() - self._t)
 
-    model = build(a)
-    model.compile(optimizer=keras.optimizers.Adam(5e-4))
-    levels = list(model.input_levels)
-    y = random_targets(a)
-    names = [f"lm{k}" for k in range(a["k"])]
+    model, levels, y, names = training_setup(a)
     tmp = Path(tempfile.mkdtemp(prefix="locnet_bench_gpu_", dir=a["tmpdir"]))
     res = {"info": device_info(), "cases": a["cases"]}
     try:
@@ -290,11 +283,8 @@ def report(a: dict, res: dict) -> None:
                 print(f"| failed | | {r['error']} | |")
                 continue
             got[(r["method"], r["level"])] = r
-            n = a["finest"] // 2 ** r["level"]
             peak = r["peak_device_bytes"]
-            what = ("pyramid + patches" if r["method"].startswith("multi")
-                    else f"level {r['level']} ({n}^3)")
-            print(f"| {r['method']} | {what} | "
+            print(f"| {r['method']} | {input_label(a, r['method'], r['level'])} | "
                   f"{'n/a' if peak is None else f'{peak / 2**20:,.0f} MiB'} | "
                   f"{', '.join(_ms(t) for t in r['steps_s'])} |")
         ms, s1, s2 = (got.get(("multiscale_e2e_noise", 1)), got.get(("locnet_single", 1)),

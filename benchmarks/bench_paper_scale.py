@@ -143,6 +143,23 @@ def build(a, method="multiscale_e2e_noise", level=1):
     return build_model(method, cfg, _grid(a))
 
 
+def training_setup(a, method="multiscale_e2e_noise", level=1):
+    """A compiled model (Adam, as training uses it), its pyramid levels, random targets and the
+    landmark names: ``(model, levels, y, names)``."""
+    import keras
+
+    model = build(a, method, level)
+    model.compile(optimizer=keras.optimizers.Adam(5e-4))
+    return model, list(model.input_levels), random_targets(a), [f"lm{k}" for k in range(a["k"])]
+
+
+def input_label(a, method: str, level: int) -> str:
+    """What a model of the memory part reads, for the report."""
+    if method.startswith("multi"):
+        return "pyramid + patches"
+    return f"level {level} ({a['finest'] // 2 ** level}^3)"
+
+
 def random_inputs(a, levels):
     import numpy as np
 
@@ -354,11 +371,7 @@ def child_loader(a):
 
     from locnet.data import LandmarkDataset
 
-    model = build(a)
-    model.compile(optimizer=keras.optimizers.Adam(5e-4))
-    levels = list(model.input_levels)
-    y = random_targets(a)
-    names = [f"lm{k}" for k in range(a["k"])]
+    model, levels, y, names = training_setup(a)
     tmp = Path(tempfile.mkdtemp(prefix="locnet_bench_", dir=a["tmpdir"]))
     res = {}
     try:
@@ -571,9 +584,7 @@ def report(a, res):
             if "error" in r:
                 print(f"| failed | | {r['error']} | | |")
                 continue
-            n = a["finest"] // 2 ** r["level"]
-            what = ("pyramid + patches" if r["method"].startswith("multi")
-                    else f"level {r['level']} ({n}^3)")
+            what = input_label(a, r["method"], r["level"])
             got[(r["method"], r["level"])] = r
             print(f"| {r['method']} | {what} | {r['step_peak_mib']:,.0f} MiB | "
                   f"{r['tensor_peak_mib']:,.0f} MiB | "
