@@ -39,6 +39,8 @@ import time
 from pathlib import Path
 
 H100 = {"fp32": 60e12, "tf32": 400e12, "hbm": 3.35e12}
+#: the paper's GPU (615 ms per forward there): 12.1 TFLOP/s fp32, 547.6 GB/s GDDR5X
+TITAN_XP = {"fp32": 12.1e12, "mem": 547.6e9}
 FILTERS = (16, 32, 64, 128)
 
 
@@ -540,6 +542,10 @@ def report(a, res):
     print(f"| H100 floor, fp32 60 TFLOP/s / TF32 400 TFLOP/s / HBM 3.35 TB/s | "
           f"{_ms(fwd_f / H100['fp32'])} / {_ms(fwd_f / H100['tf32'])} / {_ms(fwd_b / H100['hbm'])}"
           f" -> floor {_ms(h_fp32)} (fp32), {_ms(h_tf32)} (TF32) |")
+    t_xp = max(fwd_f / TITAN_XP["fp32"], fwd_b / TITAN_XP["mem"])
+    print(f"| Titan Xp floor (the paper's GPU), fp32 12.1 TFLOP/s / 547.6 GB/s | "
+          f"{_ms(fwd_f / TITAN_XP['fp32'])} / {_ms(fwd_b / TITAN_XP['mem'])} -> floor "
+          f"{_ms(t_xp)}; the paper's 615 ms is {0.615 / t_xp:.0f}x that |")
     print(f"| {a['passes']}-pass FLOPs, ratio to one forward | {c['passes_flops'] / 1e9:,.0f} "
           f"GFLOP, {c['flop_ratio_passes']:.2f}x (naive {a['passes']} full passes: "
           f"{a['passes']}x) |")
