@@ -11,7 +11,7 @@ import pytest
 
 def pytest_collection_modifyitems(config, items):
     """Skip tests marked ``tensorflow_only`` when Keras runs another backend (tests/test_backends.py
-    reruns the layer and model tests under ``KERAS_BACKEND=torch``)."""
+    reruns the layer and model tests under ``KERAS_BACKEND=torch`` and ``jax``)."""
     import keras
 
     if keras.backend.backend() == "tensorflow":

@@ -2,7 +2,8 @@
 
 ``write_tiny_cohort`` (also used by test_train.py) writes a pyramid exactly as the contract of
 docs/architecture.md says: ``{case}/level{l}.nii`` float32 uncompressed with the level affines
-(through ``locnet.pyramid.write_level``, the owner of the stored layout), ``{case}/grid.json``, and a landmark table in world RAS mm. Each landmark is a bright blob.
+(through ``locnet.pyramid.write_level``, the owner of the stored layout), ``{case}/grid.json``,
+and a landmark table in world RAS mm. Each landmark is a bright blob.
 """
 
 from __future__ import annotations

@@ -271,14 +271,19 @@ class LandmarkDataset(keras.utils.PyDataset):
             raise IndexError(index)
         idx = self._order[index * self.batch_size : (index + 1) * self.batch_size]
         out = self.batch(idx)
-        if self.readahead is not None and index + 1 < len(self):
-            nxt = self._order[(index + 1) * self.batch_size : (index + 2) * self.batch_size]
-            self.readahead.request(self.level_files(nxt))
+        if index + 1 < len(self):
+            self._read_ahead(self._order[(index + 1) * self.batch_size :
+                                         (index + 2) * self.batch_size])
         return out
 
     def level_files(self, idx) -> list[Path]:
         """The level files the cases with indices ``idx`` are read from."""
         return [_pyramid.level_path(self.case_dirs[int(i)], l) for i in idx for l in self.levels]
+
+    def _read_ahead(self, idx) -> None:
+        """Ask the readahead thread (if any) for the files of the cases ``idx``."""
+        if self.readahead is not None:
+            self.readahead.request(self.level_files(idx))
 
     # ---- batches -----------------------------------------------------------------------------
     def case_arrays(self, i: int) -> dict[int, np.ndarray]:
@@ -323,6 +328,6 @@ class LandmarkDataset(keras.utils.PyDataset):
         ``__getitem__`` does for the next batch of the epoch).
         """
         out = self.batch([case_index])
-        if self.readahead is not None and then is not None:
-            self.readahead.request(self.level_files([then]))
+        if then is not None:
+            self._read_ahead([then])
         return out

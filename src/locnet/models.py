@@ -909,9 +909,9 @@ def predict_passes(model: MultiScaleLocNet, inputs: dict, shifts_mm, chunk: int 
     ``inputs``: the model inputs of a single case (batch 1); ``shifts_mm``: (n_passes, K, 3)
     added to the level-1 prediction before the finest crop. The deterministic coarse
     levels run once; the finest crops then run in batches of ``chunk`` passes (``None``:
-    all passes in one batch). Both parts run compiled (:func:`coarse_stages`,
-    :func:`finest_stage`) unless ``compiled`` is false (then eagerly; the two agree to float32
-    rounding). Returns a NumPy array (n_passes, K, 3) in grid mm, equal to calling
+    all passes in one batch). Both parts are stage models (:func:`coarse_stages`,
+    :func:`finest_stage`), run compiled unless ``compiled`` is false (then called eagerly; the
+    two agree to float32 rounding). Returns a NumPy array (n_passes, K, 3) in grid mm, equal to calling
     ``model(inputs, finest_shift_mm=shifts_mm[i:i+1])["position"][0]`` for each pass.
     """
     if not isinstance(model, MultiScaleLocNet):
@@ -924,13 +924,11 @@ def predict_passes(model: MultiScaleLocNet, inputs: dict, shifts_mm, chunk: int 
          for l in model.input_levels}
     if int(x["level0"].shape[0]) != 1:
         raise ValueError("predict_passes takes a single case (batch size 1)")
-    if compiled:
-        g = coarse_stages(model).predict_on_batch(
+    def run(stage, stage_inputs):  # the same stage model, compiled or called eagerly
+        return stage.predict_on_batch(stage_inputs) if compiled else stage(stage_inputs)
+
+    g = run(coarse_stages(model),
             {f"level{l}": x[f"level{l}"] for l in model.input_levels if l > 0})
-    else:
-        g = model.coarsest(x, training=False)
-        for level in range(model.n_levels - 2, 0, -1):
-            g = model.refine(level, x[f"level{level}"], g, training=False)
     base = np.asarray(ops.convert_to_numpy(g))[0]  # (K, 3)
     n = shifts.shape[0]
     chunk = n if not chunk else int(chunk)
@@ -938,11 +936,7 @@ def predict_passes(model: MultiScaleLocNet, inputs: dict, shifts_mm, chunk: int 
     for start in range(0, n, chunk):
         c = base[None] + shifts[start : start + chunk]  # (n_c, K, 3)
         centres = ops.convert_to_tensor(c.reshape(1, -1, 3))
-        if compiled:
-            stage = finest_stage(model, c.shape[0] * k)
-            pos = stage.predict_on_batch({"volume": x["level0"], "centres": centres})
-        else:
-            pos = model.refine(0, x["level0"], centres, training=False)
+        pos = run(finest_stage(model, c.shape[0] * k), {"volume": x["level0"], "centres": centres})
         out.append(np.asarray(ops.convert_to_numpy(pos)).reshape(-1, k, 3))
     return np.concatenate(out, axis=0)
 

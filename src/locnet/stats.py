@@ -451,6 +451,23 @@ def _f(v: float, digits: int = 2) -> str:
     return "n/a" if not np.isfinite(v) else f"{v:.{digits}f}"
 
 
+def _i(v: float) -> str:
+    """A count stored as float: the integer, or n/a."""
+    return "n/a" if not np.isfinite(v) else str(int(v))
+
+
+def _scope(comparison: str) -> str:
+    """The scope of a per-landmark comparison ``"... [landmark]"``; all (pooled) otherwise."""
+    return comparison.split(" [", 1)[1].rstrip("]") if " [" in comparison else "all (pooled)"
+
+
+def _not_computed(rows: pd.DataFrame) -> str | None:
+    """The note of a test that was not computed (one row, non-finite value), else None."""
+    if len(rows) == 1 and not np.isfinite(rows["value"].iloc[0]):
+        return f"Not computed: {rows['note'].iloc[0]}"
+    return None
+
+
 def statistics_summary(df: pd.DataFrame) -> str:
     """Readable markdown summary of a :func:`statistics_table` result."""
     lines = ["# Statistics", ""]
@@ -464,8 +481,7 @@ def statistics_summary(df: pd.DataFrame) -> str:
             g = lambda q: _get(df, "bootstrap_mean", m, q)  # noqa: E731
             n_cases, n = g("n_cases"), g("n")
             lines.append(
-                f"| {method_label(m)} | {int(n_cases) if np.isfinite(n_cases) else 'n/a'} | "
-                f"{int(n) if np.isfinite(n) else 'n/a'} | {_f(g('mean_mm'))} | "
+                f"| {method_label(m)} | {_i(n_cases)} | {_i(n)} | {_f(g('mean_mm'))} | "
                 f"{_f(g('ci_low'))} to {_f(g('ci_high'))} |")
         lines.append("")
 
@@ -498,8 +514,8 @@ def statistics_summary(df: pd.DataFrame) -> str:
     if len(ce):
         lines += ["## Confidence volume versus error", ""]
         comps = list(dict.fromkeys(ce["comparison"]))
-        if len(ce) == 1 and not np.isfinite(ce["value"].iloc[0]):
-            lines += [f"Not computed: {ce['note'].iloc[0]}", ""]
+        if note := _not_computed(ce):
+            lines += [note, ""]
         else:
             lines += [f"Paper: Pearson r = {PAPER_PEARSON_R} (p = {PAPER_PEARSON_P:.2e}), "
                       "which corresponds to n = 54 points.", "",
@@ -507,10 +523,8 @@ def statistics_summary(df: pd.DataFrame) -> str:
                       "| Spearman rho (p) |", "|:---|---:|---:|---:|---:|"]
             for c in comps:
                 g = lambda q: _get(df, "confidence_vs_error", c, q)  # noqa: E731
-                scope = c.split(" [", 1)[1].rstrip("]") if " [" in c else "all (pooled)"
-                n = g("n")
                 lines.append(
-                    f"| {scope} | {int(n) if np.isfinite(n) else 'n/a'} | "
+                    f"| {_scope(c)} | {_i(g('n'))} | "
                     f"{_f(g('pearson_r'), 3)} ({_p(g('pearson_p'))}) | "
                     f"{_f(g('pearson_r_logvol'), 3)} ({_p(g('pearson_p_logvol'))}) | "
                     f"{_f(g('spearman_rho'), 3)} ({_p(g('spearman_p'))}) |")
@@ -520,8 +534,8 @@ def statistics_summary(df: pd.DataFrame) -> str:
     if len(cal):
         lines += ["## Calibration of the confidence ellipsoids", ""]
         comps = list(dict.fromkeys(cal["comparison"]))
-        if len(cal) == 1 and not np.isfinite(cal["value"].iloc[0]):
-            lines += [f"Not computed: {cal['note'].iloc[0]}", ""]
+        if note := _not_computed(cal):
+            lines += [note, ""]
         else:
             lvl = _get(df, "calibration", comps[0], "level")
             thr = _get(df, "calibration", comps[0], "error_threshold_mm")
@@ -532,13 +546,11 @@ def statistics_summary(df: pd.DataFrame) -> str:
                       "|:---|---:|---:|---:|---:|:---|"]
             for c in comps:
                 g = lambda q: _get(df, "calibration", c, q)  # noqa: E731
-                scope = c.split(" [", 1)[1].rstrip("]") if " [" in c else "all (pooled)"
-                n = g("n")
                 notes = "; ".join(x for x in dict.fromkeys(
                     cal.loc[cal["comparison"] == c, "note"]) if x)
                 cov = g("coverage")
                 lines.append(
-                    f"| {scope} | {int(n) if np.isfinite(n) else 'n/a'} | "
+                    f"| {_scope(c)} | {_i(g('n'))} | "
                     f"{_f(100 * cov, 1)}% [{_f(100 * g('coverage_ci_low'), 1)}, "
                     f"{_f(100 * g('coverage_ci_high'), 1)}] | {int(g('n_large_error'))} | "
                     f"{_f(g('auroc'), 3)} | {notes} |")
