@@ -5,7 +5,9 @@ The models use ``keras.ops`` only, so the same tests must pass with ``KERAS_BACK
 its backend at import time, so the tests run in a child interpreter with the environment
 variable set. Tests marked ``tensorflow_only`` (gradient checks with ``tf.GradientTape``) skip
 themselves there; everything else must pass. A backend whose package is not installed is
-skipped here (``scripts/test.sh`` installs both in CI).
+skipped here, unless ``LOCNET_TEST_BACKENDS=1`` or ``CI=true`` asked for the backend runs
+(``scripts/test.sh`` then installs both): there a missing backend fails, so that CI cannot pass
+without having run them.
 """
 
 from __future__ import annotations
@@ -41,6 +43,12 @@ def _run_under(backend: str) -> subprocess.CompletedProcess:
     )
 
 
+def _backends_required() -> bool:
+    """The same condition under which ``scripts/test.sh`` installs the backends."""
+    env = os.environ
+    return env.get("CI") == "true" or (env.get("LOCNET_TEST_BACKENDS") or env.get("LOCNET_TEST_TORCH")) == "1"
+
+
 def _count(summary: str, word: str) -> int:
     m = re.search(rf"(\d+) {word}", summary)
     return int(m.group(1)) if m else 0
@@ -49,7 +57,10 @@ def _count(summary: str, word: str) -> int:
 @pytest.mark.parametrize("backend", sorted(INSTALL))
 def test_layers_and_models_under_other_backends(backend):
     if importlib.util.find_spec(backend) is None:
-        pytest.skip(f"{backend} is not installed: `pip install {INSTALL[backend]}` (CI does)")
+        message = f"{backend} is not installed: `pip install {INSTALL[backend]}`"
+        if _backends_required():
+            pytest.fail(f"{message} (LOCNET_TEST_BACKENDS=1 or CI=true asks for this run)")
+        pytest.skip(message)
     proc = _run_under(backend)
     out = proc.stdout + proc.stderr
     tail = "\n".join(out.strip().splitlines()[-40:])
