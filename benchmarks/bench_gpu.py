@@ -53,6 +53,7 @@ from bench_paper_scale import (  # noqa: E402  (plain helpers: no TensorFlow at 
     run_child,
     shapes,
     training_setup,
+    window_side,
     write_case,
 )
 
@@ -153,6 +154,8 @@ def child_forward(a):
     res["passes"]["n"], res["passes"]["chunk"] = a["passes"], PASS_CHUNK
     eager = predict_passes(model, x, shifts, compiled=False)
     res["passes"]["max_diff_eager_mm"] = float(np.abs(eager - ref).max())
+    predict_passes(model, x, shifts, estimator="window")  # compiles the window stage
+    res["window"] = _timed(lambda: predict_passes(model, x, shifts, estimator="window"), a["repeat"])
     res["peak_device_bytes"] = peak_device_bytes()
     return res
 
@@ -254,7 +257,8 @@ CHILDREN = {"forward": child_forward, "memory": child_memory, "epoch": child_epo
 # report
 # ---------------------------------------------------------------------------------------------
 def report(a: dict, res: dict) -> None:
-    c = model_counts(a["finest"], a["levels"], a["patch"], a["k"], a["passes"])
+    c = model_counts(a["finest"], a["levels"], a["patch"], a["k"], a["passes"],
+                     window_side(a["patch"], a["spacing"]))
     info = next((r["info"] for r in [res.get("forward"), res.get("epoch")]
                  if r and "info" in r), {})
     print(f"backend {info.get('backend', '?')} on {info.get('device', '?')}; "
@@ -272,6 +276,10 @@ def report(a: dict, res: dict) -> None:
         print(f"\n{ps['n']} passes (chunk {ps['chunk']}): {_ms(ps['median_s'])} = "
               f"{ps['median_s'] / one:.1f}x one forward (target <= 3x; FLOP ratio "
               f"{c['flop_ratio_passes']:.1f}x); compiled vs eager {ps['max_diff_eager_mm']:.1g} mm")
+        if "window" in fw:
+            w = fw["window"]["median_s"]
+            print(f"{ps['n']} passes, window estimator ({c['window']}^3): {_ms(w)} = {w / one:.1f}x "
+                  f"one forward (FLOP ratio {c['flop_ratio_window']:.1f}x)")
     elif fw:
         print(f"\nforward failed: {fw['error']}")
     mem = res.get("memory") or []

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import subprocess
@@ -91,9 +92,20 @@ def unet_counts(n: int, cin: int, cout: int, filters=FILTERS) -> tuple[float, fl
     return flops, byts
 
 
-def model_counts(finest: int, levels: int, patch: int, k: int, passes: int = 1) -> dict:
+def window_side(patch: int, spacing_mm: float, noise_mm: float = 5.0, stride: int = 8) -> int:
+    """The window of ``estimator="window"`` (as :func:`locnet.models.window_size` sizes it)."""
+    reach = math.ceil(noise_mm / spacing_mm - 1e-6)
+    return -(-(patch + 2 * reach) // stride) * stride
+
+
+def model_counts(finest: int, levels: int, patch: int, k: int, passes: int = 1,
+                 window: int | None = None) -> dict:
     """FLOPs and bytes of one forward pass of the multi-scale chain and of ``passes`` passes
-    run as :func:`locnet.models.predict_passes` does (coarse levels once)."""
+    run as :func:`locnet.models.predict_passes` does (coarse levels once), for both estimators
+    (``window``: side of the window estimator's window, :func:`window_side`; default: the
+    paper's, the patch plus +-5 mm at 0.5 mm)."""
+    if window is None:
+        window = window_side(patch, 0.5)
     top = levels - 1
     net_f, net_b = unet_counts(patch, 1, k)
     coarse_f, coarse_b = unet_counts(finest // 2**top, 1, k)
@@ -109,11 +121,18 @@ def model_counts(finest: int, levels: int, patch: int, k: int, passes: int = 1) 
     fwd_b = coarse_b + top * k * per_patch_b
     multi_f = coarse_f + (top - 1) * k * per_patch_f + passes * k * per_patch_f
     multi_b = coarse_b + (top - 1) * k * per_patch_b + passes * k * per_patch_b
+    # estimator="window": one finest net per landmark over its window (cropped like a patch),
+    # the box sums of the map and its 3 moments (~3 flops per value and axis), then 8 lookups
+    # of 4 values per pass and landmark (negligible)
+    win_f = coarse_f + (top - 1) * k * per_patch_f + k * (
+        unet_counts(window, 1, k)[0] + crop_f * window**3 / patch**3 + 4 * 3 * 3 * window**3
+    ) + passes * k * 8 * 4 * 4
     return {
         "net_patch_flops": net_f, "net_coarse_flops": coarse_f, "crop_flops": crop_f,
         "forward_flops": fwd_f, "forward_bytes": fwd_b, "inputs_bytes": inputs_b,
         "passes_flops": multi_f, "passes_bytes": multi_b,
         "flop_ratio_passes": multi_f / fwd_f, "naive_ratio": float(passes),
+        "window": window, "window_flops": win_f, "flop_ratio_window": win_f / fwd_f,
     }
 
 
@@ -182,7 +201,8 @@ def random_targets(a):
 def child_flops(a):
     keras, tf = _setup(a["threads"])
 
-    out = model_counts(a["finest"], a["levels"], a["patch"], a["k"], a["passes"])
+    out = model_counts(a["finest"], a["levels"], a["patch"], a["k"], a["passes"],
+                     window_side(a["patch"], a["spacing"]))
     # reference: one large 3x3x3 convolution, the decoder's 48 -> 16 at the patch size,
     # batch = 2 K (what the finest level of the 50 passes runs in chunks)
     n, b = a["patch"], max(4, 2 * a["k"])
@@ -292,6 +312,16 @@ def child_passes(a):
     got = by_hand()
     res[f"tf.function of every stage, chunk {chunk}"] = time.perf_counter() - t
     res["max_abs_diff_mm"] = float(max(np.abs(got - ref).max(), np.abs(eager - ref).max()))
+    # the window estimator (a different estimator: see locnet.models.WindowStage)
+    t = time.perf_counter()
+    predict_passes(model, x, shifts, estimator="window")
+    res["window estimator, first call (traces)"] = time.perf_counter() - t
+    ts = []
+    for _ in range(a["repeat"]):
+        t = time.perf_counter()
+        predict_passes(model, x, shifts, estimator="window")
+        ts.append(time.perf_counter() - t)
+    res["window estimator"] = median(ts)
     res["peak_rss_mib"] = _status_mib("VmHWM")
     return res
 
@@ -529,7 +559,8 @@ def main(argv=None):
 
 
 def report(a, res):
-    c = model_counts(a["finest"], a["levels"], a["patch"], a["k"], a["passes"])
+    c = model_counts(a["finest"], a["levels"], a["patch"], a["k"], a["passes"],
+                     window_side(a["patch"], a["spacing"]))
     fwd_f, fwd_b = c["forward_flops"], c["forward_bytes"] + c["inputs_bytes"]
     h_fp32 = max(fwd_f / H100["fp32"], fwd_b / H100["hbm"])
     h_tf32 = max(fwd_f / H100["tf32"], fwd_b / H100["hbm"])
@@ -549,6 +580,8 @@ def report(a, res):
     print(f"| {a['passes']}-pass FLOPs, ratio to one forward | {c['passes_flops'] / 1e9:,.0f} "
           f"GFLOP, {c['flop_ratio_passes']:.2f}x (naive {a['passes']} full passes: "
           f"{a['passes']}x) |")
+    print(f"| {a['passes']}-pass FLOPs, window estimator ({c['window']}^3 window), ratio | "
+          f"{c['window_flops'] / 1e9:,.0f} GFLOP, {c['flop_ratio_window']:.2f}x |")
     if "flops" in res and "cpu_conv_gflops" in res["flops"]:
         f = res["flops"]
         print(f"| CPU reference conv ({f['cpu_conv_shape']}) | {_ms(f['cpu_conv_s'])}, "
@@ -616,7 +649,7 @@ def report(a, res):
         print(f"\n| {a['passes']}-pass variant (same process) | time | ratio to one forward "
               f"(tf.function, {_ms(fwd)}) |\n| --- | --- | --- |")
         for key, v in pv.items():
-            if key.startswith(("eager", "tf.function", "compiled")):
+            if key.startswith(("eager", "tf.function", "compiled", "window estimator")):
                 print(f"| {key} | {_ms(v)} | {v / fwd:.1f}x |")
         print(f"| max difference between the variants (mm) | {pv['max_abs_diff_mm']:.2g} | |")
         print(f"| process peak RSS at the end | {pv['peak_rss_mib']:,.0f} MiB | |")

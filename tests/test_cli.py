@@ -121,6 +121,24 @@ def test_manifest_and_all_good_exit_zero(run, tmp_path):
     assert (tmp_path / "o" / "patient_a.mrk.json").is_file()
 
 
+def test_estimator_is_recorded_and_a_mismatch_with_the_threshold_warned(run, tmp_path):
+    # the module's model has quality.json without an estimator: its threshold is 'exact'
+    argv = ["predict", "--model", run["model_dir"], "--passes", 3, "--no-overlay", "--quiet",
+            run["good"][0]]
+    rc, err = run_cli(argv + ["--out", tmp_path / "exact"])
+    assert rc == 0 and "warning" not in err
+    assert json.loads((tmp_path / "exact" / "landmarks.json").read_text())["estimator"] == "exact"
+    rc, err = run_cli(argv + ["--out", tmp_path / "window", "--estimator", "window"])
+    assert rc == 0 and "chosen with the 'exact' estimator" in err
+    doc = json.loads((tmp_path / "window" / "landmarks.json").read_text())
+    assert doc["estimator"] == "window"
+    a = pd.read_csv(tmp_path / "exact" / "landmarks.csv")
+    b = pd.read_csv(tmp_path / "window" / "landmarks.csv")
+    assert not np.allclose(a.conf_volume_mm3, b.conf_volume_mm3)
+    rc, err = run_cli(argv + ["--out", tmp_path / "w2", "--estimator", "window", "--threshold", 1])
+    assert rc == 0 and "warning" not in err  # an explicit threshold is the user's own
+
+
 def test_usage_errors(run, tmp_path):
     rc, err = run_cli(["predict", "--model", tmp_path / "nowhere", "--out", tmp_path / "o",
                        run["good"][0]])

@@ -41,6 +41,13 @@ def test_wrong_type_is_named():
         cfgmod.validate({"synthetic": {"noise_hu": "loud"}})
 
 
+def test_estimator_is_one_of_two():
+    assert cfgmod.validate({})["evaluation"]["estimator"] == "exact"
+    assert cfgmod.validate({"evaluation": {"estimator": "window"}})["evaluation"]["estimator"] == "window"
+    with pytest.raises(cfgmod.ConfigError, match=r"evaluation\.estimator"):
+        cfgmod.validate({"evaluation": {"estimator": "fast"}})
+
+
 def test_shape_not_divisible_by_levels():
     with pytest.raises(cfgmod.ConfigError, match="finest_shape"):
         cfgmod.validate({"pyramid": {"finest_shape": 100, "levels": 4}})

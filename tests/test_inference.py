@@ -68,7 +68,8 @@ def setup(tmp_path_factory):
             "lm": inference.load_model_dir(model_dir)}
 
 
-def test_same_predictions_as_the_study(setup, tmp_path):
+@pytest.mark.parametrize("estimator", ["exact", "window"])
+def test_same_predictions_as_the_study(setup, tmp_path, estimator):
     lm, seed = setup["lm"], 17
     assert lm.noisy and lm.landmarks == LANDMARKS and lm.params == GRID
     # the study: pyramid on disk, then predict_cases
@@ -79,11 +80,12 @@ def test_same_predictions_as_the_study(setup, tmp_path):
                               tmp_path / case, case=case, threads=1)
         dirs.append(tmp_path / case)
     study = predict.predict_cases(lm.model, dirs, {}, setup["table"], LANDMARKS,
-                                  passes=PASSES, seed=seed, progress=False)
+                                  passes=PASSES, seed=seed, progress=False, estimator=estimator)
     truth = {(r.case_id, r.landmark): np.array([r.x, r.y, r.z])
              for r in setup["table"].itertuples()}
     for path in setup["scans"]:
-        res = inference.predict_scan(lm, path, passes=PASSES, seed=seed, threshold_mm3=None)
+        res = inference.predict_scan(lm, path, passes=PASSES, seed=seed, threshold_mm3=None,
+                                     estimator=estimator)
         for row in res.rows():
             s = study[(study.case_id == row["case_id"]) & (study.landmark == row["landmark"])]
             assert len(s) == 1
@@ -121,6 +123,22 @@ def test_predict_arrays_equals_case_prediction(setup, tmp_path):
     b = predict.case_prediction(lm.model, tmp_path / "c", passes=4, seed=5)
     for x, y in zip(a, b):
         np.testing.assert_allclose(x, y, atol=1e-5)
+
+
+def test_estimator_follows_the_quality_file(setup, tmp_path):
+    # inference computes its passes the way the quality threshold was chosen (quality.json)
+    lm, path = setup["lm"], setup["scans"][0]
+    assert lm.quality is None and lm.estimator == "exact"
+    model_dir = make_model_dir(tmp_path / "model")
+    (model_dir / "quality.json").write_text(json.dumps({"threshold_mm3": 50.0,
+                                                        "estimator": "window"}))
+    windowed = inference.load_model_dir(model_dir)
+    assert windowed.estimator == "window" and windowed.threshold_mm3 == 50.0
+    default = inference.predict_scan(windowed, path, passes=4, seed=2)
+    window = inference.predict_scan(lm, path, passes=4, seed=2, estimator="window")
+    exact = inference.predict_scan(lm, path, passes=4, seed=2)
+    np.testing.assert_allclose(default.sd, window.sd, atol=1e-6)
+    assert np.abs(window.sd - exact.sd).max() > 1e-3
 
 
 def test_metadata_without_preprocessing_is_refused(setup, tmp_path):

@@ -12,6 +12,7 @@ from locnet.layers import (
     RandomShift,
     center_of_mass,
     crop_resample,
+    cut_centres_of_mass,
     decode_heatmap,
     patch_to_volume,
 )
@@ -127,6 +128,32 @@ def test_crop_at_integer_centre_is_a_slice():
     np.testing.assert_allclose(out[0, 0], vol[0, 5:9, 4:8, 3:7], atol=1e-6)
     out = _np(crop_resample(vol, np.array([[[5.0, 6.0, 7.0]]], np.float32), 3))
     np.testing.assert_allclose(out[0, 0], vol[0, 4:7, 5:8, 6:9], atol=1e-6)
+
+
+@pytest.mark.parametrize("patch", [5, 6])
+def test_cut_centres_of_mass_equal_crop_then_centre_of_mass(patch):
+    # the box-sum shortcut against the long way: resample each cut, then its centre of mass
+    rng = np.random.default_rng(patch)
+    w = 14
+    maps = (rng.random((2, w, w, w)) ** 4).astype(np.float32)  # uneven, positive
+    maps[1, 3:6, 8:11, 2:5] += 5.0  # and a peak
+    lo, hi = (patch - 1) / 2.0, w - 1 - (patch - 1) / 2.0  # cuts inside the map
+    centres = rng.uniform(lo, hi, size=(2, 7, 3)).astype(np.float32)
+    centres[0, 0] = [lo, hi, lo]  # cuts touching the edges
+    centres[0, 1] = np.floor(centres[0, 1]) + (patch - 1) / 2.0 % 1  # integer-aligned cut
+    got = _np(cut_centres_of_mass(maps, centres, patch, epsilon=1e-6))
+    cuts = _np(crop_resample(maps[..., None], centres, patch))  # (2, 7, P, P, P, 1)
+    ref = _np(center_of_mass(cuts.reshape(14, patch, patch, patch, 1), 1e-6)).reshape(2, 7, 3)
+    assert got.shape == (2, 7, 3)
+    np.testing.assert_allclose(got, ref, atol=2e-4)
+    # the peak pulls landmark 1's cuts that hold it
+    assert np.abs(got - (patch - 1) / 2.0).max() > 0.2
+
+
+def test_cut_centres_of_mass_of_a_dead_map_is_the_cut_centre():
+    got = _np(cut_centres_of_mass(np.zeros((1, 10, 10, 10), np.float32),
+                                  np.array([[[4.3, 5.1, 4.9]]], np.float32), 4))
+    np.testing.assert_allclose(got, np.full((1, 1, 3), 1.5), atol=1e-6)
 
 
 def test_patch_to_volume_inverts_the_sampling_rule():

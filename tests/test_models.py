@@ -364,3 +364,70 @@ def test_compiled_finest_stage_is_reused_and_follows_the_weights():
     assert finest_stage(model, 4) is stage and coarse_stages(model) is coarse_stages(model)
     assert np.max(np.abs(after - before)) > 1e-4
     np.testing.assert_allclose(after, predict_passes(model, x, shifts, compiled=False), atol=1e-5)
+
+
+def _blob_maps(size):
+    """A stand-in finest U-Net for two landmarks: map 0 is its input, map 1 the input + 0.5."""
+    inp = keras.Input((size, size, size, 1))
+    conv = keras.layers.Conv3D(2, 1, kernel_initializer="ones",
+                               bias_initializer=keras.initializers.Constant([0.0, 0.5]))
+    return keras.Model(inp, conv(inp))
+
+
+def test_window_estimator_maps_each_cut_back_to_the_volume():
+    # Trilinear resampling keeps the centroid of a fully enclosed mass, so with map 0 equal to
+    # the input each pass of landmark 0 finds its blob's centre, in both estimators, to float
+    # rounding. Map 1 adds a uniform 0.5, which pulls landmark 1 towards each cut's centre by
+    # the same amount in both. So the two estimators agree pass by pass, and landmark 0 sits on
+    # its blob: this checks the window's crop, the cut positions, the per-landmark map and
+    # the way back to grid mm, against the exact stage given the same centres and shifts.
+    from locnet.models import finest_stage, window_size, window_stage
+
+    grid = {"finest_shape": 48, "finest_spacing_mm": 1.0, "levels": 2}
+    keras.utils.set_random_seed(0)
+    model = build_model("multiscale_e2e_noise", {**TINY_CFG, "patch": 12, "noise_mm": 2.0}, grid)
+    assert window_size(model) == 16  # 12 + 2 x 2 voxels, a multiple of the stride 2
+    model.level_nets[0].net = _blob_maps(12)
+    centres = np.array([[14.3, 16.0, 30.6], [33.2, 30.5, 15.1]], np.float32)  # grid mm = voxels
+    blobs = centres + np.array([[0.6, -0.8, 0.3], [-0.4, 0.7, -0.5]], np.float32)
+    ii = np.stack(np.meshgrid(*[np.arange(48.0)] * 3, indexing="ij"), -1)
+    level0 = sum(np.exp(-np.sum((ii - b) ** 2, -1) / (2 * 0.8**2)) for b in blobs)
+    volume = level0[None, ..., None].astype(np.float32)
+    n = 6
+    shifts = sample_shifts(n, 2, 2.0, seed=3)
+    window = window_stage(model, n).predict_on_batch(
+        {"volume": volume, "centres": centres[None], "shifts": shifts[None]})[0]
+    exact = finest_stage(model, n * 2).predict_on_batch(
+        {"volume": volume, "centres": (centres + shifts).reshape(1, -1, 3)}).reshape(n, 2, 3)
+    np.testing.assert_allclose(window, exact, atol=2e-3)
+    np.testing.assert_allclose(window[:, 0], np.broadcast_to(blobs[0], (n, 3)), atol=2e-3)
+    # landmark 1 lies between its blob and each cut's centre, at one fixed fraction of the way
+    # (the uniform mass over the mass of the whole cut): it moves with every shift
+    towards = (centres[1] + shifts[:, 1]) - blobs[1]
+    fraction = (window[:, 1] - blobs[1]) / towards
+    assert 0.5 < fraction.mean() < 1.0
+    np.testing.assert_allclose(fraction, fraction.mean(), atol=2e-3)
+
+
+def test_window_estimator_shares_the_weights_and_checks_its_inputs():
+    from locnet.models import window_stage
+
+    model = _build("multiscale_e2e_noise")
+    x = _tiny_inputs(1)
+    shifts = sample_shifts(4, 2, 5.0, seed=2)
+    compiled = predict_passes(model, x, shifts, estimator="window")
+    np.testing.assert_allclose(
+        compiled, predict_passes(model, x, shifts, estimator="window", compiled=False), atol=1e-5
+    )
+    stage = window_stage(model, 4)
+    assert window_stage(model, 4) is stage
+    shared = {id(v) for v in stage.weights}
+    assert all(id(v) in shared for v in model.level_nets[0].weights)  # no copy of the weights
+    net = model.level_nets[0]
+    net.set_weights([w * 1.5 for w in net.get_weights()])
+    after = predict_passes(model, x, shifts, estimator="window")
+    assert np.max(np.abs(after - compiled)) > 1e-4
+    with pytest.raises(ValueError, match="within"):
+        predict_passes(model, x, shifts * 2.0, estimator="window")
+    with pytest.raises(ValueError, match="unknown estimator"):
+        predict_passes(model, x, shifts, estimator="bootstrap")

@@ -130,6 +130,29 @@ def test_rerun_has_nothing_to_do(tiny_study):
     assert "Nothing to be done" in run.stdout + run.stderr
 
 
+def test_quality_threshold_and_a_change_of_estimator(tiny_study, tmp_path):
+    import json
+
+    from locnet import quality
+
+    q = json.loads((tiny_study / "models" / "multiscale_e2e_noise" / "quality.json").read_text())
+    preds = pd.read_csv(tiny_study / "predictions" / "multiscale_e2e_noise.csv")
+    assert q["estimator"] == "exact"  # the config's, for inference to use the same
+    assert q["threshold_mm3"] == pytest.approx(quality.choose_threshold(preds)["threshold_mm3"])
+    # another estimator re-runs the noisy method's predictions and what depends on them only
+    overlay = tmp_path / "window.yaml"
+    overlay.write_text("evaluation:\n  estimator: window\n")
+    run = run_snakemake(tiny_study.parent, "-n", "--cores", "2", "--configfile",
+                        str(ROOT / "config" / "tiny.yaml"), str(overlay), "--config",
+                        "results=results")
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = run.stdout + run.stderr
+    counts = {l.split()[0]: int(l.split()[1]) for l in out.splitlines()
+              if len(l.split()) == 2 and l.split()[1].isdigit()}
+    assert counts.get("predict") == 1 and counts.get("quality_threshold") == 1, out[-3000:]
+    assert "train" not in counts and "pyramid" not in counts
+
+
 def test_paper_config_plans(tmp_path):
     run = run_snakemake(tmp_path, "-n", "--quiet", "rules", "--cores", "8", "--resources", "gpu=1",
                     "--configfile", str(ROOT / "config" / "paper.yaml"), timeout=300)

@@ -87,6 +87,12 @@ class LoadedModel:
         return str(self.metadata.get("method", self.model_dir.name))
 
     @property
+    def estimator(self) -> str:
+        """The estimator of the noisy passes the quality threshold was chosen with
+        (``quality.json``'s ``estimator``; ``"exact"`` when absent)."""
+        return str((self.quality or {}).get("estimator") or "exact")
+
+    @property
     def threshold_mm3(self) -> float | None:
         if self.quality is None or self.quality.get("threshold_mm3") is None:
             return None
@@ -268,13 +274,15 @@ def _strip_where(msg: str) -> str:
 def predict_scan(lm: LoadedModel, path: Any, case_id: str | None = None, passes: int | None = None,
                  seed: int = 0, threshold_mm3: float | None = None,
                  min_coverage: float = DEFAULT_MIN_COVERAGE, threads: int | None = None,
-                 ) -> ScanResult:
+                 estimator: str | None = None) -> ScanResult:
     """Predict the landmarks of one scan; raises :class:`ScanError` with a one-line reason.
 
     ``passes``: noisy passes (default: the model's); ``seed``: the run's seed, from which the
     scan's noise draws derive as ``seeds.derive(seed, case_id)`` (as in the study's
     predictions); ``threshold_mm3``: quality threshold on the confidence volume (``None``:
-    no flag); ``min_coverage``: least fraction of the model's field of view the scan must cover.
+    no flag); ``min_coverage``: least fraction of the model's field of view the scan must cover;
+    ``estimator``: how the noisy passes are computed (:func:`locnet.models.predict_passes`;
+    default: the one the model's quality threshold was chosen with, :attr:`LoadedModel.estimator`).
     """
     path = Path(path)
     case = case_id or case_id_from_path(path)
@@ -298,7 +306,8 @@ def predict_scan(lm: LoadedModel, path: Any, case_id: str | None = None, passes:
     del data
     n_passes = lm.default_passes if passes is None else int(passes)
     pos, samples, _ = predict_arrays(lm.model, inputs, n_passes if lm.noisy else 0,
-                                     seeds.derive(int(seed), case))
+                                     seeds.derive(int(seed), case),
+                                     estimator=estimator or lm.estimator)
     world = grid.grid_mm_to_world(pos)
     voxel = geometry.world_to_voxel(affine, world)
     inside = np.atleast_1d(geometry.inside_scan(affine, shape, world))

@@ -20,6 +20,7 @@ __all__ = [
     "RandomShift",
     "center_of_mass",
     "crop_resample",
+    "cut_centres_of_mass",
     "patch_to_volume",
     "decode_heatmap",
 ]
@@ -154,6 +155,73 @@ def patch_to_volume(centres, q, patch_size: int):
     Inverse of the sampling rule of :func:`crop_resample`: ``centre - (P - 1) / 2 + q``.
     """
     return centres - (patch_size - 1) / 2.0 + q
+
+
+def _box_sums(x, patch_size: int, axis: int):
+    """Sums of ``P`` consecutive entries along ``axis``: (..., n, ...) -> (..., n - P + 1, ...).
+
+    One cumulative sum along that axis only, so its rounding stays that of ``n`` terms.
+    """
+    n, p = int(x.shape[axis]), int(patch_size)
+    c = ops.cumsum(x, axis=axis)
+    pad = [(0, 0)] * len(x.shape)
+    pad[axis] = (1, 0)
+    c = ops.pad(c, pad)
+    hi = [slice(None)] * len(x.shape)
+    lo = [slice(None)] * len(x.shape)
+    hi[axis], lo[axis] = slice(p, n + 1), slice(0, n - p + 1)
+    return c[tuple(hi)] - c[tuple(lo)]
+
+
+def cut_centres_of_mass(maps, centres, patch_size: int, epsilon: float = 1e-6):
+    """Centre of mass of trilinearly resampled ``P^3`` cuts of maps, without resampling them.
+
+    ``maps``: (B, W, W, W) non-negative; ``centres``: (B, M, 3) voxel coordinates of ``maps``.
+    Returns (B, M, 3): for each centre, what :func:`center_of_mass` gives on the patch that
+    :func:`crop_resample` would cut there (patch voxel coordinates), for cuts inside the map.
+
+    Every voxel of a cut shares one fractional offset, so a cut is a fixed blend of the
+    eight integer-aligned ``P^3`` boxes around it, and its mass and first moments are the same
+    blend of the boxes' sums. Those come from separable box sums of the map and of the map
+    times each coordinate, computed once for all box origins; each cut then costs eight
+    lookups instead of ``P^3`` resampled voxels. Cuts reaching outside the map are clamped
+    to its edge (they would read ``background`` in :func:`crop_resample`).
+    """
+    maps = ops.convert_to_tensor(maps)
+    w, p = int(maps.shape[1]), int(patch_size)
+    dtype = maps.dtype
+    n = w - p + 1  # box origins per axis
+    idx = ops.arange(w, dtype=dtype)
+    quantities = ops.stack([
+        maps,
+        maps * idx[:, None, None],
+        maps * idx[None, :, None],
+        maps * idx[None, None, :],
+    ], axis=-1)  # (B, W, W, W, 4): mass and first moments about the map's origin
+    for axis in (1, 2, 3):
+        quantities = _box_sums(quantities, p, axis)  # -> (B, n, n, n, 4)
+    flat = ops.reshape(quantities, (-1, 4))
+    m = int(centres.shape[1])
+    origin = ops.cast(centres, dtype) - (p - 1) / 2.0  # (B, M, 3) first cut voxel
+    base = ops.floor(origin)
+    frac = origin - base
+    base = ops.cast(base, "int32")
+    batch = ops.reshape(ops.arange(ops.shape(maps)[0], dtype="int32") * (n * n * n), (-1, 1))
+    mass = 0.0
+    first = 0.0
+    for di, dj, dk in itertools.product((0, 1), repeat=3):
+        corner = ops.clip(base + ops.convert_to_tensor([di, dj, dk], "int32"), 0, n - 1)
+        lin = batch + corner[..., 0] * (n * n) + corner[..., 1] * n + corner[..., 2]
+        box = ops.reshape(ops.take(flat, ops.reshape(lin, (-1,)), axis=0), (-1, m, 4))
+        weight = ((frac[..., 0] if di else 1.0 - frac[..., 0])
+                  * (frac[..., 1] if dj else 1.0 - frac[..., 1])
+                  * (frac[..., 2] if dk else 1.0 - frac[..., 2]))[..., None]  # (B, M, 1)
+        # moments about the box's own first voxel: about the map's origin minus corner * mass
+        rel = box[..., 1:] - ops.cast(corner, dtype) * box[..., :1]
+        mass = mass + weight * box[..., :1]
+        first = first + weight * rel
+    eps = ops.cast(epsilon, dtype)
+    return (first + eps * ((p - 1) / 2.0)) / (mass + eps)
 
 
 @keras.saving.register_keras_serializable(package="locnet")

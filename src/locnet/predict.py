@@ -36,27 +36,29 @@ def is_noisy(model) -> bool:
 
 
 def predict_arrays(model, inputs, passes: int = 0, seed: int = 0,
-                   chunk: int | None = models.PASS_CHUNK):
+                   chunk: int | None = models.PASS_CHUNK, estimator: str = "exact"):
     """One case from in-memory inputs ``{"level{l}": (1, n, n, n, 1)}``.
 
     Returns ``(position (K,3) grid mm, passes (n,K,3) grid mm or None, deterministic (K,3))``.
     With ``passes`` > 0 and a noisy model, ``position`` is the mean over the noisy passes and
     ``deterministic`` the noise-free prediction; otherwise both are the noise-free prediction.
+    ``estimator``: how the passes are computed (:func:`locnet.models.predict_passes`).
     Used by the study (:func:`case_prediction`) and by inference on new scans alike.
     """
     det = models.predict_position(model, inputs)[0]
     if passes > 0 and is_noisy(model):
         shifts = models.sample_shifts(passes, model.n_landmarks, float(model.noise_mm), seed=seed)
-        samples = np.asarray(models.predict_passes(model, inputs, shifts, chunk=chunk), np.float64)
+        samples = np.asarray(models.predict_passes(model, inputs, shifts, chunk=chunk,
+                                                   estimator=estimator), np.float64)
         return samples.mean(axis=0), samples, det
     return det, None, det
 
 
 def case_prediction(model, case_dir, passes: int = 0, seed: int = 0,
-                    chunk: int | None = models.PASS_CHUNK):
+                    chunk: int | None = models.PASS_CHUNK, estimator: str = "exact"):
     """:func:`predict_arrays` on a case of the stored (memory-mapped) pyramid."""
     inputs = data.load_case_inputs(case_dir, data.model_levels(model))
-    return predict_arrays(model, inputs, passes, seed, chunk)
+    return predict_arrays(model, inputs, passes, seed, chunk, estimator)
 
 
 def predict_cases(
@@ -69,12 +71,15 @@ def predict_cases(
     seed: int = 0,
     confidence: float = 0.90,
     progress: bool = True,
+    estimator: str = "exact",
 ) -> pd.DataFrame:
     """Predict every case in ``case_dirs``; one row per case and landmark (world RAS mm).
 
     ``subsets`` maps case id to its subset (``val``/``test``); ``landmark_table`` holds the
     annotations (world RAS mm, NaN where missing: error is then NaN too). Each case's noise
     draws depend only on ``(seed, case_id)``, so results do not depend on the case order.
+    ``estimator`` (``"exact"`` or ``"window"``): how the noisy passes are computed
+    (:func:`locnet.models.predict_passes`).
     """
     truth = data.landmark_index(data.read_landmark_table(landmark_table))
     noisy = passes > 0 and is_noisy(model)
@@ -87,7 +92,8 @@ def predict_cases(
     for case_dir in iterator:
         case = data.case_id_of(case_dir)
         grid = read_grid(case_dir)
-        pos, samples, det = case_prediction(model, case_dir, passes, seeds.derive(seed, case))
+        pos, samples, det = case_prediction(model, case_dir, passes, seeds.derive(seed, case),
+                                            estimator=estimator)
         world = grid.grid_mm_to_world(pos)
         det_world = grid.grid_mm_to_world(det)
         for k, name in enumerate(landmarks):

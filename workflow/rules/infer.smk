@@ -16,6 +16,7 @@ rule quality_threshold:
     params:
         target_error_mm=config["inference"]["target_error_mm"],
         target_fraction=config["inference"]["target_fraction"],
+        estimator=config["evaluation"]["estimator"],
     log:
         f"{RES}/logs/quality_threshold/{{method}}.log",
     localrule: True

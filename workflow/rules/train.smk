@@ -57,6 +57,7 @@ rule predict:
         landmarks=config["landmarks"],
         passes=lambda wc: config["evaluation"]["passes"] if wc.method in NOISY_METHODS else 0,
         confidence=config["evaluation"]["confidence"],
+        estimator=lambda wc: config["evaluation"]["estimator"] if wc.method in NOISY_METHODS else "exact",
         seed=lambda wc: rule_seed(f"predict/{wc.method}"),
     log:
         f"{RES}/logs/predict/{{method}}.log",

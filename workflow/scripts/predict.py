@@ -32,6 +32,7 @@ with job_logging(snakemake) as log:
         passes=snakemake.params.passes,
         seed=snakemake.params.seed,
         confidence=snakemake.params.confidence,
+        estimator=snakemake.params.estimator,
     )
     io.write_csv_atomic(table, snakemake.output.predictions)
     test = table[table["subset"] == "test"]

@@ -19,6 +19,8 @@ with job_logging(snakemake) as log:
         subset="val",
     )
     result["method"] = snakemake.wildcards.method
+    # inference computes its passes the same way, so that its volumes match the threshold
+    result["estimator"] = snakemake.params.estimator
     quality.write_quality(result, snakemake.output.quality)
     log.info("%s: threshold %.1f mm^3 (%d of %d validation landmarks accepted)",
              snakemake.wildcards.method, result["threshold_mm3"], result["n_accepted"],
