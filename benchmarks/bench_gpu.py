@@ -53,7 +53,6 @@ from bench_paper_scale import (  # noqa: E402  (plain helpers: no TensorFlow at 
     run_child,
     shapes,
     training_setup,
-    window_side,
     write_case,
 )
 
@@ -257,8 +256,7 @@ CHILDREN = {"forward": child_forward, "memory": child_memory, "epoch": child_epo
 # report
 # ---------------------------------------------------------------------------------------------
 def report(a: dict, res: dict) -> None:
-    c = model_counts(a["finest"], a["levels"], a["patch"], a["k"], a["passes"],
-                     window_side(a["patch"], a["spacing"]))
+    c = model_counts(a["finest"], a["levels"], a["patch"], a["k"], a["passes"], a["spacing"])
     info = next((r["info"] for r in [res.get("forward"), res.get("epoch")]
                  if r and "info" in r), {})
     print(f"backend {info.get('backend', '?')} on {info.get('device', '?')}; "

@@ -99,13 +99,11 @@ def window_side(patch: int, spacing_mm: float, noise_mm: float = 5.0, stride: in
 
 
 def model_counts(finest: int, levels: int, patch: int, k: int, passes: int = 1,
-                 window: int | None = None) -> dict:
+                 spacing_mm: float = 0.5) -> dict:
     """FLOPs and bytes of one forward pass of the multi-scale chain and of ``passes`` passes
     run as :func:`locnet.models.predict_passes` does (coarse levels once), for both estimators
-    (``window``: side of the window estimator's window, :func:`window_side`; default: the
-    paper's, the patch plus +-5 mm at 0.5 mm)."""
-    if window is None:
-        window = window_side(patch, 0.5)
+    (the window estimator's window from the finest spacing ``spacing_mm``: :func:`window_side`)."""
+    window = window_side(patch, spacing_mm)
     top = levels - 1
     net_f, net_b = unet_counts(patch, 1, k)
     coarse_f, coarse_b = unet_counts(finest // 2**top, 1, k)
@@ -201,8 +199,7 @@ def random_targets(a):
 def child_flops(a):
     keras, tf = _setup(a["threads"])
 
-    out = model_counts(a["finest"], a["levels"], a["patch"], a["k"], a["passes"],
-                     window_side(a["patch"], a["spacing"]))
+    out = model_counts(a["finest"], a["levels"], a["patch"], a["k"], a["passes"], a["spacing"])
     # reference: one large 3x3x3 convolution, the decoder's 48 -> 16 at the patch size,
     # batch = 2 K (what the finest level of the 50 passes runs in chunks)
     n, b = a["patch"], max(4, 2 * a["k"])
@@ -559,8 +556,7 @@ def main(argv=None):
 
 
 def report(a, res):
-    c = model_counts(a["finest"], a["levels"], a["patch"], a["k"], a["passes"],
-                     window_side(a["patch"], a["spacing"]))
+    c = model_counts(a["finest"], a["levels"], a["patch"], a["k"], a["passes"], a["spacing"])
     fwd_f, fwd_b = c["forward_flops"], c["forward_bytes"] + c["inputs_bytes"]
     h_fp32 = max(fwd_f / H100["fp32"], fwd_b / H100["hbm"])
     h_tf32 = max(fwd_f / H100["tf32"], fwd_b / H100["hbm"])

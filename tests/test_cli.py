@@ -139,6 +139,15 @@ def test_estimator_is_recorded_and_a_mismatch_with_the_threshold_warned(run, tmp
     assert rc == 0 and "warning" not in err  # an explicit threshold is the user's own
 
 
+def test_estimator_choices_are_the_models():
+    # the parser lists them itself, so that --help needs no Keras import
+    from locnet.models import ESTIMATORS
+
+    action = next(a for a in cli.build_parser()._subparsers._group_actions[0].choices["predict"]
+                  ._actions if a.dest == "estimator")
+    assert tuple(action.choices) == ESTIMATORS
+
+
 def test_usage_errors(run, tmp_path):
     rc, err = run_cli(["predict", "--model", tmp_path / "nowhere", "--out", tmp_path / "o",
                        run["good"][0]])

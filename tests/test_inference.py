@@ -139,6 +139,11 @@ def test_estimator_follows_the_quality_file(setup, tmp_path):
     exact = inference.predict_scan(lm, path, passes=4, seed=2)
     np.testing.assert_allclose(default.sd, window.sd, atol=1e-6)
     assert np.abs(window.sd - exact.sd).max() > 1e-3
+    # an estimator the code does not know is refused when the folder is loaded, naming the file
+    (model_dir / "quality.json").write_text(json.dumps({"threshold_mm3": 50.0,
+                                                        "estimator": "fast"}))
+    with pytest.raises(inference.ModelDirError, match=r"quality\.json: unknown estimator 'fast'"):
+        inference.load_model_dir(model_dir)
 
 
 def test_metadata_without_preprocessing_is_refused(setup, tmp_path):

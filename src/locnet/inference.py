@@ -134,7 +134,7 @@ def load_model_dir(model_dir: Any) -> LoadedModel:
     """
     import keras
 
-    from . import data, models, predict  # noqa: F401  (models registers the custom layers)
+    from . import data, models, predict  # models also registers the custom layers
 
     model_dir = Path(model_dir)
     if model_dir.is_file() and model_dir.name == "model.keras":
@@ -159,6 +159,11 @@ def load_model_dir(model_dir: Any) -> LoadedModel:
         if have is not None and not math.isclose(float(have), float(params[key])):
             raise ModelDirError(f"model {model_dir} was built for {key}={have} but its "
                                 f"metadata.json says {params[key]}")
+    qual = quality.read_quality(model_dir)
+    estimator = (qual or {}).get("estimator")
+    if estimator is not None and estimator not in models.ESTIMATORS:
+        raise ModelDirError(f"{model_dir / quality.QUALITY_FILE}: unknown estimator {estimator!r} "
+                            f"(one of {', '.join(models.ESTIMATORS)})")
     landmarks = [str(n) for n in metadata.get("landmarks") or getattr(model, "landmarks", [])]
     model_landmarks = getattr(model, "landmarks", None)
     if model_landmarks is not None and list(model_landmarks) != landmarks:
@@ -167,7 +172,7 @@ def load_model_dir(model_dir: Any) -> LoadedModel:
     return LoadedModel(model=model, metadata=metadata, model_dir=model_dir, params=params,
                        landmarks=landmarks, levels=data.model_levels(model),
                        noisy=predict.is_noisy(model), default_passes=_default_passes(metadata),
-                       quality=quality.read_quality(model_dir))
+                       quality=qual)
 
 
 # --------------------------------------------------------------------------- preprocessing
