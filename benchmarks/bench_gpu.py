@@ -136,6 +136,37 @@ def _timed(call, repeat: int) -> dict:
 # ---------------------------------------------------------------------------------------------
 # children
 # ---------------------------------------------------------------------------------------------
+def _stage_times(model, xd: dict, shifts, repeat: int) -> dict:
+    """Where the passes' time goes: each compiled stage of ``predict_passes`` on its own, the
+    window estimator's U-Net without its cuts, and all exact passes in one batch."""
+    import numpy as np
+    from keras import ops
+
+    from locnet.models import coarse_stages, finest_stage, predict_passes, window_stage
+
+    k, n = model.n_landmarks, shifts.shape[0]
+    coarse = coarse_stages(model)
+    levels = {key: v for key, v in xd.items() if key != "level0"}
+    base = np.asarray(coarse.predict_on_batch(levels))[0]
+    chunk = 8
+    centres = ops.convert_to_tensor((base[None] + shifts[:chunk]).reshape(1, -1, 3))
+    finest = finest_stage(model, chunk * k)
+    window = window_stage(model, n)
+    win_in = {"volume": xd["level0"], "centres": ops.convert_to_tensor(base[None]),
+              "shifts": ops.convert_to_tensor(shifts[None])}
+    w = window.window
+    net_in = ops.convert_to_tensor(np.random.default_rng(0).random((k, w, w, w, 1), "float32"))
+    calls = {
+        "coarse stages (once per case)": lambda: coarse.predict_on_batch(levels),
+        f"finest stage, one chunk of {chunk} passes": lambda: finest.predict_on_batch(
+            {"volume": xd["level0"], "centres": centres}),
+        "window stage (all passes)": lambda: window.predict_on_batch(win_in),
+        f"window U-Net alone, {k} x {w}^3": lambda: window.window_net.predict_on_batch(net_in),
+        f"exact passes, all {n} in one batch": lambda: predict_passes(model, xd, shifts, chunk=None),
+    }
+    return {name: _timed(call, repeat) for name, call in calls.items()}
+
+
 def child_forward(a):
     import numpy as np
 
@@ -148,14 +179,24 @@ def child_forward(a):
     res["device inputs"] = _timed(lambda: model.predict_on_batch(xd)["position"], a["repeat"])
     res["host inputs"] = _timed(lambda: model.predict_on_batch(x)["position"], a["repeat"])
     shifts = sample_shifts(a["passes"], a["k"], 5.0, seed=0)
-    ref = predict_passes(model, x, shifts)  # compiles both stages
-    res["passes"] = _timed(lambda: predict_passes(model, x, shifts), a["repeat"])
+    # the passes take the device inputs, like the forward they are compared with
+    ref = predict_passes(model, xd, shifts)  # compiles both stages
+    res["passes"] = _timed(lambda: predict_passes(model, xd, shifts), a["repeat"])
     res["passes"]["n"], res["passes"]["chunk"] = a["passes"], PASS_CHUNK
     eager = predict_passes(model, x, shifts, compiled=False)
     res["passes"]["max_diff_eager_mm"] = float(np.abs(eager - ref).max())
-    predict_passes(model, x, shifts, estimator="window")  # compiles the window stage
-    res["window"] = _timed(lambda: predict_passes(model, x, shifts, estimator="window"), a["repeat"])
+    predict_passes(model, xd, shifts, estimator="window")  # compiles the window stage
+    res["window"] = _timed(lambda: predict_passes(model, xd, shifts, estimator="window"),
+                           a["repeat"])
+    res["stages"] = _stage_times(model, xd, shifts, a["repeat"])
     res["peak_device_bytes"] = peak_device_bytes()
+    # Latency probe: the same chain (same layers, same number of kernels) on the quick shapes,
+    # 1/43 of the FLOPs. If it takes about as long as the full-size forward, the forward is
+    # bound by per-op launches and synchronisation, not by arithmetic or memory traffic.
+    small = {**a, **shapes(True)}
+    small_model = build(small)
+    xs = _on_device(random_inputs(small, small_model.input_levels))
+    res["small chain"] = _timed(lambda: small_model.predict_on_batch(xs)["position"], a["repeat"])
     return res
 
 
@@ -278,6 +319,15 @@ def report(a: dict, res: dict) -> None:
             w = fw["window"]["median_s"]
             print(f"{ps['n']} passes, window estimator ({c['window']}^3): {_ms(w)} = {w / one:.1f}x "
                   f"one forward (FLOP ratio {c['flop_ratio_window']:.1f}x)")
+        for name, r in (fw.get("stages") or {}).items():
+            print(f"- {name}: {_ms(r['median_s'])} = {r['median_s'] / one:.2f}x one forward")
+        if "small chain" in fw:
+            q = shapes(True)
+            cq = model_counts(q["finest"], q["levels"], q["patch"], q["k"], 1, q["spacing"])
+            s = fw["small chain"]["median_s"]
+            print(f"same chain at {q['finest']}^3 / {q['patch']}^3 patches "
+                  f"({cq['forward_flops'] / c['forward_flops']:.4f} of the FLOPs): {_ms(s)} = "
+                  f"{s / one:.2f} of the full forward (near 1: bound by launches, not FLOPs)")
     elif fw:
         print(f"\nforward failed: {fw['error']}")
     mem = res.get("memory") or []

@@ -482,7 +482,8 @@ def run_child(part: str, a: dict, timeout: float, script: str = __file__) -> dic
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
     if proc.returncode != 0:
-        return {"error": (proc.stderr.strip().splitlines() or [f"rc {proc.returncode}"])[-1]}
+        lines = proc.stderr.strip().splitlines() or [f"rc {proc.returncode}"]
+        return {"error": lines[-1], "stderr_tail": lines[-40:]}
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     out["wall_s"] = time.perf_counter() - t
     return out

@@ -431,3 +431,56 @@ def test_window_estimator_shares_the_weights_and_checks_its_inputs():
         predict_passes(model, x, shifts * 2.0, estimator="window")
     with pytest.raises(ValueError, match="unknown estimator"):
         predict_passes(model, x, shifts, estimator="bootstrap")
+
+
+def _count_calls(monkeypatch, cls, name):
+    """Count Python-level calls of ``cls.name`` from now on; returns the list that grows."""
+    calls, original = [], getattr(cls, name)
+
+    def counted(self, *args, **kwargs):
+        calls.append(name)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_compiled_steps_do_not_rerun_the_model_in_python(method, monkeypatch):
+    """Once traced, predict_on_batch and train_on_batch run the compiled function alone.
+
+    Keras's JAX trainer runs the whole model eagerly before every predict_on_batch while any
+    layer is unbuilt; a weightless layer that is never called (a level net's own centre of
+    mass, in a chain that reads the level nets' maps) kept that on and cost 200 ms per forward
+    on an H200 (benchmarks/README.md). Torch runs eagerly by design, so it is not asked.
+    """
+    if keras.backend.backend() == "torch":
+        pytest.skip("the torch backend runs the model in Python on every call")
+    model = _build(method)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    x, y = _tiny_inputs(1), _tiny_targets(1)
+    model.predict_on_batch(x)
+    model.train_on_batch(x, y)
+    calls = _count_calls(monkeypatch, type(model), "call")
+    first = model.predict_on_batch(x)
+    model.train_on_batch(x, y)
+    model.predict_on_batch(x)
+    assert calls == []
+    assert np.all(np.isfinite(first["position"]))
+
+
+def test_compiled_passes_do_not_rerun_the_chain_in_python(monkeypatch):
+    if keras.backend.backend() == "torch":
+        pytest.skip("the torch backend runs the model in Python on every call")
+    model = _build("multiscale_e2e_noise")
+    x = _tiny_inputs(1)
+    shifts = sample_shifts(4, 2, 5.0, seed=0)
+    ref = predict_passes(model, x, shifts, chunk=2)
+    window = predict_passes(model, x, shifts, estimator="window")
+    # backend tensors are taken as they are (no round trip through NumPy), same answer
+    on_device = {k: ops.convert_to_tensor(v) for k, v in x.items()}
+    np.testing.assert_allclose(predict_passes(model, on_device, shifts, chunk=2), ref, atol=1e-6)
+    calls = _count_calls(monkeypatch, MultiScaleLocNet, "refine")
+    np.testing.assert_array_equal(predict_passes(model, x, shifts, chunk=2), ref)
+    np.testing.assert_array_equal(predict_passes(model, x, shifts, estimator="window"), window)
+    assert calls == []

@@ -69,6 +69,10 @@ class CenterOfMass(keras.layers.Layer):
     def __init__(self, epsilon: float = 1e-6, **kwargs):
         super().__init__(**kwargs)
         self.epsilon = float(epsilon)
+        # Weightless: built from the start. Keras's JAX trainer re-runs the whole model eagerly
+        # before every predict_on_batch while any layer is unbuilt, and a multi-scale chain
+        # never calls its level nets' own CenterOfMass (it reads their maps).
+        self.built = True
 
     def call(self, mass):
         return center_of_mass(mass, self.epsilon)
@@ -236,6 +240,7 @@ class CropResample(keras.layers.Layer):
         super().__init__(**kwargs)
         self.patch_size = int(patch_size)
         self.background = float(background)
+        self.built = True  # weightless (see CenterOfMass)
 
     def call(self, volume, centres):
         return crop_resample(volume, centres, self.patch_size, self.background)
@@ -272,6 +277,7 @@ class RandomShift(keras.layers.Layer):
         self.max_shift = float(max_shift)
         self.seed = None if seed is None else int(seed)
         self.seed_generator = keras.random.SeedGenerator(self.seed)
+        self.built = True  # no weights; its seed state is made above (see CenterOfMass)
 
     def call(self, x, training=None, active=None):
         on = bool(training) if active is None else bool(active)
