@@ -269,6 +269,76 @@ def test_heatmap_targets_decode_back_to_the_positions():
     np.testing.assert_allclose(back, pos, atol=0.3)
 
 
+def test_heatmap_unet_starts_near_zero_and_its_loss_balances_the_foreground():
+    """The heatmap head starts near 0 (not at a He-initialised unit scale over every voxel,
+    which cost 40x the zero map's loss in the default study and ended in the all-zero map),
+    and the balanced weighting gives the Gaussian's neighbourhood as much weight as the rest
+    of the volume, so the all-zero map is no longer a good answer."""
+    model = _build("heatmap_unet", heatmap_sigma_mm=10.0)
+    x, y = _tiny_inputs(2), _tiny_targets(2)
+    hm = _np(model(x)["heatmap"])
+    assert np.abs(hm).max() < 0.01 * model.heatmap_peak
+    he = _build("heatmap_unet", heatmap_sigma_mm=10.0)
+    he = type(he).from_config({**he.get_config(), "head_init_std": None})
+    assert np.abs(_np(he(x)["heatmap"])).max() > 0.05  # the He head: unit-scale outputs
+    unit = model.target_heatmaps(y["position"])
+    perfect = _np(model.heatmap_loss(model.heatmap_peak * unit, unit))
+    zero = _np(model.heatmap_loss(ops.zeros_like(unit), unit))
+    np.testing.assert_allclose(perfect, 0.0, atol=1e-6)
+    # balanced: the foreground term's total weight equals the background's (n^3), so the
+    # zero map costs far more than under the plain mean of squares
+    u = _np(unit)
+    n3 = np.prod(u.shape[1:4])
+    lam = n3 / u.sum(axis=(1, 2, 3))
+    w = 1.0 + lam[:, None, None, None, :] * u
+    want = (w * (model.heatmap_peak * u) ** 2).sum(axis=(1, 2, 3)) / w.sum(axis=(1, 2, 3))
+    np.testing.assert_allclose(zero, want, rtol=1e-4)
+    plain_mean = (model.heatmap_peak * u) ** 2
+    assert np.all(zero > 5 * plain_mean.mean(axis=(1, 2, 3)))  # 10x here, ~1000x at 64^3
+    # the model's own loss at initialisation is about the zero map's
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    first = model.train_on_batch(x, y, return_dict=True)["loss"]
+    assert 0.8 < first / zero.mean() < 1.2
+    with pytest.raises(ValueError, match="heatmap_foreground_weight"):
+        _build("heatmap_unet", heatmap_foreground_weight="lots")
+
+
+def test_heatmap_unet_learns_a_blob_that_marks_the_landmark():
+    """A few dozen steps on volumes whose only structure is a bright blob at each landmark:
+    the heatmap U-Net must beat the zero map's loss clearly and move its argmax towards the
+    blobs (the model before the fix stayed at the zero map)."""
+    keras.utils.set_random_seed(3)
+    model = _build("heatmap_unet", heatmap_sigma_mm=10.0, unet={"filters": [8, 16]})
+    model.compile(optimizer=keras.optimizers.Adam(3e-3))
+    rng = np.random.default_rng(5)
+    grid = np.arange(16) * 5.0 + 2.5  # finest voxel centres in grid mm (5 mm spacing)
+
+    def case():
+        pos = rng.uniform(15.0, 65.0, (1, 2, 3)).astype(np.float32)
+        d2 = [sum((g - pos[0, k, a]) ** 2 for a, g in enumerate(np.meshgrid(grid, grid, grid,
+              indexing="ij"))) for k in range(2)]
+        vol = sum(np.exp(-d / (2 * 7.0**2)) for d in d2)[None, ..., None]
+        return _pyramid(vol, TINY_GRID["levels"]), {"position": pos,
+                                                     "mask": np.ones((1, 2), np.float32)}
+
+    cases = [case() for _ in range(12)]
+    x0, y0 = cases[0]
+    unit = model.target_heatmaps(y0["position"])
+    zero = float(_np(ops.mean(model.heatmap_loss(ops.zeros_like(unit), unit))))
+
+    def error():
+        return np.mean([np.linalg.norm(_np(model.predict_on_batch(x)["position"]) - y["position"],
+                                       axis=-1).mean() for x, y in cases])
+
+    before = error()
+    for _ in range(8):
+        for x, y in cases:
+            model.train_on_batch(x, y)
+    after_loss = np.mean([model.test_on_batch(x, y) for x, y in cases])
+    assert after_loss < 0.5 * zero
+    assert error() < 0.6 * before
+
+
 def test_patch_baseline_decoding_and_perfect_prediction_loss():
     model = _build("patch_baseline")  # level 1: 8^3 at 10 mm, 2-voxel cells -> 4^3 cells
     assert model.n_cells == 4 and model.cell_mm == 20.0

@@ -84,6 +84,8 @@ MODEL_DEFAULTS = {
     "background": 0.0,
     "heatmap_sigma_mm": 6.0,
     "heatmap_activation": "linear",
+    "heatmap_peak": 100.0,
+    "heatmap_foreground_weight": "balanced",
     "regress_radius_mm": None,
     "regression_weight": 1.0,
     "cls_threshold": 0.5,
@@ -136,6 +138,7 @@ def unet(
     name: str = "unet",
     decoder: bool = True,
     upsampling: str = "upsample",
+    out_init_std: float | None = None,
 ) -> keras.Model:
     """3D U-Net used by every method (functional ``keras.Model``).
 
@@ -146,6 +149,10 @@ def unet(
     connection and applies the same conv block; a final 1x1x1 convolution gives
     ``out_channels`` maps with ``out_activation``. ``dropout > 0`` adds dropout after each
     conv block.
+
+    ``out_init_std``: the 1x1x1 head's kernel starts as N(0, out_init_std^2) with a zero bias
+    instead of He-normal (``None``), so the first outputs are close to 0 (see
+    :class:`HeatmapUNet`).
 
     ``decoder=False`` returns the encoder only: the 1x1x1 head is applied to the bottleneck,
     i.e. an FCN with output stride ``2^(len(filters) - 1)`` (used by the patch baseline).
@@ -182,11 +189,13 @@ def unet(
                 )(x)
             x = keras.layers.Concatenate(axis=-1, name=f"{name}_concat{d}")([skips[d], x])
             x = _conv_block(x, filters[d], convs_per_level, dropout, f"{name}_dec{d}")
+    head_init = ("he_normal" if out_init_std is None
+                 else keras.initializers.RandomNormal(stddev=float(out_init_std)))
     outputs = keras.layers.Conv3D(
         int(out_channels),
         1,
         activation=out_activation,
-        kernel_initializer="he_normal",
+        kernel_initializer=head_init,
         name=f"{name}_out",
     )(x)
     return keras.Model(inputs, outputs, name=name)
@@ -370,13 +379,30 @@ class LandmarkModel(keras.Model):
 class HeatmapUNet(LandmarkModel):
     """Heatmap regression U-Net on the whole level ``level`` (Table 1, first row).
 
-    K output channels trained with an L2 loss against Gaussian heatmaps (peak 1, standard
-    deviation ``heatmap_sigma_mm``) built inside the loss from the target positions:
-    per landmark the squared error is summed over voxels, then averaged over valid
-    landmarks (``loss_level{level}``). Position: per-channel argmax refined to sub-voxel
-    precision by a per-axis quadratic fit (:func:`locnet.layers.decode_heatmap`), in grid
-    mm; not differentiable and not used by the loss. Outputs ``"position"``,
-    ``"heatmap"`` (B, n, n, n, K).
+    K output channels regress Gaussian heatmaps (standard deviation ``heatmap_sigma_mm``,
+    peak ``heatmap_peak``) built inside the loss from the target positions. Position:
+    per-channel argmax refined to sub-voxel precision by a per-axis quadratic fit
+    (:func:`locnet.layers.decode_heatmap`), in grid mm; not differentiable and not used by
+    the loss. Outputs ``"position"``, ``"heatmap"`` (B, n, n, n, K).
+
+    Why the loss is not a plain sum of squares over the volume: a Gaussian of 6 mm covers a
+    few hundred of the 64^3 voxels, so an all-zero map is an excellent answer to the plain
+    L2 loss, and a He-initialised linear head starts with outputs of unit scale over every
+    voxel (an initial loss ~40x that of the zero map). The network then learns the zero map
+    first, its ReLU units die on the way, and it never leaves it. Three standard remedies of
+    heatmap regression, all on by default:
+
+    * the head starts near zero (kernel N(0, 1e-3^2), zero bias): the first loss equals the
+      zero map's, and nothing has to be unlearned;
+    * targets are scaled to ``heatmap_peak`` (100), so the foreground's gradient is not lost
+      against float32 rounding and Adam's epsilon;
+    * the squared error is weighted per voxel by ``1 + lambda * target / peak`` and averaged
+      with those weights; ``heatmap_foreground_weight: balanced`` (default) sets ``lambda``
+      so the foreground's total weight equals the background's (``n^3 / sum(target/peak)``),
+      a number sets ``lambda`` itself, 0 gives the plain (mean) L2 loss.
+
+    Per landmark the weighted mean is taken over voxels, then averaged over valid landmarks
+    (``loss_level{level}``).
     """
 
     def __init__(
@@ -389,6 +415,9 @@ class HeatmapUNet(LandmarkModel):
         unet: dict | None = None,
         heatmap_sigma_mm: float = 6.0,
         heatmap_activation: str = "linear",
+        heatmap_peak: float = 100.0,
+        heatmap_foreground_weight="balanced",
+        head_init_std: float | None = 1e-3,
         **kwargs,
     ):
         self.level = int(level)
@@ -398,6 +427,16 @@ class HeatmapUNet(LandmarkModel):
         self.unet_config = _unet_kwargs(unet or {})
         self.heatmap_sigma_mm = float(heatmap_sigma_mm)
         self.heatmap_activation = str(heatmap_activation)
+        self.heatmap_peak = float(heatmap_peak)
+        if self.heatmap_peak <= 0:
+            raise ValueError(f"heatmap_peak must be > 0, got {heatmap_peak}")
+        fg = heatmap_foreground_weight
+        if not (fg == "balanced" or (isinstance(fg, (int, float)) and float(fg) >= 0)):
+            raise ValueError(
+                f"heatmap_foreground_weight must be 'balanced' or a number >= 0, got {fg!r}"
+            )
+        self.heatmap_foreground_weight = fg if fg == "balanced" else float(fg)
+        self.head_init_std = None if head_init_std is None else float(head_init_std)
         self.input_levels = (self.level,)
         n = self.level_size(self.level)
         self.net = _build_unet(
@@ -405,6 +444,7 @@ class HeatmapUNet(LandmarkModel):
             self.n_landmarks,
             out_activation=self.heatmap_activation,
             name=f"heatmap_unet_level{self.level}",
+            out_init_std=self.head_init_std,
             **self.unet_config,
         )
         self.built = True
@@ -415,7 +455,7 @@ class HeatmapUNet(LandmarkModel):
         return {"position": pos, "heatmap": hm}
 
     def target_heatmaps(self, positions_mm):
-        """(B, K, 3) grid mm -> (B, n, n, n, K) Gaussian heatmaps on level ``level``."""
+        """(B, K, 3) grid mm -> (B, n, n, n, K) Gaussian heatmaps of peak 1 on level ``level``."""
         n = self.level_size(self.level)
         sigma = self.heatmap_sigma_mm / self.level_spacing(self.level)
         v = self.to_voxel(ops.cast(positions_mm, "float32"), self.level)  # (B, K, 3)
@@ -430,11 +470,24 @@ class HeatmapUNet(LandmarkModel):
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         hm = y_pred["heatmap"]
-        target = self.target_heatmaps(y["position"])
-        per_lm = ops.sum(ops.square(hm - ops.cast(target, hm.dtype)), axis=(1, 2, 3))
+        unit = ops.cast(self.target_heatmaps(y["position"]), hm.dtype)  # peak 1
+        per_lm = self.heatmap_loss(hm, unit)
         loss = _masked_mean(per_lm, y["mask"])
         self.level_trackers[0].update_state(loss)
         return self._finish_loss(self.loss_weights[0] * loss)
+
+    def heatmap_loss(self, hm, unit):
+        """Per case and landmark (B, K): the foreground-weighted mean squared error of ``hm``
+        against the targets ``heatmap_peak * unit`` (``unit``: Gaussians of peak 1)."""
+        fg = self.heatmap_foreground_weight
+        if fg == "balanced":
+            n_vox = float(np.prod([int(d) for d in unit.shape[1:4]]))
+            lam = n_vox / ops.maximum(ops.sum(unit, axis=(1, 2, 3), keepdims=True), 1e-6)
+        else:
+            lam = fg
+        weight = 1.0 + ops.stop_gradient(lam * unit)
+        err = ops.square(hm - self.heatmap_peak * unit)
+        return ops.sum(weight * err, axis=(1, 2, 3)) / ops.sum(weight, axis=(1, 2, 3))
 
     def get_config(self):
         config = self._base_config()
@@ -444,6 +497,9 @@ class HeatmapUNet(LandmarkModel):
                 "unet": dict(self.unet_config),
                 "heatmap_sigma_mm": self.heatmap_sigma_mm,
                 "heatmap_activation": self.heatmap_activation,
+                "heatmap_peak": self.heatmap_peak,
+                "heatmap_foreground_weight": self.heatmap_foreground_weight,
+                "head_init_std": self.head_init_std,
             }
         )
         return config
@@ -1083,6 +1139,8 @@ def build_model(method: str, cfg: dict, grid: dict) -> keras.Model:
             unet=unet_cfg,
             heatmap_sigma_mm=float(c["heatmap_sigma_mm"]),
             heatmap_activation=str(c["heatmap_activation"]),
+            heatmap_peak=float(c["heatmap_peak"]),
+            heatmap_foreground_weight=c["heatmap_foreground_weight"],
             **common,
         )
     if method == "locnet_single":
