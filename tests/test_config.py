@@ -62,3 +62,114 @@ def test_validation_does_not_mutate_input():
     raw = yaml.safe_load("pyramid: {levels: 3, finest_shape: 64}")
     cfgmod.validate(raw)
     assert raw == {"pyramid": {"levels": 3, "finest_shape": 64}}
+
+
+# ---- sizes the models derive from the config (issue 11, item 10) -----------------------------
+def _problems(raw):
+    with pytest.raises(cfgmod.ConfigError) as info:
+        cfgmod.validate(raw)
+    return [line.strip() for line in str(info.value).splitlines()[1:]]
+
+
+def test_finest_shape_the_unet_cannot_pool_is_refused_with_its_fix():
+    # 144 / 8 = 18 voxels at the coarsest level, not divisible by the U-Net's stride 8
+    (line,) = _problems({"pyramid": {"finest_shape": 144}})
+    assert line.startswith("pyramid.finest_shape: 144 is not divisible by 64 = "
+                           "2^(pyramid.levels - 1) x 2^(unet depth - 1) = 8 x 8")
+    assert "multiscale_e2e" in line and "unet.filters" in line
+    assert line.endswith("use 128 or 192")
+
+
+def test_patch_the_unet_cannot_pool_is_refused_with_its_fix():
+    (line,) = _problems({"methods": {"multiscale_e2e": {"patch": 20}}})
+    assert line.startswith("methods.multiscale_e2e.patch: 20 is not divisible by 8 = "
+                           "2^(unet depth - 1)")
+    assert "use 16 or 24" in line
+
+
+def test_every_size_problem_is_reported_together():
+    lines = _problems({"pyramid": {"finest_shape": 100},
+                       "methods": {"locnet_single": {"level": 4},
+                                   "multiscale_e2e_noise": {"patch": 12},
+                                   "heatmap_unet": {"unet": {"filters": [4, 8, 16, 32, 64]}}},
+                       "cohort": {"source": "files"}})
+    keys = [line.split(":")[0] for line in lines]
+    assert "methods.locnet_single.level" in keys
+    assert "methods.multiscale_e2e_noise.patch" in keys
+    assert "cohort.manifest" in keys and "cohort.landmarks" in keys
+    shape = [line for line in lines if line.startswith("pyramid.finest_shape")]
+    # the multi-scale chains (64), the heatmap U-Net's own deeper net at level 1 (32), the
+    # patch baseline at level 1 (16), the pyramid itself (8); every fix satisfies them all
+    assert [line.split(" = ")[0].split()[-1] for line in shape] == ["64", "32", "16", "8"]
+    assert "methods.heatmap_unet.unet.filters" in shape[1]
+    assert all(line.endswith("use 64 or 128") for line in shape)
+    assert "use 0 to 3" in lines[keys.index("methods.locnet_single.level")]
+
+
+def test_a_disabled_method_does_not_constrain_sizes():
+    raw = {"pyramid": {"finest_shape": 96},  # 96 / 8 = 12: not a multiple of 8
+           "methods": {m: {"enabled": False} for m in cfgmod.MULTISCALE_METHODS}}
+    assert cfgmod.validate(raw)["pyramid"]["finest_shape"] == 96
+    with pytest.raises(cfgmod.ConfigError, match="multiscale_multistep"):
+        cfgmod.validate({"pyramid": {"finest_shape": 96}})
+    if "run_methods" in cfgmod.load_schema()["properties"]:  # methods left out of this run
+        cfgmod.validate({"pyramid": {"finest_shape": 96},
+                         "run_methods": list(cfgmod.SINGLE_LEVEL_METHODS)})
+
+
+def test_a_chain_needs_two_levels():
+    lines = _problems({"pyramid": {"levels": 1, "finest_shape": 64},
+                       "methods": {m: {"level": 0} for m in cfgmod.SINGLE_LEVEL_METHODS}})
+    assert lines == ["pyramid.levels: 1 is too few for multiscale_multistep, multiscale_e2e, "
+                     "multiscale_e2e_noise: a multi-scale chain needs at least 2 levels; use "
+                     "pyramid.levels >= 2 or set methods.<name>.enabled: false"]
+
+
+def test_size_defaults_are_the_models():
+    from locnet import models
+
+    assert cfgmod.DEFAULT_LEVEL == models.MODEL_DEFAULTS["level"]
+    assert cfgmod.DEFAULT_PATCH == models.MODEL_DEFAULTS["patch"]
+    assert set(cfgmod.SINGLE_LEVEL_METHODS + cfgmod.MULTISCALE_METHODS) == set(models.METHODS)
+
+
+@pytest.mark.parametrize("finest_shape,levels,filters,patch", [
+    (16, 2, [2, 2], 4),       # valid: every size divisible by 2
+    (24, 3, [2, 2], 6),       # coarsest level 6 / 2 = 3: valid
+    (24, 3, [2, 2, 2], 4),    # coarsest level 6 not divisible by 4
+    (32, 2, [2, 2, 2], 6),    # patch 6 not divisible by 4
+    (16, 3, [2, 2, 2], 4),    # coarsest level 4, level 1 = 8: valid
+])
+def test_validation_accepts_exactly_the_configs_whose_models_build(finest_shape, levels,
+                                                                      filters, patch):
+    from locnet import models
+
+    raw = {"pyramid": {"finest_shape": finest_shape, "levels": levels},
+           "unet": {"filters": filters},
+           "methods": {m: ({"patch": patch} if m in cfgmod.MULTISCALE_METHODS else {})
+                       for m in models.METHODS}}
+    grid = {"finest_shape": finest_shape, "finest_spacing_mm": 2.0, "levels": levels}
+    built = True
+    for method in ("locnet_single", "patch_baseline", "multiscale_e2e"):
+        block = {**raw["methods"][method], "unet": {"filters": filters}, "landmarks": ["a"]}
+        try:
+            models.build_model(method, block, grid)
+        except ValueError:
+            built = False
+    try:
+        cfgmod.validate(raw)
+        valid = True
+    except cfgmod.ConfigError:
+        valid = False
+    assert valid == built
+
+
+def test_intensity_block_is_checked():
+    assert "intensity" not in cfgmod.validate({})["pyramid"]  # absent: the CT window
+    cfg = cfgmod.validate({"pyramid": {"intensity": {"mode": "percentile"}}})
+    assert cfg["pyramid"]["intensity"] == {"mode": "percentile", "percentiles": [0.5, 99.5]}
+    with pytest.raises(cfgmod.ConfigError, match=r"pyramid\.intensity\.mode"):
+        cfgmod.validate({"pyramid": {"intensity": {"mode": "zscore"}}})
+    with pytest.raises(cfgmod.ConfigError, match=r"pyramid\.intensity\.percentiles: lower 99"):
+        cfgmod.validate({"pyramid": {"intensity": {"mode": "percentile",
+                                                   "percentiles": [99, 1]}}})

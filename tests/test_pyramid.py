@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from locnet import geometry as geo
-from locnet.io import InputError
-from locnet.pyramid import (apply_window, build_pyramid, downsample2, load_level, read_grid,
-                            resample_to_grid, stored_affine, to_c_order)
+from locnet.io import InputError, load_volume, read_json
+from locnet.pyramid import (apply_window, build_pyramid, downsample2, intensity_params,
+                            load_level, read_grid, resample_to_grid, stored_affine, to_c_order)
 
 WINDOW = (-1000.0, 1000.0)
 BACKGROUND = -1000.0
@@ -228,3 +228,125 @@ def test_to_c_order_copies_any_layout_exactly(threads):
     np.testing.assert_array_equal(to_c_order(view, threads=threads), view)
     already = np.ascontiguousarray(a)
     assert to_c_order(already) is already
+
+
+# ---- intensity modes (issue 11, item 11) ---------------------------------------------------
+def mri_like_scan(shape=(24, 22, 20), seed=8):
+    """An MRI-like volume: values 0-16,000, a smooth-contrast body in dark air, no HU."""
+    rng = np.random.default_rng(seed)
+    ijk = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"), -1)
+    r2 = (ijk ** 2 / np.array([0.8, 0.75, 0.9]) ** 2).sum(-1)
+    tissue = 1000.0 + 15500.0 * (0.5 + 0.5 * np.sin(3 * ijk[..., 0]) * np.cos(2 * ijk[..., 1]))
+    data = np.where(r2 < 1.0, tissue, 30.0) + rng.normal(0.0, 40.0, shape)
+    return np.clip(data, 0, 16000).astype(np.int16)
+
+
+PARAMS = {"finest_shape": 16, "finest_spacing_mm": 2.0, "levels": 2}
+
+
+def test_percentile_mode_keeps_an_mri_graded_and_ct_window_warns(write_nifti, tmp_path, caplog):
+    data = mri_like_scan()
+    assert data.min() >= 0 and data.max() > 15000
+    path = write_nifti(data, np.diag([2.0, 2.0, 2.0, 1.0]), "mri.nii.gz")
+    pct = {"mode": "percentile", "percentiles": [0.5, 99.5]}
+    with caplog.at_level("WARNING", logger="locnet.pyramid"):
+        build_pyramid(path, PARAMS, (-200, 800), -1000, tmp_path / "p", case="m1", intensity=pct)
+    assert not caplog.records  # percentile mode never warns about the CT window
+    level0, _ = load_level(tmp_path / "p", 0)
+    assert level0.min() >= 0.0 and level0.max() <= 1.0
+    inner = level0[(level0 > 0.05) & (level0 < 0.95)]
+    assert inner.size > 0.3 * level0.size  # graded, not binary
+    assert len(np.unique(np.round(level0, 2))) > 50
+    meta = read_json(tmp_path / "p" / "grid.json")
+    assert meta["intensity"] == pct
+    lo, hi = np.percentile(data, [0.5, 99.5])
+    np.testing.assert_allclose(meta["scan_window"], [lo, hi])
+    # the same scan through the CT window: almost binary, and a warning names case and file
+    with caplog.at_level("WARNING", logger="locnet.pyramid"):
+        build_pyramid(path, PARAMS, (-200, 800), -1000, tmp_path / "c", case="m1")
+    ct, _ = load_level(tmp_path / "c", 0)
+    # air at about 0.2, the body saturated at 1, hardly anything between
+    assert ((ct > 0.3) & (ct < 0.95)).mean() < 0.05 and (ct >= 0.999).mean() > 0.5
+    (rec,) = caplog.records
+    assert rec.levelname == "WARNING"
+    assert "case 'm1'" in rec.getMessage() and str(path) in rec.getMessage()
+    assert "pyramid.intensity.mode: percentile" in rec.getMessage()
+
+
+def test_ct_window_is_unchanged_bit_for_bit(write_nifti, tmp_path, oblique_affine, caplog):
+    aff = oblique_affine()
+    shape = (20, 18, 12)
+    data = np.random.default_rng(9).integers(-1100, 1500, size=shape).astype(np.int16)
+    path = write_nifti(data, aff, "ct.nii.gz")
+    # the path every pyramid took before the intensity modes existed
+    stored, stored_aff = load_volume(path, dtype=None)
+    grid = geo.grid_for_scan(stored_aff, shape, 16, 1.5, 3)
+    before = to_c_order(resample_to_grid(stored, stored_aff, grid, -1000.0, window=(-200, 800)))
+    for n, intensity in enumerate([None, {"mode": "ct_window"},
+                                   {"mode": "ct_window", "percentiles": [0.5, 99.5]}]):
+        out = tmp_path / f"p{n}"
+        build_pyramid(path, {"finest_shape": 16, "finest_spacing_mm": 1.5, "levels": 3},
+                      (-200, 800), -1000, out, intensity=intensity)
+        level0, _ = load_level(out, 0, mmap=False)
+        np.testing.assert_array_equal(level0, before)
+        assert read_json(out / "grid.json")["intensity"] == {"mode": "ct_window"}
+        assert "scan_window" not in read_json(out / "grid.json")
+
+
+def test_a_ct_does_not_warn(write_nifti, tmp_path, caplog):
+    # mostly air around a body of fat, muscle and bone: most voxels are clipped (air), but
+    # air is what the window is meant to send to 0
+    aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    rng = np.random.default_rng(10)
+    ijk = np.stack(np.meshgrid(*[np.linspace(-1, 1, 20)] * 3, indexing="ij"), -1)
+    r2 = (ijk ** 2 / np.array([0.5, 0.4, 0.9]) ** 2).sum(-1)
+    data = np.where(r2 < 1.0, np.where(r2 < 0.7, 45.0, -100.0), -1000.0)
+    data[r2 < 0.1] = 1200.0  # bone, above the window
+    data = (data + rng.normal(0.0, 25.0, data.shape)).astype(np.int16)
+    assert (data < -200).mean() > 0.6
+    with caplog.at_level("WARNING", logger="locnet.pyramid"):
+        build_pyramid(write_nifti(data, aff), PARAMS, (-200, 800), -1000, tmp_path / "p")
+    assert not caplog.records
+
+
+def test_percentile_mode_refuses_a_constant_scan(write_nifti, tmp_path):
+    path = write_nifti(np.full((10, 10, 10), 7, np.int16), np.eye(4), "flat.nii.gz")
+    with pytest.raises(InputError, match=r"case 'f'.*flat\.nii\.gz.*percentiles"):
+        build_pyramid(path, {"finest_shape": 8, "finest_spacing_mm": 1.0, "levels": 2},
+                      WINDOW, BACKGROUND, tmp_path / "p", case="f",
+                      intensity={"mode": "percentile"})
+
+
+def test_intensity_params_defaults_and_checks():
+    assert intensity_params(None) == {"mode": "ct_window"}
+    assert intensity_params({"mode": "percentile"}) == {"mode": "percentile",
+                                                        "percentiles": [0.5, 99.5]}
+    with pytest.raises(ValueError, match="mode"):
+        intensity_params({"mode": "zscore"})
+    with pytest.raises(ValueError, match="percentiles"):
+        intensity_params({"mode": "percentile", "percentiles": [50, 50]})
+
+
+@pytest.mark.parametrize("intensity", [None, {"mode": "ct_window"},
+                                       {"mode": "percentile", "percentiles": [1.0, 99.0]}])
+def test_inference_applies_the_mode_in_the_model_metadata(write_nifti, tmp_path, intensity):
+    from locnet import inference
+
+    data = mri_like_scan()
+    aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    grid_block = {**PARAMS, "window_hu": [-200.0, 800.0], "background_hu": -1000.0}
+    if intensity is not None:  # None: a model trained before the key existed
+        grid_block["intensity"] = intensity
+    params = inference.preprocessing_params({"grid": grid_block})
+    inputs, _, level0 = inference.preprocess(data, aff, params)
+    build_pyramid(write_nifti(data, aff), PARAMS, (-200, 800), -1000, tmp_path / "p",
+                  intensity=intensity)
+    for lv in range(2):
+        stored, _ = load_level(tmp_path / "p", lv, mmap=False)
+        np.testing.assert_array_equal(inputs[f"level{lv}"][0, ..., 0], stored)
+    graded = ((level0 > 0.3) & (level0 < 0.95)).mean()
+    assert graded > 0.3 if intensity and intensity["mode"] == "percentile" else graded < 0.05
+    if intensity and intensity["mode"] == "percentile":
+        assert params["intensity"] == intensity
+    else:
+        assert params.get("intensity", {"mode": "ct_window"}) == {"mode": "ct_window"}

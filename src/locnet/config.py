@@ -1,8 +1,11 @@
 """Load and validate a study config against ``workflow/schemas/config.schema.yaml``.
 
-Validation fills defaults from the schema and stops on the first unknown key or wrong type
-with a message that names the offending key path (``pyramid.finest_shape: ...``), so a typo
-never silently falls back to a default.
+Validation fills defaults from the schema and stops on unknown keys or wrong types with a
+message that names each offending key path (``pyramid.finest_shape: ...``), so a typo never
+silently falls back to a default. A config that passes the schema is then checked for what a
+schema cannot say (:func:`_check_consistency`): every size the models derive from it (pyramid
+levels, U-Net inputs and patches, see :func:`_size_problems`) must be buildable. All such
+problems are reported together, each naming the key to change and values that work.
 """
 
 from __future__ import annotations
@@ -64,21 +67,126 @@ def validate(config: dict, schema: dict | None = None) -> dict:
     return cfg
 
 
-def _check_consistency(cfg: dict) -> None:
+#: the methods that read one whole pyramid level, and the multi-scale chains
+SINGLE_LEVEL_METHODS = ("heatmap_unet", "locnet_single", "patch_baseline")
+MULTISCALE_METHODS = ("multiscale_multistep", "multiscale_e2e", "multiscale_e2e_noise")
+#: the model defaults of the size keys (``locnet.models.MODEL_DEFAULTS``; kept equal by a test,
+#: here so that validating a config does not import the deep-learning backend)
+DEFAULT_LEVEL = 1
+DEFAULT_PATCH = 16
+
+
+def _nearby(n: int, d: int, least: int) -> str:
+    """The multiples of ``d`` nearest ``n`` (at least ``least``), as "use a or b"."""
+    down = (n // d) * d
+    choices = [v for v in (down, down + d) if v >= least and v != n]
+    if down < least:
+        choices = [v for v in (-(-least // d) * d,) if v != n] or [d]
+    return "use " + " or ".join(str(v) for v in choices)
+
+
+def _unet_depth(cfg: dict, method: str) -> tuple[int, str]:
+    """Depth (len(filters)) of a method's U-Net, and the config key that sets it."""
+    own = cfg["methods"][method].get("unet", {})
+    if "filters" in own:
+        return len(own["filters"]), f"methods.{method}.unet.filters"
+    return len(cfg["unet"]["filters"]), "unet.filters"
+
+
+def _size_problems(cfg: dict) -> list[str]:
+    """Every size that no model could be built with, in words naming the key to change.
+
+    The one U-Net (``locnet.models.unet``) max-pools by 2 between its levels, so every input
+    it takes must be divisible by its stride ``2^(depth - 1)``, depth = len(unet.filters):
+    a single-level method's level (``finest_shape / 2^level``), a multi-scale chain's coarsest
+    level (``finest_shape / 2^(levels - 1)``) and its patches (``patch``). A single-level
+    method's level must exist; a chain needs two levels. Only the methods this run builds
+    (enabled, and listed in ``run_methods`` where the config has that key) are checked.
+    """
     pyr = cfg["pyramid"]
-    n0, levels = pyr["finest_shape"], pyr["levels"]
-    if n0 % (2 ** (levels - 1)):
-        raise ConfigError(
-            f"  pyramid.finest_shape: {n0} is not divisible by 2**(levels-1) = {2 ** (levels - 1)}"
-        )
+    n0, levels = int(pyr["finest_shape"]), int(pyr["levels"])
+    problems: list[str] = []
+    # divisors of finest_shape: (divisor, formula, why) -> methods needing it
+    needs: dict[tuple[int, str, str], list[str]] = {}
+    coarsest = 2 ** (levels - 1)
+    needs[(coarsest, "2^(pyramid.levels - 1)",
+           f"every level halves the one below it {levels - 1} times")] = []
+    short_chains = []
+    run = set(cfg.get("run_methods", SINGLE_LEVEL_METHODS + MULTISCALE_METHODS))
+    for method in SINGLE_LEVEL_METHODS + MULTISCALE_METHODS:
+        block = cfg["methods"][method]
+        if method not in run or not block.get("enabled", True):
+            continue  # never built in this run
+        depth, depth_key = _unet_depth(cfg, method)
+        stride = 2 ** (depth - 1)
+        halves = (f"a U-Net of depth {depth} ({depth_key} has {depth} entries), which "
+                  f"halves it {depth - 1} times")
+        if method in SINGLE_LEVEL_METHODS:
+            level = int(block.get("level", DEFAULT_LEVEL))
+            if not 0 <= level < levels:
+                allowed = "0" if levels == 1 else f"0 to {levels - 1}"
+                problems.append(
+                    f"methods.{method}.level: {level} is outside the pyramid "
+                    f"(pyramid.levels: {levels}); use {allowed}, or raise pyramid.levels")
+                continue
+            if stride > 1:
+                formula = f"2^(methods.{method}.level) x 2^(unet depth - 1) = {2 ** level} x {stride}"
+                why = (f"level {level} ({n0} / {2 ** level} = {n0 / 2 ** level:g} voxels) "
+                       f"enters {halves}")
+                needs.setdefault((2 ** level * stride, formula, why), []).append(method)
+            continue
+        if levels < 2:
+            short_chains.append(method)
+            continue
+        if stride > 1:
+            formula = f"2^(pyramid.levels - 1) x 2^(unet depth - 1) = {coarsest} x {stride}"
+            why = (f"the coarsest level ({n0} / {coarsest} = {n0 / coarsest:g} voxels) "
+                   f"enters {halves}")
+            needs.setdefault((coarsest * stride, formula, why), []).append(method)
+        patch = int(block.get("patch", DEFAULT_PATCH))
+        if patch % stride:
+            shown = f"{patch}" if "patch" in block else f"{patch} (the default)"
+            problems.append(
+                f"methods.{method}.patch: {shown} is not divisible by {stride} = "
+                f"2^(unet depth - 1): each patch enters {halves}; "
+                f"{_nearby(patch, stride, 2)} (or shorten {depth_key})")
+    if short_chains:
+        problems.append(
+            f"pyramid.levels: {levels} is too few for {', '.join(short_chains)}: a multi-scale "
+            "chain needs at least 2 levels; use pyramid.levels >= 2 or set "
+            "methods.<name>.enabled: false")
+    shape_problems = []  # first: the one key most problems come from
+    need = max(d for d, _, _ in needs)  # powers of two: the largest is their lcm
+    if n0 % need:
+        fix = _nearby(n0, need, 8)
+        for (d, formula, why), methods in sorted(needs.items(), key=lambda kv: -kv[0][0]):
+            if n0 % d == 0:
+                continue
+            whose = f", needed by {', '.join(methods)}" if methods else ""
+            shape_problems.append(
+                f"pyramid.finest_shape: {n0} is not divisible by {d} = {formula}{whose}: "
+                f"{why}; {fix}")
+    return shape_problems + problems
+
+
+def _check_consistency(cfg: dict) -> None:
+    """All problems a schema cannot express, reported together."""
+    problems = _size_problems(cfg)
+    pyr = cfg["pyramid"]
     lo, hi = pyr["window_hu"]
     if not lo < hi:
-        raise ConfigError(f"  pyramid.window_hu: lower bound {lo} must be below upper bound {hi}")
+        problems.append(f"pyramid.window_hu: lower bound {lo} must be below upper bound {hi}")
+    pct = (pyr.get("intensity") or {}).get("percentiles")
+    if pct is not None and not pct[0] < pct[1]:
+        problems.append(f"pyramid.intensity.percentiles: lower {pct[0]} must be below upper "
+                        f"{pct[1]}; e.g. [0.5, 99.5]")
     cohort = cfg["cohort"]
     if cohort["source"] == "files":
         for key in ("manifest", "landmarks"):
             if not cohort.get(key):
-                raise ConfigError(f"  cohort.{key}: required when cohort.source is 'files'")
+                problems.append(f"cohort.{key}: required when cohort.source is 'files'")
+    if problems:
+        raise ConfigError("invalid config:\n" + "\n".join(f"  {p}" for p in problems))
 
 
 def load(path: str | Path) -> dict:

@@ -32,7 +32,7 @@ import numpy as np
 from . import geometry, metrics, quality, seeds
 from . import predict as predict_module
 from .io import InputError, atomic_write, load_volume, read_json
-from .pyramid import downsample2, resample_to_grid, to_c_order
+from .pyramid import downsample2, intensity_params, resample_to_grid, scan_window, to_c_order
 
 __all__ = [
     "CONFIDENCE",
@@ -56,6 +56,7 @@ CONFIDENCE = 0.90
 DEFAULT_PASSES = 50
 DEFAULT_MIN_COVERAGE = 0.5
 _GRID_KEYS = ("finest_shape", "finest_spacing_mm", "levels", "window_hu", "background_hu")
+# optional: "intensity" (absent in models trained before it existed: the CT window)
 
 
 class ModelDirError(ValueError):
@@ -113,10 +114,16 @@ def preprocessing_params(metadata: Mapping[str, Any]) -> dict:
     window = [float(w) for w in grid["window_hu"]]
     if len(window) != 2 or not window[1] > window[0]:
         raise ModelDirError(f"metadata.json grid.window_hu must be [lo, hi], got {window}")
-    return {"finest_shape": int(grid["finest_shape"]),
-            "finest_spacing_mm": float(grid["finest_spacing_mm"]),
-            "levels": int(grid["levels"]), "window_hu": window,
-            "background_hu": float(grid["background_hu"])}
+    params = {"finest_shape": int(grid["finest_shape"]),
+              "finest_spacing_mm": float(grid["finest_spacing_mm"]),
+              "levels": int(grid["levels"]), "window_hu": window,
+              "background_hu": float(grid["background_hu"])}
+    if "intensity" in grid:  # absent (older models, the default study): the CT window
+        try:
+            params["intensity"] = intensity_params(grid["intensity"])
+        except ValueError as exc:
+            raise ModelDirError(f"metadata.json grid.intensity: {exc}") from None
+    return params
 
 
 def _default_passes(metadata: Mapping[str, Any]) -> int:
@@ -191,8 +198,13 @@ def preprocess(data: np.ndarray, affine: Any, params: Mapping[str, Any],
         int(params["levels"])
     grid = geometry.grid_for_scan(affine, data.shape, n0, s0, n_levels)
     wanted = set(range(n_levels) if levels is None else (int(l) for l in levels))
-    level = resample_to_grid(data, affine, grid, float(params["background_hu"]),
-                             window=params["window_hu"], threads=threads)
+    # the model's intensity mode (absent: the CT window), as build_pyramid applies it
+    try:
+        window, background = scan_window(data, params.get("intensity"), params["window_hu"],
+                                         float(params["background_hu"]))
+    except InputError as exc:  # percentile mode on a constant scan
+        raise ScanError(_strip_where(exc)) from None
+    level = resample_to_grid(data, affine, grid, background, window=window, threads=threads)
     level = level0 = to_c_order(level, threads=threads)  # the order the backends take
     inputs = {}
     for lv in range(max(wanted) + 1):

@@ -4,11 +4,15 @@
 
 * ``level0.nii``: the scan resampled once, by trilinear interpolation, onto the finest grid
   (``N0^3`` voxels of ``s0`` mm, axis-aligned RAS, centred on the scan's bounding box; see
-  :func:`locnet.geometry.grid_for_scan`). Outside the scan the value is ``background_hu`` (air).
-  Intensities are clipped to ``window_hu`` and scaled to [0, 1];
+  :func:`locnet.geometry.grid_for_scan`). Intensities are normalised to [0, 1] by the
+  ``intensity`` mode (:func:`scan_window`): ``ct_window`` (the default) clips to ``window_hu``
+  and fills the outside of the scan with ``background_hu`` (air); ``percentile`` maps the
+  scan's own low and high percentiles to 0 and 1 and fills the outside with the low one
+  (0 after normalisation), for scans not in Hounsfield units (MRI);
 * ``level{l}.nii``, ``l = 1 .. levels-1``: the 2x2x2 block mean of level ``l-1``, so a coarse
   voxel's centre is the centre of its block (the affines say so);
-* ``grid.json``: the grid (:meth:`locnet.geometry.Grid.to_dict`) plus the window and background.
+* ``grid.json``: the grid (:meth:`locnet.geometry.Grid.to_dict`) plus the window and background,
+  the intensity mode and, in ``percentile`` mode, the scan's own window (``scan_window``).
 
 Levels are float32, uncompressed, so :func:`load_level` can memory-map them. They are stored
 with the grid's axes reversed: the file's array is ``[k, j, i]`` and its affine has the grid
@@ -29,6 +33,7 @@ the native volume in its stored type plus level 0 plus level 1.
 
 from __future__ import annotations
 
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -46,11 +51,119 @@ __all__ = [
     "read_grid",
     "resample_to_grid",
     "apply_window",
+    "INTENSITY_MODES",
+    "intensity_params",
+    "scan_window",
     "stored_affine",
     "to_c_order",
     "write_level",
     "level_path",
 ]
+
+
+log = logging.getLogger(__name__)
+
+#: how a scan's intensities become [0, 1] (config ``pyramid.intensity.mode``)
+INTENSITY_MODES = ("ct_window", "percentile")
+DEFAULT_PERCENTILES = (0.5, 99.5)
+#: ``ct_window``: values at most this far above ``background_hu`` count as air in the clipping
+#: check of :func:`scan_window` (the window maps them to 0, like the outside of the scan)
+AIR_MARGIN_HU = 200.0
+#: ``ct_window``: warn when more than this share of the non-air voxels is clipped
+CLIPPED_WARN_FRACTION = 0.5
+#: ``ct_window``: or when under this share of the voxels lies below the window (a CT in HU
+#: always has air: outside the body, in the airways, or the scanner's padding value) while
+#: more than :data:`HIGH_WARN_FRACTION` lies above it (an MRI: dark air inside the window,
+#: tissue above it)
+NO_AIR_FRACTION = 0.01
+HIGH_WARN_FRACTION = 0.1
+
+
+def intensity_params(block: Mapping[str, Any] | None) -> dict:
+    """The ``intensity`` block (config ``pyramid.intensity``, ``grid.json``, model metadata),
+    checked and normalised: ``{"mode": "ct_window"}`` or ``{"mode": "percentile",
+    "percentiles": [lo, hi]}``. ``None`` or an empty block is ``ct_window`` (the default, and
+    what pyramids and models written before the key existed used)."""
+    block = dict(block or {})
+    mode = str(block.get("mode", "ct_window"))
+    if mode not in INTENSITY_MODES:
+        raise ValueError(f"intensity mode must be one of {INTENSITY_MODES}, got {mode!r}")
+    if mode == "ct_window":
+        return {"mode": mode}
+    pct = [float(p) for p in block.get("percentiles", DEFAULT_PERCENTILES)]
+    if len(pct) != 2 or not 0.0 <= pct[0] < pct[1] <= 100.0:
+        raise ValueError(f"intensity percentiles must be [lo, hi] with 0 <= lo < hi <= 100, "
+                         f"got {pct}")
+    return {"mode": mode, "percentiles": pct}
+
+
+def _clip_counts(data: np.ndarray, lo: float, hi: float, air: float,
+                 chunk: int = 1 << 22) -> dict[str, int]:
+    """Voxel counts of the CT-window check, in chunks (bounded memory: a paper-scale scan has
+    10^8 voxels): ``total``, ``not_air`` (above ``air``), ``clipped`` (not air and outside
+    ``[lo, hi]``), ``below`` (below ``lo``, air included) and ``above`` (above ``hi``)."""
+    flat = np.ravel(data, order="K")  # a view of a C- or Fortran-contiguous volume
+    counts = dict(total=int(flat.size), not_air=0, clipped=0, below=0, above=0)
+    for i0 in range(0, flat.size, chunk):
+        part = flat[i0:i0 + chunk]
+        not_air, below, above = part > air, part < lo, part > hi
+        counts["not_air"] += int(np.count_nonzero(not_air))
+        counts["clipped"] += int(np.count_nonzero(not_air & (below | above)))
+        counts["below"] += int(np.count_nonzero(below))
+        counts["above"] += int(np.count_nonzero(above))
+    return counts
+
+
+def _scan_name(case: str | None, path: Any) -> str:
+    parts = [f"case {case!r}" if case else "scan"]
+    if path is not None:
+        parts.append(f"(file {path})")
+    return " ".join(parts)
+
+
+def scan_window(data: np.ndarray, intensity: Mapping[str, Any] | None,
+                window_hu: Sequence[float], background_hu: float, case: str | None = None,
+                path: Any = None) -> tuple[tuple[float, float], float]:
+    """The ``(window, background)`` that maps this scan to [0, 1] (:func:`apply_window`).
+
+    ``ct_window``: ``window_hu`` and ``background_hu`` as given. A warning names the case and
+    file when more than half of the voxels that are not air (air: at most
+    ``background_hu + 200``, which the window sends to 0 like the outside of the scan) lie
+    outside the window, or when under 1% of the voxels lie below the window and over 10%
+    above it (no air at all: an MRI's dark background sits inside the window, its tissue
+    above). Such a scan is probably not a CT in Hounsfield units and becomes an almost binary
+    image; ``percentile`` mode is the one to use.
+
+    ``percentile``: the scan's own ``percentiles`` (e.g. 0.5 and 99.5, over all its voxels)
+    are the window, and the low one is the background, so the outside of the scan is 0 after
+    normalisation. A scan whose two percentiles coincide (constant) is refused
+    (:class:`~locnet.io.InputError`).
+    """
+    params = intensity_params(intensity)
+    if params["mode"] == "ct_window":
+        lo, hi = float(window_hu[0]), float(window_hu[1])
+        c = _clip_counts(data, lo, hi, float(background_hu) + AIR_MARGIN_HU)
+        mostly_clipped = c["clipped"] > CLIPPED_WARN_FRACTION * c["not_air"] > 0
+        no_air = (c["below"] < NO_AIR_FRACTION * c["total"]
+                  and c["above"] > HIGH_WARN_FRACTION * c["total"])
+        if mostly_clipped or no_air:
+            log.warning(
+                "%s: the CT window pyramid.window_hu [%g, %g] clips %.0f%% of its voxels that "
+                "are not air (%.0f%% of all voxels lie above the window, %.0f%% below it; "
+                "values %g to %g)%s: if it is not a CT in Hounsfield units, set "
+                "pyramid.intensity.mode: percentile",
+                _scan_name(case, path), lo, hi,
+                100.0 * c["clipped"] / max(c["not_air"], 1),
+                100.0 * c["above"] / c["total"], 100.0 * c["below"] / c["total"],
+                float(data.min()), float(data.max()),
+                ", and the scan has no air" if no_air else "")
+        return (lo, hi), float(background_hu)
+    lo, hi = (float(v) for v in np.percentile(data, params["percentiles"]))
+    if not hi > lo:
+        raise InputError(f"{_scan_name(case, path)}: its {params['percentiles'][0]:g} and "
+                         f"{params['percentiles'][1]:g} percentiles are both {lo:g} "
+                         "(constant scan?); percentile normalisation needs hi > lo")
+    return (lo, hi), lo
 
 
 def _n_threads(threads: int | None) -> int:
@@ -219,13 +332,15 @@ def _grid_params(grid_params: Mapping[str, Any]) -> tuple[int, float, int]:
 
 def build_pyramid(image_path: Any, grid_params: Mapping[str, Any] | Grid,
                   window_hu: Sequence[float], background_hu: float, out_dir: Any,
-                  case: str | None = None, threads: int | None = None) -> Grid:
+                  case: str | None = None, threads: int | None = None,
+                  intensity: Mapping[str, Any] | None = None) -> Grid:
     """Resample one scan and write its pyramid to ``out_dir`` (see module docstring).
 
     ``grid_params``: the config's ``pyramid`` block (``finest_shape``, ``finest_spacing_mm``,
     ``levels``; other keys ignored), or a ready :class:`~locnet.geometry.Grid`.
     ``case`` names the case in error messages; ``threads`` defaults to the usable cores.
-    Returns the grid (also written to ``out_dir/grid.json``).
+    ``intensity``: the config's ``pyramid.intensity`` block (:func:`intensity_params`;
+    ``None``: ``ct_window``, i.e. ``window_hu`` and ``background_hu``). Returns the grid (also written to ``out_dir/grid.json``).
     """
     out_dir = Path(out_dir)
     data, affine = load_volume(image_path, case=case, dtype=None)
@@ -236,8 +351,10 @@ def build_pyramid(image_path: Any, grid_params: Mapping[str, Any] | Grid,
     else:
         n0, s0, levels = _grid_params(grid_params)
         grid = grid_for_scan(affine, data.shape, n0, s0, levels)
-    level = resample_to_grid(data, affine, grid, background_hu, window=window_hu,
-                             threads=threads)
+    intensity = intensity_params(intensity)
+    window, background = scan_window(data, intensity, window_hu, background_hu, case=case,
+                                     path=image_path)
+    level = resample_to_grid(data, affine, grid, background, window=window, threads=threads)
     del data
     level = to_c_order(level, threads=threads)  # the stored layout; see the module docstring
     for lv in range(grid.levels):
@@ -247,8 +364,11 @@ def build_pyramid(image_path: Any, grid_params: Mapping[str, Any] | Grid,
     meta = grid.to_dict()
     meta.update({"window_hu": [float(w) for w in window_hu],
                  "background_hu": float(background_hu),
+                 "intensity": intensity,
                  "level_shapes": [grid.level_size(lv) for lv in range(grid.levels)],
                  "level_spacings_mm": [grid.level_spacing(lv) for lv in range(grid.levels)]})
+    if intensity["mode"] != "ct_window":
+        meta["scan_window"] = [float(w) for w in window]  # this scan's values mapped to 0 and 1
     write_json_atomic(meta, out_dir / "grid.json")
     return grid
 

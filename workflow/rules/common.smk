@@ -144,6 +144,8 @@ def grid_cfg():
         "levels": p["levels"],
         "window_hu": list(p["window_hu"]),
         "background_hu": p["background_hu"],
+        # absent from the default study: a model without it is read as the CT window
+        **({"intensity": dict(p["intensity"])} if p.get("intensity") else {}),
     }
 
 

@@ -23,5 +23,9 @@ with job_logging(snakemake) as log:
         out_dir=Path(snakemake.output.grid).parent,
         case=case,
         threads=snakemake.threads,
+        intensity=pcfg.get("intensity"),  # absent: the CT window
     )
+    meta = io.read_json(snakemake.output.grid)
+    if "scan_window" in meta:
+        log.info("case %s: percentile normalisation, [%g, %g] -> [0, 1]", case, *meta["scan_window"])
     log.info("case %s: %d levels, finest %s at %.3f mm", case, grid.levels, grid.shape, grid.spacing)
