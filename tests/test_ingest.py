@@ -14,6 +14,11 @@ NAMES = ["left_bifurcation", "right_bifurcation"]
 SHAPE = (12, 10, 8)
 
 
+def ct_like(shape=SHAPE, seed=0):
+    """int16 'HU' values from air to bone: most of them inside the default window."""
+    return np.random.default_rng(seed).integers(-1000, 1500, size=shape).astype(np.int16)
+
+
 def make_cohort(tmp_path, write_nifti, oblique_affine, n=3):
     """n small scans, a manifest with relative paths, and per-case affines."""
     affines = {}
@@ -21,7 +26,7 @@ def make_cohort(tmp_path, write_nifti, oblique_affine, n=3):
     for i in range(n):
         case = f"c{i}"
         aff = oblique_affine(angles_deg=(3 * i, -2, 5), origin=(-5.0 * i, 2.0, 3.0))
-        write_nifti(np.zeros(SHAPE, np.int16), aff, f"images/{case}.nii.gz")
+        write_nifti(ct_like(seed=i), aff, f"images/{case}.nii.gz")
         affines[case] = aff
         rows.append({"case_id": case, "image": f"images/{case}.nii.gz"})
     pd.DataFrame(rows).to_csv(tmp_path / "manifest.csv", index=False)
@@ -121,7 +126,7 @@ def test_every_problem_is_reported_once_with_case_and_file(tmp_path, write_nifti
     write_rows(tmp_path / "landmarks.csv", [
         ("c0", "left_bifurcation", *centre(affs["c0"])),        # fine
         ("c0", "right_bifurcation", *far),                      # outside the scan
-        ("c1", "left_carotid", 0, 0, 0),                        # unknown landmark name
+        ("c1", "left_carotid", *centre(affs["c1"])),            # unknown landmark name
         ("ghost", "left_bifurcation", 0, 0, 0),                 # unknown case
         ("c1", "right_bifurcation", 1.0, "", 2.0),              # partly empty
     ])
@@ -206,3 +211,218 @@ def test_atomic_write_keeps_old_file_on_failure_and_cleans_up(tmp_path):
     removed = io.remove_stale_temporaries(tmp_path)
     assert [p.name for p in removed] == [".tmp-0123456789ab-table.csv"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [".hidden-but-mine", "table.csv"]
+
+
+# ---- issue 11: input that ingest must refuse --------------------------------------------
+
+def add_cases(tmp_path, cases):
+    """Append ``{case: image}`` rows to the manifest."""
+    manifest = pd.read_csv(tmp_path / "manifest.csv", dtype=str)
+    extra = pd.DataFrame({"case_id": list(cases), "image": list(cases.values())})
+    pd.concat([manifest, extra]).to_csv(tmp_path / "manifest.csv", index=False)
+
+
+def problem_lines(tmp_path, **kw):
+    """The lines of the InputError of a run; checks that the header counts them right."""
+    with pytest.raises(InputError) as info:
+        run(tmp_path, **kw)
+    msg = str(info.value)
+    lines = msg.splitlines()[1:]
+    assert msg.startswith(f"{len(lines)} problem(s) in the input cohort:\n"), msg
+    assert not (tmp_path / "data").exists()  # nothing written on failure
+    return lines
+
+
+def only_hit(lines, *parts):
+    hits = [ln for ln in lines if all(p in ln for p in parts)]
+    assert len(hits) == 1, (parts, "\n".join(lines))
+    return hits[0]
+
+
+def test_degenerate_scans_are_refused_with_case_and_file(tmp_path, write_nifti, oblique_affine):
+    make_cohort(tmp_path, write_nifti, oblique_affine)
+    write_rows(tmp_path / "landmarks.csv", [])
+    aff = oblique_affine()
+    write_nifti(ct_like((12, 10, 1)), aff, "images/one_slice.nii.gz")   # X x Y x 1
+    write_nifti(ct_like((12, 3, 8)), aff, "images/three_rows.nii.gz")
+    write_nifti(ct_like((40, 40, 5)), np.diag([1.0, 1.0, 2.0, 1.0]), "images/slab.nii.gz")
+    write_nifti(np.full(SHAPE, 40, np.int16), aff, "images/constant.nii.gz")
+    air_and_metal = np.where(ct_like() > 0, 3000, -1000).astype(np.int16)
+    write_nifti(air_and_metal, aff, "images/outside_window.nii.gz")
+    unit = np.random.default_rng(1).random(SHAPE).astype(np.float32)   # scaled to [0, 1]
+    write_nifti(unit, aff, "images/unit.nii.gz")
+    nan = ct_like().astype(np.float32)
+    nan[3, 4, 5] = np.nan
+    write_nifti(nan, aff, "images/nan.nii.gz")
+    inf = ct_like().astype(np.float32)
+    inf[0, 0, 0] = -np.inf
+    write_nifti(inf, aff, "images/inf.nii")
+    full = write_nifti(ct_like((40, 40, 40)), aff, "images/full.nii.gz").read_bytes()
+    (tmp_path / "images/cut.nii.gz").write_bytes(full[:len(full) // 2])
+    raw = write_nifti(ct_like(), aff, "images/cut_raw.nii").read_bytes()
+    (tmp_path / "images/cut_raw.nii").write_bytes(raw[:len(raw) - 100])
+    add_cases(tmp_path, {c: f"images/{c}.nii{'' if c in ('inf', 'cut_raw') else '.gz'}"
+                         for c in ["one_slice", "three_rows", "slab", "constant",
+                                   "outside_window", "unit", "nan", "inf", "cut", "cut_raw"]})
+    window = (-200.0, 800.0)
+    lines = problem_lines(tmp_path, window=window, min_extent_mm=10.5)
+    only_hit(lines, "case 'one_slice'", "one_slice.nii.gz", "too thin", "array axis 2: 1 voxel")
+    only_hit(lines, "case 'three_rows'", "three_rows.nii.gz", "too thin", "array axis 1: 3 voxel")
+    only_hit(lines, "case 'slab'", "slab.nii.gz", "too thin", "array axis 2: 5 voxel(s), 10 mm",
+             "10.5 mm")
+    only_hit(lines, "case 'constant'", "constant.nii.gz", "no intensity variation", "40")
+    only_hit(lines, "case 'outside_window'", "outside_window.nii.gz", "intensity window",
+             "[-200, 800]", "only 0% of the voxels", "binary mask")
+    only_hit(lines, "case 'unit'", "unit.nii.gz", "span only 0.1% of the intensity window")
+    only_hit(lines, "case 'nan'", "nan.nii.gz", "NaN or infinite")
+    only_hit(lines, "case 'inf'", "inf.nii", "NaN or infinite")
+    only_hit(lines, "case 'cut'", "cut.nii.gz", "unreadable voxel data")
+    only_hit(lines, "case 'cut_raw'", "cut_raw.nii", "unreadable voxel data")
+    # the slab (10 mm) is thin only against a field of view; one_slice is thin whatever
+    assert len(lines) == 10
+    # window=None (intensities not windowed in HU): no window check, everything else stays
+    lines = problem_lines(tmp_path, window=None, min_extent_mm=None, threads=3)
+    assert not [ln for ln in lines if "window" in ln or "'slab'" in ln]
+    assert len(lines) == 7
+    # and a clean cohort passes with every check on
+    manifest = pd.read_csv(tmp_path / "manifest.csv", dtype=str)
+    manifest[manifest.case_id.str.match(r"c\d")].to_csv(tmp_path / "manifest.csv", index=False)
+    man, _ = run(tmp_path, window=window, min_extent_mm=8.0, threads=2)
+    assert man.case_id.tolist() == ["c0", "c1", "c2"]
+
+
+def test_every_landmark_table_problem_is_listed_and_counted(tmp_path, write_nifti,
+                                                            oblique_affine):
+    affs = make_cohort(tmp_path, write_nifti, oblique_affine)
+    c0, c1 = centre(affs["c0"]), centre(affs["c1"])
+    write_rows(tmp_path / "landmarks.csv", [
+        ("c0", "left_bifurcation", "12,5", c0[1], c0[2]),      # 2: non-numeric x
+        ("c0", "right_bifurcation", c0[0], "abc", "inf"),      # 3: non-numeric y and z
+        ("c1", "left_bifurcation", c1[0], "", c1[2]),          # 4: partly empty
+        ("c1", "left_bifurcation", *c1),                       # 5: given twice
+        ("ghost", "right_bifurcation", 1.0, "", ""),           # 6: unknown case, partly empty
+        ("c2", "left_carotid", 0, 0, 0),                       # 7: unknown name, outside scan
+        ("", "left_bifurcation", 1, 2, 3),                     # 8: empty case id
+        ("c1", "right_bifurcation", *c1),                      # 9: fine
+    ])
+    lines = problem_lines(tmp_path)
+    where = "landmarks.csv), line"
+    only_hit(lines, "case 'c0'", where + " 2", "non-numeric x value '12,5'")
+    only_hit(lines, "case 'c0'", where + " 3", "non-numeric y value 'abc'")
+    only_hit(lines, "case 'c0'", where + " 3", "non-numeric z value 'inf'")
+    only_hit(lines, "case 'c1'", where + " 4", "not all of x, y, z empty")
+    only_hit(lines, "case 'c1'", where + " 5", "given twice (first on line 4)")
+    only_hit(lines, "case 'ghost'", where + " 6", "not in the manifest")
+    only_hit(lines, "case 'ghost'", where + " 6", "not all of x, y, z empty")
+    only_hit(lines, "case 'c2'", where + " 7", "unknown landmark name 'left_carotid'")
+    only_hit(lines, "case 'c2'", where + " 7", "outside the scan")
+    only_hit(lines, "landmarks.csv, line 8", "empty case_id or landmark name")
+    assert len(lines) == 10
+
+
+@pytest.mark.parametrize("bad", ["p 001", "pé01", "..", ".hidden", "-rf", "a/b", "x" * 101])
+def test_case_ids_outside_the_allowed_pattern_are_refused(tmp_path, write_nifti, oblique_affine,
+                                                          bad):
+    from locnet.io import CASE_ID_PATTERN
+
+    make_cohort(tmp_path, write_nifti, oblique_affine)
+    write_nifti(ct_like(), oblique_affine(), "images/odd.nii.gz")
+    add_cases(tmp_path, {bad: "images/odd.nii.gz"})
+    write_rows(tmp_path / "landmarks.csv", [])
+    lines = problem_lines(tmp_path)
+    assert len(lines) == 1
+    line = only_hit(lines, f"case {bad!r}", "manifest.csv", "line 5", "not allowed",
+                    CASE_ID_PATTERN)
+    assert "no spaces" in line
+
+
+def test_allowed_case_ids_pass(tmp_path, write_nifti, oblique_affine):
+    make_cohort(tmp_path, write_nifti, oblique_affine)
+    write_nifti(ct_like(), oblique_affine(), "images/odd.nii.gz")
+    add_cases(tmp_path, {"P-001.b_2": "images/odd.nii.gz", "9" * 100: "images/odd.nii.gz"})
+    write_rows(tmp_path / "landmarks.csv", [])
+    man, _ = run(tmp_path)
+    assert man.case_id.tolist()[3:] == ["P-001.b_2", "9" * 100]
+
+
+def test_empty_tables_are_refused_naming_the_file(tmp_path, write_nifti, oblique_affine):
+    make_cohort(tmp_path, write_nifti, oblique_affine)
+    (tmp_path / "landmarks.csv").write_bytes(b"")
+    lines = problem_lines(tmp_path)
+    assert len(lines) == 1
+    only_hit(lines, "landmark file", "landmarks.csv", "is empty (0 bytes)", "case_id,landmark,x,y,z")
+    (tmp_path / "manifest.csv").write_bytes(b"")
+    (tmp_path / "landmarks.csv").write_text("\n\n")
+    lines = problem_lines(tmp_path)
+    only_hit(lines, "manifest file", "manifest.csv", "is empty (0 bytes)", "case_id,image")
+    only_hit(lines, "landmark file", "landmarks.csv", "is empty (no header line)")
+    assert len(lines) == 2
+
+
+def test_empty_manifest_cells_do_not_hide_other_problems(tmp_path, write_nifti, oblique_affine):
+    make_cohort(tmp_path, write_nifti, oblique_affine)
+    add_cases(tmp_path, {"": "images/c0.nii.gz", "nofile": "", "gone": "images/gone.nii.gz"})
+    write_rows(tmp_path / "landmarks.csv", [])
+    lines = problem_lines(tmp_path)
+    only_hit(lines, "manifest.csv, line 5", "empty case_id or image")
+    only_hit(lines, "manifest.csv, line 6", "empty case_id or image")
+    only_hit(lines, "case 'gone'", "gone.nii.gz", "not found")
+    assert len(lines) == 3
+
+
+def test_landmark_inside_scan_but_outside_finest_grid(tmp_path, write_nifti):
+    from locnet.ingest import pyramid_checks
+
+    # a 200 mm scan, a 10^3 grid of 4 mm (40 mm) centred on it
+    aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    rows = []
+    for i in range(3):
+        write_nifti(ct_like((100, 100, 100), seed=i), aff, f"images/c{i}.nii.gz")
+        rows.append({"case_id": f"c{i}", "image": f"images/c{i}.nii.gz"})
+    pd.DataFrame(rows).to_csv(tmp_path / "manifest.csv", index=False)
+    c = geo.scan_center(aff, (100, 100, 100))
+    write_rows(tmp_path / "landmarks.csv", [
+        ("c0", "left_bifurcation", *(c + [15.0, -10, 19.9])),   # inside the grid (20 mm half)
+        ("c1", "left_bifurcation", *(c + [0, 0, 20.2])),         # just outside the grid
+        ("c2", "right_bifurcation", *(c + [-60.0, 0, 0])),       # far outside the grid
+    ])
+    grid = {"finest_shape": 10, "finest_spacing_mm": 4.0, "levels": 2}
+    lines = problem_lines(tmp_path, grid=grid)
+    only_hit(lines, "case 'c1'", "landmarks.csv), line 3", "'left_bifurcation'",
+             "inside the scan", "c1.nii.gz", "outside the pyramid's finest grid")
+    only_hit(lines, "case 'c2'", "landmarks.csv), line 4", "'right_bifurcation'",
+             "outside the pyramid's finest grid")
+    assert len(lines) == 2
+    write_rows(tmp_path / "landmarks.csv", [("c0", "left_bifurcation", *(c + [15.0, -10, 19.9]))])
+    run(tmp_path, grid=grid)
+    # the config's pyramid block gives the same grid, window and field of view
+    checks = pyramid_checks({"finest_shape": 128, "finest_spacing_mm": 1.25, "levels": 4,
+                             "background_hu": -1000.0, "window_hu": [-200.0, 800.0]})
+    assert checks == {"grid": {"finest_shape": 128, "finest_spacing_mm": 1.25, "levels": 4},
+                      "window": (-200.0, 800.0), "min_extent_mm": 20.0}
+
+
+def test_synthetic_cases_pass_every_check(tmp_path):
+    """The synthetic cohort (tiny config's spacing) passes ingest with the config's checks."""
+    import yaml
+
+    from locnet import phantom
+    from locnet.config import SCHEMA_PATH
+    from locnet.ingest import pyramid_checks
+
+    cfg = yaml.safe_load((SCHEMA_PATH.parents[2] / "config" / "tiny.yaml").read_text())
+    out = phantom.write_cohort(3, cfg["synthetic"], tmp_path / "cohort", progress=False)
+    man, lm = ingest(out["manifest"], out["landmarks"], NAMES, "RAS",
+                     tmp_path / "data/manifest.csv", tmp_path / "data/landmarks.csv",
+                     threads=2, **pyramid_checks(cfg["pyramid"]))
+    assert len(man) == 3 and not lm[["x", "y", "z"]].isna().any().any()
+
+
+def test_window_check_follows_the_intensity_mode():
+    from locnet.ingest import pyramid_checks
+
+    pyr = {"finest_shape": 448, "finest_spacing_mm": 0.5, "levels": 4,
+           "window_hu": [-200.0, 800.0]}
+    assert pyramid_checks(pyr)["min_extent_mm"] == 28.0     # the paper's 56 voxels at 0.5 mm
+    assert pyramid_checks({**pyr, "intensity": {"mode": "ct_window"}})["window"] == (-200, 800)
+    assert pyramid_checks({**pyr, "intensity": {"mode": "percentile"}})["window"] is None

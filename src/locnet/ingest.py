@@ -13,17 +13,30 @@ checks every case and every landmark, and writes
   configured landmark (config order); a landmark without an annotation has empty x, y, z.
 
 All problems are collected and raised together as one :class:`locnet.io.InputError`, one line
-each, naming the case and the file: missing/unreadable image, not 3D, non-finite or singular
-affine, duplicate case id, unknown landmark name, landmark for an unknown case, duplicate
-landmark row, partly empty coordinates, a landmark outside its scan (beyond half a voxel from
-the outer voxel centres), too few cases for the split. Missing landmark rows or empty x/y/z
-cells are allowed. Images are checked from their headers; voxel data are read later by the
-pyramid step, which reports unreadable data the same way.
+per problem, each naming the case and the file, with their count in the first line:
+
+* manifest: empty file, case id not matching :data:`locnet.io.CASE_ID_PATTERN`, duplicate case
+  id, too few cases for the split (or not the configured split counts);
+* images (every scan is read in full, on ``threads`` threads): missing or unreadable file,
+  truncated or unreadable voxel data, NaN or infinite voxels, not 3D, non-finite or singular
+  affine, too thin (fewer than :data:`MIN_VOXELS_PER_AXIS` voxels, or less than
+  ``min_extent_mm``, along an array axis), no intensity variation, and (unless ``window`` is
+  None) nearly nothing inside the intensity window;
+* landmark table: empty file, empty case id or name, non-numeric coordinate, some but not all
+  of x/y/z empty, unknown landmark name, landmark of a case not in the manifest, duplicate row,
+  landmark outside its scan (beyond half a voxel from the outer voxel centres), and (given
+  ``grid``) landmark inside its scan but outside the pyramid's finest grid.
+
+A row with several problems gives one line per problem. Missing landmark rows or fully empty
+x/y/z cells are allowed (not annotated).
 """
 
 from __future__ import annotations
 
+import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -31,10 +44,26 @@ import numpy as np
 import pandas as pd
 
 from . import geometry
-from .io import (InputError, XYZ, read_landmarks, read_manifest, read_volume_header,
-                 resolve_image, write_csv_atomic, write_landmarks)
+from .io import (InputError, XYZ, case_id_problem, describe, load_volume, parse_landmark_table,
+                 parse_manifest_table, read_volume_header, resolve_image, write_csv_atomic,
+                 write_landmarks)
 
-__all__ = ["ingest", "format_shape", "format_spacing"]
+__all__ = ["ingest", "pyramid_checks", "format_shape", "format_spacing",
+           "MIN_VOXELS_PER_AXIS", "MIN_IN_WINDOW_FRACTION", "MIN_WINDOW_SPREAD"]
+
+log = logging.getLogger(__name__)
+
+#: a scan needs at least this many voxels along every array axis (a 3D model, trilinear
+#: resampling and a 2x2x2 pyramid make no sense on one or two slices)
+MIN_VOXELS_PER_AXIS = 4
+#: a scan with fewer of its voxels strictly inside the intensity window is refused: after
+#: clipping to the window it is (almost) a binary mask, not an image
+MIN_IN_WINDOW_FRACTION = 0.01
+#: ... and so is one whose intensities, clipped to the window, span less than this fraction of
+#: the window's width (e.g. intensities already scaled to [0, 1] under a window in HU)
+MIN_WINDOW_SPREAD = 0.01
+#: voxels per slab of the intensity statistics (bounds the temporaries of a large scan)
+_SLAB_VOXELS = 1 << 22
 
 
 def format_shape(shape: Sequence[int]) -> str:
@@ -47,6 +76,132 @@ def format_spacing(spacing: Sequence[float]) -> str:
     return "x".join(f"{float(s):.4g}" for s in spacing)
 
 
+def pyramid_checks(pyramid: Mapping[str, Any]) -> dict[str, Any]:
+    """The keyword arguments ``grid``, ``window`` and ``min_extent_mm`` of :func:`ingest`
+    for the config's ``pyramid`` block.
+
+    ``min_extent_mm`` is the field of view of the finest level's patch when the patch has the
+    coarsest level's size, as in every shipped config and the paper (56 voxels at 0.5 mm =
+    28 mm): ``finest_shape * finest_spacing_mm / 2**(levels - 1)``. ``window`` is
+    ``window_hu`` in the CT-window intensity mode (``intensity.mode: ct_window``, the default
+    when absent), else None: no window check for scans that are not in HU.
+    """
+    n0, s0, levels = int(pyramid["finest_shape"]), float(pyramid["finest_spacing_mm"]), \
+        int(pyramid["levels"])
+    mode = (pyramid.get("intensity") or {}).get("mode", "ct_window")
+    window = pyramid.get("window_hu") if mode == "ct_window" else None
+    return {"grid": {"finest_shape": n0, "finest_spacing_mm": s0, "levels": levels},
+            "window": None if window is None else (float(window[0]), float(window[1])),
+            "min_extent_mm": n0 * s0 / 2 ** (levels - 1)}
+
+
+# --------------------------------------------------------------------------- scans
+
+@dataclass
+class _Scan:
+    """What ingest learnt about one scan: header facts (None if unreadable) and problems."""
+    path: Path
+    shape: tuple[int, int, int] | None = None
+    affine: np.ndarray | None = None
+    problems: list[str] = field(default_factory=list)
+
+
+def _extent_problem(where: str, shape: Sequence[int], affine: np.ndarray,
+                    min_extent_mm: float | None) -> str | None:
+    spacing = geometry.native_spacing(affine)
+    extent = np.asarray(shape[:3], float) * spacing
+    need_mm = 0.0 if min_extent_mm is None else float(min_extent_mm)
+    bad = [a for a in range(3) if shape[a] < MIN_VOXELS_PER_AXIS or extent[a] < need_mm - 1e-6]
+    if not bad:
+        return None
+    axes = "; ".join(f"array axis {a}: {shape[a]} voxel(s), {extent[a]:.4g} mm" for a in bad)
+    need = f"at least {MIN_VOXELS_PER_AXIS} voxels"
+    if min_extent_mm is not None:
+        need += (f" and {need_mm:.4g} mm (the field of view of the finest patch, "
+                 "pyramid.finest_shape * finest_spacing_mm / 2**(levels - 1))")
+    return (f"{where}: scan too thin for the model ({axes}; shape {format_shape(shape)}); "
+            f"every axis needs {need}")
+
+
+def _intensity_stats(data: np.ndarray, window: tuple[float, float] | None):
+    """``(min, max, voxels strictly inside the window)``, slab by slab along the last axis."""
+    mn, mx, inside = np.inf, -np.inf, 0
+    per_plane = max(1, int(np.prod(data.shape[:-1])))
+    step = max(1, _SLAB_VOXELS // per_plane)
+    for k0 in range(0, data.shape[-1], step):
+        slab = data[..., k0:k0 + step]
+        mn, mx = min(mn, float(slab.min())), max(mx, float(slab.max()))
+        if window is not None:
+            inside += int(np.count_nonzero((slab > window[0]) & (slab < window[1])))
+    return mn, mx, inside
+
+
+def _intensity_problem(where: str, data: np.ndarray,
+                       window: tuple[float, float] | None) -> str | None:
+    mn, mx, inside = _intensity_stats(data, window)
+    if mn == mx:
+        return f"{where}: no intensity variation (every voxel is {mn:g})"
+    if window is None:
+        return None
+    lo, hi = window
+    fraction = inside / data.size
+    spread = (min(mx, hi) - max(mn, lo)) / (hi - lo)
+    named = f"the intensity window [{lo:g}, {hi:g}] (pyramid.window_hu)"
+    if fraction < MIN_IN_WINDOW_FRACTION:
+        return (f"{where}: only {100 * fraction:.2g}% of the voxels lie inside {named}, at "
+                f"least {100 * MIN_IN_WINDOW_FRACTION:g}% needed (intensities {mn:g} to {mx:g}): "
+                "windowed, the scan is nearly a binary mask; are the intensities in HU?")
+    if spread < MIN_WINDOW_SPREAD:
+        return (f"{where}: the intensities ({mn:g} to {mx:g}) span only "
+                f"{100 * max(spread, 0.0):.2g}% of {named}, at least "
+                f"{100 * MIN_WINDOW_SPREAD:g}% needed: windowed, the scan is nearly flat; are "
+                "the intensities in HU?")
+    return None
+
+
+def _check_scan(case: str, path: Path, window: tuple[float, float] | None,
+                min_extent_mm: float | None) -> _Scan:
+    """Check one scan: its header, its size, and all of its voxel data."""
+    scan = _Scan(path)
+    where = describe(case, path)
+    try:
+        scan.shape, scan.affine = read_volume_header(path, case)
+    except InputError as exc:
+        scan.problems.append(str(exc))
+        return scan
+    thin = _extent_problem(where, scan.shape, scan.affine, min_extent_mm)
+    if thin:
+        scan.problems.append(thin)
+    try:
+        data, _ = load_volume(path, case, dtype=None)  # truncated data, NaN and inf raise here
+    except InputError as exc:
+        scan.problems.append(str(exc))
+        return scan
+    flat = _intensity_problem(where, data, window)
+    if flat:
+        scan.problems.append(flat)
+    return scan
+
+
+def _check_scans(cases: Mapping[str, Path], window: tuple[float, float] | None,
+                 min_extent_mm: float | None, threads: int) -> dict[str, _Scan]:
+    """Check every scan (``threads`` at a time); results in the order of ``cases``."""
+    def one(item: tuple[str, Path]) -> _Scan:
+        return _check_scan(item[0], item[1], window, min_extent_mm)
+
+    items = list(cases.items())
+    out: dict[str, _Scan] = {}
+    every = max(1, len(items) // 10)
+    with ThreadPoolExecutor(max_workers=max(1, int(threads))) as pool:
+        for n, ((case, _), scan) in enumerate(zip(items, pool.map(one, items)), start=1):
+            out[case] = scan
+            if n % every == 0 or n == len(items):
+                log.info("checked %d/%d scans", n, len(items))
+    return out
+
+
+# --------------------------------------------------------------------------- manifest
+
 def _output_image_path(given: str, resolved: Path, out_manifest: Path) -> str:
     """Keep the user's style: absolute stays absolute, relative is re-based on the new manifest."""
     if Path(os.path.expanduser(given)).is_absolute():
@@ -54,56 +209,40 @@ def _output_image_path(given: str, resolved: Path, out_manifest: Path) -> str:
     return os.path.relpath(resolved, out_manifest.resolve().parent)
 
 
-def ingest(manifest_csv: Any, landmarks_csv: Any, landmark_names: Sequence[str],
-           coordinate_system: str, out_manifest: Any, out_landmarks: Any,
-           min_cases: int = 3, split_counts: Mapping[str, int] | Sequence[int] | None = None,
-           ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Check a cohort and write ``out_manifest`` and ``out_landmarks`` (see module docstring).
+def _check_manifest(manifest_csv: Path, errors: list[str]) -> dict[str, tuple[str, Path]] | None:
+    """Read the manifest; check empty cells, case ids and duplicates.
 
-    ``landmark_names``: the configured landmarks (their order is the output order).
-    ``coordinate_system``: "RAS" or "LPS" for the input landmark table; output is RAS.
-    ``min_cases``: fewest cases the split can use (at least one per subset: 3).
-    ``split_counts``: explicit train/val/test counts, if configured; the cohort must then have
-    exactly that many cases.
-    Returns the two written tables. Raises :class:`InputError` listing every problem.
+    Returns ``{case: (image as given, resolved path)}`` for every distinct case id, or None
+    when the file cannot be read as a table.
     """
-    manifest_csv, landmarks_csv = Path(manifest_csv), Path(landmarks_csv)
-    out_manifest, out_landmarks = Path(out_manifest), Path(out_landmarks)
-    names = [str(n) for n in landmark_names]
-    if not names:
-        raise ValueError("no landmark names configured")
-    if len(set(names)) != len(names):
-        raise ValueError(f"configured landmark names are not unique: {names}")
-    system = str(coordinate_system).upper()
-    if system not in geometry.COORDINATE_SYSTEMS:
-        raise ValueError(f"coordinate_system must be RAS or LPS, got {coordinate_system!r}")
-
-    errors: list[str] = []
-    manifest = read_manifest(manifest_csv, resolve=False)
-
-    # ---- cases and images
+    try:
+        manifest, empty_rows = parse_manifest_table(manifest_csv)
+    except InputError as exc:
+        errors.append(str(exc))
+        return None
+    errors.extend(msg for _, msg in empty_rows)
+    skip = {row for row, _ in empty_rows}
     seen: dict[str, int] = {}
-    scans: dict[str, tuple[tuple[int, int, int], np.ndarray]] = {}
-    rows = []
-    for line, (case, image) in enumerate(zip(manifest["case_id"], manifest["image"]), start=2):
-        path = resolve_image(manifest_csv, image)
+    cases: dict[str, tuple[str, Path]] = {}
+    for row, (case, image) in enumerate(zip(manifest["case_id"], manifest["image"])):
+        line = row + 2
+        if row in skip:
+            continue
         if case in seen:
             errors.append(f"case {case!r} (file {manifest_csv}): duplicate case id on line {line} "
                           f"(first on line {seen[case]})")
             continue
         seen[case] = line
-        try:
-            shape, affine = read_volume_header(path, case)
-        except InputError as exc:
-            errors.append(str(exc))
-            continue
-        scans[case] = (shape, affine)
-        rows.append({"case_id": case,
-                     "image": _output_image_path(image, path, out_manifest),
-                     "shape": format_shape(shape),
-                     "spacing": format_spacing(geometry.native_spacing(affine))})
+        bad_id = case_id_problem(case)
+        if bad_id:
+            errors.append(f"case {case!r} (file {manifest_csv}), line {line}: {bad_id}")
+        cases[case] = (image, resolve_image(manifest_csv, image))
+    return cases
 
-    n_cases = len(seen)
+
+def _check_case_count(n_cases: int, manifest_csv: Path, min_cases: int,
+                      split_counts: Mapping[str, int] | Sequence[int] | None) -> list[str]:
+    errors = []
     if split_counts is not None:
         counts = list(split_counts.values()) if isinstance(split_counts, Mapping) \
             else list(split_counts)
@@ -113,66 +252,156 @@ def ingest(manifest_csv: Any, landmarks_csv: Any, landmark_names: Sequence[str],
     if n_cases < min_cases:
         errors.append(f"manifest file {manifest_csv}: {n_cases} case(s); the split needs at "
                       f"least {min_cases} (one per subset)")
+    return errors
 
-    # ---- landmarks
+
+# --------------------------------------------------------------------------- landmarks
+
+def _where_problem(where: str, name: str, p_ras: np.ndarray, given: np.ndarray, system: str,
+                   scan: _Scan, grid: Mapping[str, Any] | None) -> str | None:
+    """A landmark outside its scan, or inside it but outside the pyramid's finest grid."""
+    at = f"landmark {name!r} at {system} ({', '.join(f'{c:g}' for c in given)}) mm"
+    if not geometry.inside_scan(scan.affine, scan.shape, p_ras):
+        v = geometry.world_to_voxel(scan.affine, p_ras)
+        return (f"{where}: {at} lies outside the scan {scan.path} (voxel "
+                f"({', '.join(f'{c:.1f}' for c in v)}), shape {format_shape(scan.shape)})"
+                f"; is cohort.coordinate_system ({system}) right?")
+    if grid is None:
+        return None
+    n0, s0 = int(grid["finest_shape"]), float(grid["finest_spacing_mm"])
+    g = geometry.grid_for_scan(scan.affine, scan.shape, n0, s0, int(grid["levels"]))
+    v = g.world_to_voxel(p_ras, 0)
+    if np.all((v >= -0.5 - 1e-9) & (v <= n0 - 0.5 + 1e-9)):
+        return None
+    return (f"{where}: {at} lies inside the scan {scan.path} but outside the pyramid's finest "
+            f"grid ({n0}^3 voxels of {s0:g} mm centred on the scan, {n0 * s0:g} mm wide; "
+            f"grid voxel ({', '.join(f'{c:.1f}' for c in v)})), so no model can find it; "
+            "crop the scan around the region of interest or enlarge "
+            "pyramid.finest_shape / finest_spacing_mm")
+
+
+def _check_landmarks(landmarks_csv: Path, manifest_csv: Path, names: Sequence[str], system: str,
+                     scans: Mapping[str, _Scan] | None, grid: Mapping[str, Any] | None,
+                     errors: list[str]) -> dict[tuple[str, str], np.ndarray]:
+    """Check every landmark row; every problem of every row is one line in ``errors``.
+
+    ``scans``: the manifest's cases (None: the manifest was unreadable, so a row's case is not
+    checked against it). Returns the usable annotations ``{(case, name): RAS point}``.
+    """
     try:
-        lm = read_landmarks(landmarks_csv)
+        lm, invalid, cell_problems = parse_landmark_table(landmarks_csv)
     except InputError as exc:
         errors.append(str(exc))
-        lm = pd.DataFrame(columns=["case_id", "landmark", *XYZ])
+        return {}
+    by_row: dict[int, list[str]] = {}
+    for row, msg in cell_problems:
+        by_row.setdefault(row, []).append(msg)
     known = set(names)
     coords: dict[tuple[str, str], np.ndarray] = {}
     first_line: dict[tuple[str, str], int] = {}
-    xyz = lm[list(XYZ)].to_numpy(dtype=np.float64) if len(lm) else np.zeros((0, 3))
-    ras = geometry.to_ras(xyz, system) if len(lm) else xyz
+    given = lm[list(XYZ)].to_numpy(dtype=np.float64)
+    ras = geometry.to_ras(given, system)
     for row, (case, name) in enumerate(zip(lm["case_id"], lm["landmark"])):
         line = row + 2
         where = f"case {case!r} (file {landmarks_csv}), line {line}"
-        if case not in seen:
-            errors.append(f"{where}: landmark {name!r} for a case that is not in the manifest "
-                          f"{manifest_csv}")
-            continue
-        if name not in known:
-            errors.append(f"{where}: unknown landmark name {name!r} (configured: "
-                          f"{', '.join(names)})")
-            continue
-        key = (case, name)
-        if key in first_line:
-            errors.append(f"{where}: landmark {name!r} given twice (first on line "
-                          f"{first_line[key]})")
-            continue
-        first_line[key] = line
-        p = ras[row]
-        n_nan = int(np.isnan(p).sum())
-        if n_nan == 3:
-            continue  # not annotated
-        if n_nan:
-            errors.append(f"{where}: landmark {name!r} has some but not all of x, y, z empty")
-            continue
-        if case in scans:
-            shape, affine = scans[case]
-            if not geometry.inside_scan(affine, shape, p):
-                image = manifest.loc[manifest["case_id"] == case, "image"].iloc[0]
-                v = geometry.world_to_voxel(affine, p)
-                given = ", ".join(f"{c:g}" for c in xyz[row])
-                errors.append(
-                    f"{where}: landmark {name!r} at {system} ({given})"
-                    f" mm lies outside the scan {resolve_image(manifest_csv, image)} (voxel "
-                    f"({', '.join(f'{c:.1f}' for c in v)}), shape {format_shape(shape)})"
-                    f"; is cohort.coordinate_system ({system}) right?")
-                continue
-        coords[key] = p
+        problems = by_row.get(row, [])
+        named = case != "" and name != ""
+        if named and scans is not None and case not in scans:
+            problems.append(f"{where}: landmark {name!r} for a case that is not in the "
+                            f"manifest {manifest_csv}")
+        if named and name not in known:
+            problems.append(f"{where}: unknown landmark name {name!r} (configured: "
+                            f"{', '.join(names)})")
+        if named and (case, name) in first_line:
+            problems.append(f"{where}: landmark {name!r} given twice (first on line "
+                            f"{first_line[(case, name)]})")
+        first_line.setdefault((case, name), line)
+        empty = np.isnan(given[row]) & ~invalid[row]
+        if 0 < empty.sum() < 3:
+            problems.append(f"{where}: landmark {name!r} has some but not all of x, y, z empty")
+        complete = not np.isnan(given[row]).any()
+        scan = None if scans is None else scans.get(case)
+        if complete and scan is not None and scan.affine is not None:
+            outside = _where_problem(where, name, ras[row], given[row], system, scan, grid)
+            if outside:
+                problems.append(outside)
+        errors.extend(problems)
+        if complete and not problems:
+            coords[(case, name)] = ras[row]
+    return coords
 
-    if errors:
-        raise InputError(f"{len(errors)} problem(s) in the input cohort:\n" + "\n".join(errors))
 
-    out_m = pd.DataFrame(rows, columns=["case_id", "image", "shape", "spacing"])
-    table = []
-    for case in out_m["case_id"]:
+# --------------------------------------------------------------------------- ingest
+
+def _check_arguments(landmark_names: Sequence[str], coordinate_system: str) -> tuple[list, str]:
+    names = [str(n) for n in landmark_names]
+    if not names:
+        raise ValueError("no landmark names configured")
+    if len(set(names)) != len(names):
+        raise ValueError(f"configured landmark names are not unique: {names}")
+    system = str(coordinate_system).upper()
+    if system not in geometry.COORDINATE_SYSTEMS:
+        raise ValueError(f"coordinate_system must be RAS or LPS, got {coordinate_system!r}")
+    return names, system
+
+
+def _write_tables(cases: Mapping[str, tuple[str, Path]], scans: Mapping[str, _Scan],
+                  coords: Mapping[tuple[str, str], np.ndarray], names: Sequence[str],
+                  out_manifest: Path, out_landmarks: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    rows, table = [], []
+    for case, (image, path) in cases.items():
+        scan = scans[case]
+        rows.append({"case_id": case,
+                     "image": _output_image_path(image, path, out_manifest),
+                     "shape": format_shape(scan.shape),
+                     "spacing": format_spacing(geometry.native_spacing(scan.affine))})
         for name in names:
             p = coords.get((case, name), np.full(3, np.nan))
             table.append({"case_id": case, "landmark": name, "x": p[0], "y": p[1], "z": p[2]})
+    out_m = pd.DataFrame(rows, columns=["case_id", "image", "shape", "spacing"])
     out_l = pd.DataFrame(table, columns=["case_id", "landmark", *XYZ])
     write_csv_atomic(out_m, out_manifest)
     write_landmarks(out_l, out_landmarks)
     return out_m, out_l
+
+
+def ingest(manifest_csv: Any, landmarks_csv: Any, landmark_names: Sequence[str],
+           coordinate_system: str, out_manifest: Any, out_landmarks: Any,
+           min_cases: int = 3, split_counts: Mapping[str, int] | Sequence[int] | None = None,
+           *, grid: Mapping[str, Any] | None = None,
+           window: Sequence[float] | None = None, min_extent_mm: float | None = None,
+           threads: int = 1) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Check a cohort and write ``out_manifest`` and ``out_landmarks`` (see module docstring).
+
+    ``landmark_names``: the configured landmarks (their order is the output order).
+    ``coordinate_system``: "RAS" or "LPS" for the input landmark table; output is RAS.
+    ``min_cases``: fewest cases the split can use (at least one per subset: 3).
+    ``split_counts``: explicit train/val/test counts, if configured; the cohort must then have
+    exactly that many cases.
+    ``grid`` (``finest_shape``, ``finest_spacing_mm``, ``levels``): refuse landmarks outside
+    the pyramid's finest grid; ``window`` ``(lo, hi)``: refuse scans with (nearly) nothing
+    inside the intensity window (None: no window check, for intensities not windowed in HU);
+    ``min_extent_mm``: refuse scans thinner than this along an array axis. All three are
+    :func:`pyramid_checks` of the config; None skips the check.
+    ``threads``: scans read at once.
+    Returns the two written tables. Raises :class:`InputError` listing every problem.
+    """
+    manifest_csv, landmarks_csv = Path(manifest_csv), Path(landmarks_csv)
+    out_manifest, out_landmarks = Path(out_manifest), Path(out_landmarks)
+    names, system = _check_arguments(landmark_names, coordinate_system)
+    window = None if window is None else (float(window[0]), float(window[1]))
+
+    errors: list[str] = []
+    cases = _check_manifest(manifest_csv, errors)
+    scans = _check_scans({c: p for c, (_, p) in (cases or {}).items()}, window, min_extent_mm,
+                         threads)
+    for scan in scans.values():
+        errors.extend(scan.problems)
+    if cases is not None:
+        errors.extend(_check_case_count(len(cases), manifest_csv, min_cases, split_counts))
+    coords = _check_landmarks(landmarks_csv, manifest_csv, names, system,
+                              None if cases is None else scans, grid, errors)
+
+    if errors:
+        raise InputError(f"{len(errors)} problem(s) in the input cohort:\n" + "\n".join(errors))
+    return _write_tables(cases or {}, scans, coords, names, out_manifest, out_landmarks)

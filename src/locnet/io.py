@@ -25,12 +25,17 @@ import numpy as np
 import pandas as pd
 
 __all__ = [
+    "CASE_ID_PATTERN",
+    "CASE_ID_RULE",
     "InputError",
     "LANDMARK_COLUMNS",
     "MANIFEST_COLUMNS",
     "atomic_write",
+    "case_id_problem",
     "describe",
     "load_volume",
+    "parse_landmark_table",
+    "parse_manifest_table",
     "read_json",
     "read_landmarks",
     "read_manifest",
@@ -46,6 +51,15 @@ MANIFEST_COLUMNS = ("case_id", "image")
 LANDMARK_COLUMNS = ("case_id", "landmark", "x", "y", "z")
 XYZ = ("x", "y", "z")
 
+#: allowed case ids (a regular expression, matched in full): a case id names folders and files
+#: (``results/pyramid/{case}/``) and is a Snakemake wildcard, so it is plain ASCII, starts with
+#: a letter or digit (never ``.``, ``..`` or a hidden name) and is at most 100 characters long
+CASE_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}"
+#: :data:`CASE_ID_PATTERN` in words, for error messages
+CASE_ID_RULE = ("an ASCII letter or digit, then up to 99 letters, digits, '_', '.' or '-' "
+                f"(the pattern {CASE_ID_PATTERN}; no spaces, no accents)")
+_CASE_ID = re.compile(CASE_ID_PATTERN)
+
 
 class InputError(ValueError):
     """Bad input data (a scan or a table); the message names the case and the file."""
@@ -59,6 +73,13 @@ def describe(case: str | None, path: Any) -> str:
     if path is not None:
         parts.append(f"(file {os.fspath(path)})" if parts else f"file {os.fspath(path)}")
     return " ".join(parts) if parts else "input"
+
+
+def case_id_problem(case: str) -> str | None:
+    """Why ``case`` cannot be a case id (see :data:`CASE_ID_PATTERN`), or None if it can."""
+    if _CASE_ID.fullmatch(str(case)):
+        return None
+    return f"case id {str(case)!r} is not allowed: a case id is {CASE_ID_RULE}"
 
 
 # --------------------------------------------------------------------------- volumes
@@ -243,8 +264,14 @@ def _read_text_table(path: Any, required: tuple[str, ...], what: str) -> pd.Data
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{what} file not found: {path}")
+    if path.stat().st_size == 0:
+        raise InputError(f"{what} file {path} is empty (0 bytes); it needs a header line "
+                         f"{','.join(required)} and one row per line")
     try:
         df = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except pd.errors.EmptyDataError as exc:
+        raise InputError(f"{what} file {path} is empty (no header line); it needs a header "
+                         f"line {','.join(required)} and one row per line") from exc
     except Exception as exc:
         raise InputError(f"{what} file {path} is unreadable ({type(exc).__name__}: {exc})") from exc
     df.columns = [str(c).strip() for c in df.columns]
@@ -265,6 +292,20 @@ def resolve_image(manifest_path: Any, image: Any) -> Path:
     return Path(os.path.normpath(Path(manifest_path).resolve().parent / p))
 
 
+def parse_manifest_table(path: Any) -> tuple[pd.DataFrame, list[tuple[int, str]]]:
+    """Read a manifest ``case_id,image[,...]`` (all columns as strings, stripped) and list the
+    rows with an empty case id or image path, without stopping at the first.
+
+    Returns ``(table, problems)``: every row of the file (row ``r`` is line ``r + 2``), image
+    paths as given, and ``(row, message)`` per row with an empty cell. A file that cannot be
+    read as a table raises :class:`InputError`.
+    """
+    df = _read_text_table(path, MANIFEST_COLUMNS, "manifest")
+    problems = [(int(i), f"manifest file {path}, line {i + 2}: empty case_id or image")
+                for i in np.flatnonzero((df["case_id"] == "") | (df["image"] == ""))]
+    return df, problems
+
+
 def read_manifest(path: Any, resolve: bool = True) -> pd.DataFrame:
     """Read a manifest ``case_id,image[,...]`` (all columns as strings, stripped).
 
@@ -272,11 +313,10 @@ def read_manifest(path: Any, resolve: bool = True) -> pd.DataFrame:
     relative to the manifest's folder). Empty case ids or image paths raise
     :class:`InputError`; duplicates are left to the caller (see ``locnet.ingest``).
     """
-    df = _read_text_table(path, MANIFEST_COLUMNS, "manifest")
-    bad = [str(i + 2) for i in np.flatnonzero((df["case_id"] == "") | (df["image"] == ""))]
-    if bad:
+    df, problems = parse_manifest_table(path)
+    if problems:
         raise InputError(f"manifest file {path}: empty case_id or image on line(s) "
-                         f"{', '.join(bad)}")
+                         f"{', '.join(str(row + 2) for row, _ in problems)}")
     if resolve:
         df["image"] = [str(resolve_image(path, p)) for p in df["image"]]
     return df
@@ -291,6 +331,40 @@ def _parse_coordinate(value: str) -> float:
     return out
 
 
+def parse_landmark_table(path: Any) -> tuple[pd.DataFrame, np.ndarray, list[tuple[int, str]]]:
+    """Read a landmark table and list the problems of its cells without stopping at the first.
+
+    Returns ``(table, invalid, problems)``: ``table`` has columns ``case_id,landmark,x,y,z``
+    (extra columns dropped) with NaN for empty *and* for invalid coordinate cells; ``invalid``
+    is an ``(n, 3)`` bool array marking the cells that are non-numeric or infinite (so that an
+    invalid cell is not mistaken for an empty one); ``problems`` is a list of ``(row, message)``,
+    one per empty case id / landmark name and one per invalid cell, each message naming the
+    case, the file and the line. A file that cannot be read as a table raises
+    :class:`InputError`.
+    """
+    df = _read_text_table(path, LANDMARK_COLUMNS, "landmark")
+    problems: list[tuple[int, str]] = []
+    coords = np.full((len(df), 3), np.nan)
+    invalid = np.zeros((len(df), 3), dtype=bool)
+    for row, rec in enumerate(df[list(LANDMARK_COLUMNS)].itertuples(index=False)):
+        line = row + 2  # header is line 1
+        if rec.case_id == "" or rec.landmark == "":
+            problems.append((row, f"landmark file {path}, line {line}: empty case_id or "
+                                  "landmark name"))
+        for a, value in enumerate(rec[2:]):
+            try:
+                coords[row, a] = _parse_coordinate(value)
+            except ValueError:
+                invalid[row, a] = True
+                problems.append((row, f"case {rec.case_id!r} (file {path}), line {line}: "
+                                      f"landmark {rec.landmark!r} has a non-numeric "
+                                      f"{XYZ[a]} value {value!r}"))
+    out = df[["case_id", "landmark"]].copy()
+    for a, c in enumerate(XYZ):
+        out[c] = coords[:, a]
+    return out.reset_index(drop=True), invalid, problems
+
+
 def read_landmarks(path: Any) -> pd.DataFrame:
     """Read a landmark table ``case_id,landmark,x,y,z`` (extra columns are dropped).
 
@@ -298,25 +372,10 @@ def read_landmarks(path: Any) -> pd.DataFrame:
     empty case id / landmark name, raises :class:`InputError` listing every bad line.
     Coordinates are returned as they are stored (no RAS/LPS conversion here).
     """
-    df = _read_text_table(path, LANDMARK_COLUMNS, "landmark")
-    errors = []
-    coords = np.full((len(df), 3), np.nan)
-    for row, rec in enumerate(df[list(LANDMARK_COLUMNS)].itertuples(index=False)):
-        line = row + 2  # header is line 1
-        if rec.case_id == "" or rec.landmark == "":
-            errors.append(f"landmark file {path}, line {line}: empty case_id or landmark name")
-        for a, value in enumerate(rec[2:]):
-            try:
-                coords[row, a] = _parse_coordinate(value)
-            except ValueError:
-                errors.append(f"case {rec.case_id!r} (file {path}), line {line}: landmark "
-                              f"{rec.landmark!r} has a non-numeric {XYZ[a]} value {value!r}")
-    if errors:
-        raise InputError("\n".join(errors))
-    out = df[["case_id", "landmark"]].copy()
-    for a, c in enumerate(XYZ):
-        out[c] = coords[:, a]
-    return out.reset_index(drop=True)
+    out, _, problems = parse_landmark_table(path)
+    if problems:
+        raise InputError("\n".join(msg for _, msg in problems))
+    return out
 
 
 def write_landmarks(df: pd.DataFrame, path: Any) -> None:

@@ -10,6 +10,9 @@ from locnet.runlog import job_logging
 
 with job_logging(snakemake) as log:
     sp = snakemake.params.split
+    # the pyramid block decides the finest grid, the intensity window and the thinnest usable
+    # scan; from the rule's params when it passes them, else from the validated config
+    pyramid = snakemake.params.get("pyramid") or snakemake.config["pyramid"]
     manifest, landmarks = ingest.ingest(
         snakemake.input.manifest,
         snakemake.input.landmarks,
@@ -19,6 +22,8 @@ with job_logging(snakemake) as log:
         out_landmarks=snakemake.output.landmarks,
         min_cases=3,
         split_counts=sp.get("counts"),
+        threads=snakemake.threads,
+        **ingest.pyramid_checks(pyramid),
     )
     n_missing = int(landmarks[["x", "y", "z"]].isna().any(axis=1).sum())
     log.info("%d cases, %d landmarks (%d not annotated)", len(manifest), len(landmarks), n_missing)
