@@ -90,9 +90,12 @@ def test_wilcoxon_holm_matches_direct_calls():
     for _, row in res.iterrows():
         o = others[row["method"]]
         ok = ~np.isnan(prop) & ~np.isnan(o)
-        a, b = prop[ok], o[ok]
+        # the case is the unit: mean over the case's landmarks annotated in both methods
+        keep = ok.any(axis=1)
+        a = np.nanmean(np.where(ok, prop, np.nan)[keep], axis=1)
+        b = np.nanmean(np.where(ok, o, np.nan)[keep], axis=1)
         direct = sps.wilcoxon(a, b)
-        assert row["n_pairs"] == ok.sum()
+        assert row["n_pairs"] == ok.sum() and row["n_cases"] == keep.sum()
         assert row["statistic"] == pytest.approx(direct.statistic)
         assert row["p"] == pytest.approx(direct.pvalue, rel=1e-9)
         assert row["median_diff_mm"] == pytest.approx(np.median(a - b))
@@ -119,6 +122,49 @@ def test_wilcoxon_detects_real_difference_and_not_equal_methods():
     assert res.loc["heatmap_unet", "median_diff_mm"] < 0
     assert res.loc["multiscale_e2e", "p_holm"] > 0.05
     assert not res.loc["multiscale_e2e", "significant"]
+
+
+def test_landmarks_of_a_case_are_not_independent_pairs():
+    """Twenty copies of each case's landmark must not make a difference 'significant': the
+    paired test runs on per-case means, so its n and p stay those of the cases."""
+    rng = np.random.default_rng(2)
+    n = 10
+    a = rng.gamma(2.0, 1.0, n) + 1.0
+    b = a + np.array([0.5, 0.62, 0.41, 0.73, -0.33, -0.21, 0.55, -0.44, 0.66, -0.37])
+    many = [f"lm{k}" for k in range(20)]
+    one = {"multiscale_e2e_noise": make_table(a[:, None], landmarks=["lm0"]),
+           "multiscale_e2e": make_table(b[:, None], landmarks=["lm0"], seed=1)}
+    rep = {"multiscale_e2e_noise": make_table(np.repeat(a[:, None], 20, 1), landmarks=many),
+           "multiscale_e2e": make_table(np.repeat(b[:, None], 20, 1), landmarks=many, seed=1)}
+    r1, r20 = stats.paired_wilcoxon(one).iloc[0], stats.paired_wilcoxon(rep).iloc[0]
+    assert r20["n_pairs"] == 200 and r20["n_cases"] == r1["n_cases"] == n
+    assert r20["p"] == pytest.approx(r1["p"], rel=1e-6) and r20["p"] > 0.05
+    # pooled over the 200 landmark pairs the same data would look decisive
+    assert sps.wilcoxon(np.repeat(a, 20), np.repeat(b, 20)).pvalue < 1e-6
+
+
+def test_too_few_cases_give_no_p_value_and_detectable_difference_is_known():
+    rng = np.random.default_rng(4)
+    few = {"multiscale_e2e_noise": make_table(rng.gamma(2.0, 1.0, (5, 2))),
+           "multiscale_e2e": make_table(rng.gamma(2.0, 1.0, (5, 2)) + 5.0, seed=2)}
+    r = stats.paired_wilcoxon(few).iloc[0]
+    assert np.isnan(r["p"]) and np.isnan(r["p_holm"]) and not r["significant"]
+    assert "too few" in r["note"] and r["n_cases"] == 5
+    text = stats.statistics_summary(stats.statistics_table(few, n_boot=50))
+    assert "no test" in text and "too few" in text
+    # large n: the t approximation on n * 3/pi cases, (z_{1-a/2} + z_{0.8}) sd / sqrt(n_eff)
+    d = rng.normal(0.0, 2.0, 400)
+    want = (sps.norm.ppf(0.975) + sps.norm.ppf(0.8)) * d.std(ddof=1) / math.sqrt(400 * 3 / math.pi)
+    assert stats.min_detectable_difference(d, 0.05) == pytest.approx(want, rel=0.01)
+    # and a simulated paired test at that difference has about 80% power
+    hits = 0
+    sims = np.random.default_rng(9)
+    n = 30
+    mdd = stats.min_detectable_difference(sims.normal(0, 1.0, n), 0.05)
+    for _ in range(400):
+        x = sims.normal(mdd, 1.0, n)
+        hits += sps.wilcoxon(x).pvalue < 0.05
+    assert 0.6 < hits / 400 < 0.95
 
 
 def test_wilcoxon_identical_methods_and_missing_proposed():
@@ -256,6 +302,11 @@ def test_statistics_table_and_summary(tmp_path):
     sel = st[(st["test"] == "wilcoxon_holm") & (st["quantity"] == "n_pairs")]
     assert sel["comparison"].tolist() == ["multiscale_e2e_noise vs heatmap_unet"]
     assert sel["value"].iloc[0] == 50
+    n_cases = st[(st["test"] == "wilcoxon_holm") & (st["quantity"] == "n_cases")]
+    assert n_cases["value"].iloc[0] == 25
+    cm = st[(st["test"] == "confidence_vs_error")
+            & (st["comparison"] == "multiscale_e2e_noise [case means]")]
+    assert cm.set_index("quantity").loc["n", "value"] == 25
     comps = set(st.loc[st["test"] == "calibration", "comparison"])
     assert comps == {"multiscale_e2e_noise", "multiscale_e2e_noise [left_bifurcation]",
                      "multiscale_e2e_noise [right_bifurcation]"}

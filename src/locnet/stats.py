@@ -6,23 +6,30 @@ and ignores missing (unannotated) landmarks. The numbers end up in one tidy long
 
 Choices (see also the README):
 
-* Paired comparisons use the two-sided Wilcoxon signed-rank test (scipy defaults:
-  ``zero_method="wilcox"``, exact distribution for small n without ties, normal approximation
-  otherwise) on the (case, landmark) pairs annotated and predicted by both methods, differences
-  taken as *proposed - other* (negative = proposed better). The p-values of the comparisons of
-  the proposed method with every other method are Holm-corrected together. Landmarks of one
-  case are treated as independent pairs, as in the paper; the case-level bootstrap CI of the
-  mean difference does not assume that.
+* The case is the statistical unit: landmarks of one scan share its anatomy, image quality and
+  the errors of the coarse levels, so they are not independent. Paired comparisons therefore
+  use the two-sided Wilcoxon signed-rank test (scipy defaults) on the per-case mean errors
+  over the landmarks annotated and predicted by both methods, differences taken as
+  *proposed - other* (negative = proposed better); the (case, landmark) pairs only describe
+  (``n_pairs``, median). With fewer than 6 cases no two-sided p below 0.05 is possible, and no
+  p-value is given. The p-values of the comparisons of the proposed method with every other
+  method are Holm-corrected together. ``mdd80_mm`` is the smallest mean case-level difference
+  the test could detect with 80% power at the Holm family's strictest level ``alpha / m``:
+  a paired t-test's detectable effect (statsmodels' ``TTestPower``) on ``n * 3 / pi`` cases
+  (the Wilcoxon test's asymptotic relative efficiency), times the sd of the case differences.
 * Bootstrap CIs resample *cases* with replacement (all landmarks of a drawn case come along),
   percentile intervals, seeded; the statistic is the pooled mean over annotated landmarks.
 * The confidence volume is correlated with the error as the paper did (Pearson on the volume),
-  and also with Pearson on log10(volume) and Spearman (rank, scale-free), pooled over landmarks
-  and per landmark. The paper's r = 0.608 with p = 1.08e-6 corresponds to n = 54 points (its
-  test cases), i.e. one landmark or one value per case.
+  and also with Pearson on log10(volume) and Spearman (rank, scale-free): per landmark (one
+  point per case), on per-case means (``case means``: one point per case), and pooled over
+  landmarks. Pooled p-values count the landmarks of a case as independent points and are
+  description only (the table says so). The paper's r = 0.608 with p = 1.08e-6 corresponds to
+  n = 54 points (its test cases), i.e. one landmark or one value per case.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Mapping, Sequence
@@ -32,6 +39,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as _sps
 from statsmodels.stats.multitest import multipletests
+from statsmodels.stats.power import TTestPower
 from statsmodels.stats.proportion import proportion_confint
 
 from .io import write_text_atomic
@@ -56,6 +64,9 @@ __all__ = [
     "wilson_ci",
     "volumes_of",
     "confidence_correlation",
+    "confidence_correlation_case_means",
+    "case_means",
+    "min_detectable_difference",
     "calibration",
     "bootstrap_mean_ci",
     "statistics_table",
@@ -116,6 +127,32 @@ def _cluster_mean_ci(values: np.ndarray, clusters: np.ndarray, n_boot: int, seed
     return float(lo), float(hi)
 
 
+#: fewest cases for a paired test: below 6, two-sided exact Wilcoxon p-values cannot reach 0.05
+MIN_CASES_FOR_TEST = 6
+
+
+def case_means(pairs: pd.DataFrame) -> pd.DataFrame:
+    """Per-case means of ``error_a`` and ``error_b`` over the case's paired landmarks."""
+    return (pairs.groupby("case_id", sort=True)[["error_a", "error_b"]].mean()
+            .reset_index())
+
+
+def min_detectable_difference(d_cases: np.ndarray, alpha: float, power: float = 0.8) -> float:
+    """Smallest mean of the case differences the signed-rank test detects with ``power``.
+
+    Approximation: a two-sided paired t-test on ``n * 3 / pi`` cases (the Wilcoxon test's
+    asymptotic relative efficiency against the t-test under normality) at level ``alpha``,
+    effect = difference / sd of the case differences. NaN with fewer than 3 cases or sd 0.
+    """
+    d = np.asarray(d_cases, float)
+    if d.size < 3 or not np.std(d, ddof=1) > 0:
+        return float("nan")
+    n_eff = d.size * 3.0 / math.pi
+    effect = TTestPower().solve_power(effect_size=None, nobs=n_eff, alpha=alpha, power=power,
+                                      alternative="two-sided")
+    return float(effect * np.std(d, ddof=1))
+
+
 def paired_wilcoxon(
     predictions: Mapping[str, pd.DataFrame],
     proposed: str = PROPOSED_METHOD,
@@ -125,13 +162,16 @@ def paired_wilcoxon(
     n_boot: int = 2000,
     seed: int = 0,
 ) -> pd.DataFrame:
-    """Wilcoxon signed-rank test of ``proposed`` against every other method, Holm-corrected.
+    """Wilcoxon signed-rank test of ``proposed`` against every other method on per-case mean
+    errors (the case is the unit), Holm-corrected.
 
-    One row per other method (Table 1 order): ``method, label, n_pairs, median_diff_mm,
-    mean_diff_mm, mean_diff_ci_low, mean_diff_ci_high`` (case bootstrap, 95%), ``statistic,
-    p, p_holm, significant`` (p_holm < alpha) and ``note``. Differences are proposed - other.
-    A comparison with < 1 pair or only zero differences gets p = NaN or 1 and a note, and is
-    left out of the Holm family when its p is NaN.
+    One row per other method (Table 1 order): ``method, label, n_cases, n_pairs`` (landmark
+    pairs, description), ``median_diff_mm, mean_diff_mm`` (over cases), ``mean_diff_ci_low,
+    mean_diff_ci_high`` (case bootstrap, 95%), ``statistic, p, p_holm, significant`` (p_holm <
+    alpha), ``mdd80_mm`` (see :func:`min_detectable_difference`, at ``alpha / m`` for m
+    comparisons) and ``note``. Differences are proposed - other. A comparison with fewer than
+    :data:`MIN_CASES_FOR_TEST` cases or only zero differences gets p = NaN or 1 and a note, and
+    is left out of the Holm family when its p is NaN.
     """
     if proposed not in predictions:
         raise KeyError(f"proposed method {proposed!r} not among {sorted(predictions)}")
@@ -140,29 +180,32 @@ def paired_wilcoxon(
         if m == proposed:
             continue
         pairs = paired_errors(predictions[proposed], predictions[m], subset)
-        d = (pairs["error_a"] - pairs["error_b"]).to_numpy(float)
-        row = {"method": m, "label": method_label(m), "n_pairs": int(d.size),
-               "median_diff_mm": np.nan, "mean_diff_mm": np.nan, "mean_diff_ci_low": np.nan,
-               "mean_diff_ci_high": np.nan, "statistic": np.nan, "p": np.nan, "note": ""}
+        cases = case_means(pairs)
+        d = (cases["error_a"] - cases["error_b"]).to_numpy(float)
+        row = {"method": m, "label": method_label(m), "n_cases": int(d.size),
+               "n_pairs": int(len(pairs)), "median_diff_mm": np.nan, "mean_diff_mm": np.nan,
+               "mean_diff_ci_low": np.nan, "mean_diff_ci_high": np.nan, "statistic": np.nan,
+               "p": np.nan, "note": ""}
         if d.size == 0:
             row["note"] = "no common annotated (case, landmark) pairs"
         else:
             row["median_diff_mm"] = float(np.median(d))
             row["mean_diff_mm"] = float(d.mean())
             row["mean_diff_ci_low"], row["mean_diff_ci_high"] = _cluster_mean_ci(
-                d, pairs["case_id"].to_numpy(), n_boot, seed, 0.95)
+                d, cases["case_id"].to_numpy(), n_boot, seed, 0.95)
             if np.all(d == 0):
                 row.update(statistic=0.0, p=1.0, note="all paired differences are zero")
+            elif d.size < MIN_CASES_FOR_TEST:
+                row["note"] = (f"{d.size} cases: too few for a paired test (below "
+                               f"{MIN_CASES_FOR_TEST} no two-sided p < 0.05 is possible)")
             else:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", RuntimeWarning)
-                    res = _sps.wilcoxon(pairs["error_a"], pairs["error_b"],
+                    res = _sps.wilcoxon(cases["error_a"], cases["error_b"],
                                         alternative=alternative)
                 row["statistic"], row["p"] = float(res.statistic), float(res.pvalue)
-                if d.size < 6:
-                    row["note"] = "fewer than 6 pairs: the test has almost no power"
         rows.append(row)
-    out = pd.DataFrame(rows, columns=["method", "label", "n_pairs", "median_diff_mm",
+    out = pd.DataFrame(rows, columns=["method", "label", "n_cases", "n_pairs", "median_diff_mm",
                                       "mean_diff_mm", "mean_diff_ci_low", "mean_diff_ci_high",
                                       "statistic", "p", "note"])
     out["p_holm"] = np.nan
@@ -171,10 +214,17 @@ def paired_wilcoxon(
         out.loc[valid, "p_holm"] = multipletests(out.loc[valid, "p"].to_numpy(float),
                                                  alpha=alpha, method="holm")[1]
     out["significant"] = out["p_holm"] < alpha
+    family = max(int(valid.sum()), 1)
+    mdd = []
+    for m in out["method"]:
+        cases = case_means(paired_errors(predictions[proposed], predictions[m], subset))
+        mdd.append(min_detectable_difference(
+            (cases["error_a"] - cases["error_b"]).to_numpy(float), alpha / family))
+    out["mdd80_mm"] = mdd
     out.insert(0, "proposed", proposed)
-    return out[["proposed", "method", "label", "n_pairs", "median_diff_mm", "mean_diff_mm",
-                "mean_diff_ci_low", "mean_diff_ci_high", "statistic", "p", "p_holm",
-                "significant", "note"]]
+    return out[["proposed", "method", "label", "n_cases", "n_pairs", "median_diff_mm",
+                "mean_diff_mm", "mean_diff_ci_low", "mean_diff_ci_high", "statistic", "p",
+                "p_holm", "significant", "mdd80_mm", "note"]]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,6 +314,21 @@ def confidence_correlation(
         notes.append("fewer than 3 points")
     out["note"] = "; ".join(notes)
     return out
+
+
+def confidence_correlation_case_means(
+    pred: pd.DataFrame, subset: str | None = "test", level: float = 0.90,
+) -> dict[str, float | str]:
+    """:func:`confidence_correlation` on one point per case: the case's mean confidence volume
+    and mean error over its annotated landmarks (the case as the statistical unit)."""
+    df = _annotated(pred, subset)
+    df = df.assign(conf_volume_mm3=volumes_of(df, level).to_numpy(float))
+    df = df[np.isfinite(df["conf_volume_mm3"])]
+    g = df.groupby("case_id", sort=True)
+    cases = pd.DataFrame({"case_id": list(g.groups), "landmark": "case mean",
+                          "conf_volume_mm3": g["conf_volume_mm3"].mean().to_numpy(),
+                          "error_mm": g["error_mm"].mean().to_numpy()})
+    return confidence_correlation(cases, None, None, level)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -395,15 +460,16 @@ def statistics_table(
     else:
         wx = paired_wilcoxon(predictions, proposed, subset, alpha, n_boot=n_boot, seed=seed)
         for r in wx.itertuples(index=False):
-            note = "differences proposed - other (mm); Holm over "
-            note += f"{int(wx['p'].notna().sum())} comparisons"
+            note = ("per-case mean errors, differences proposed - other (mm); Holm over "
+                    f"{int(wx['p'].notna().sum())} comparisons")
             if r.note:
                 note += f"; {r.note}"
             add("wilcoxon_holm", f"{proposed} vs {r.method}",
-                {"n_pairs": r.n_pairs, "median_diff_mm": r.median_diff_mm,
+                {"n_cases": r.n_cases, "n_pairs": r.n_pairs, "median_diff_mm": r.median_diff_mm,
                  "mean_diff_mm": r.mean_diff_mm, "mean_diff_ci_low": r.mean_diff_ci_low,
                  "mean_diff_ci_high": r.mean_diff_ci_high, "statistic": r.statistic,
-                 "p": r.p, "p_holm": r.p_holm, "significant": float(bool(r.significant))},
+                 "p": r.p, "p_holm": r.p_holm, "significant": float(bool(r.significant)),
+                 "mdd80_mm": r.mdd80_mm},
                 note)
 
     pred = predictions.get(proposed)
@@ -416,10 +482,17 @@ def statistics_table(
         add("calibration", proposed, {"coverage": np.nan}, why)
     else:
         lms = list(landmarks) if landmarks is not None else landmark_order({proposed: pred})
+        cm = confidence_correlation_case_means(pred, subset, level)
+        note = cm.pop("note")
+        add("confidence_vs_error", f"{proposed} [case means]", cm, note)
         for lm in [None, *lms]:
             comp = proposed if lm is None else f"{proposed} [{lm}]"
             c = confidence_correlation(pred, subset, lm, level)
             note = c.pop("note")
+            if lm is None and len(lms) > 1:
+                note = "; ".join(x for x in (note, "pooled over landmarks: p-values count the "
+                                             "landmarks of a case as independent (description "
+                                             "only)") if x)
             add("confidence_vs_error", comp, c, note)
             cal = calibration(pred, subset, level, error_threshold_mm, lm)
             note, auroc_note = cal.pop("note"), cal.pop("auroc_note")
@@ -493,21 +566,28 @@ def statistics_summary(df: pd.DataFrame) -> str:
             lines += [f"Not computed: {wx['note'].iloc[0]}", ""]
         else:
             prop = comps[0].split(" vs ")[0]
-            lines += [f"Proposed: {method_label(prop)}. Differences are proposed - other "
-                      "(negative: the proposed method is better).", "",
-                      "| Other method | pairs | median diff (mm) | mean diff [95% CI] (mm) "
-                      "| W | p | p (Holm) | significant |",
-                      "|:---|---:|---:|---:|---:|---:|---:|:---:|"]
+            lines += [f"Proposed: {method_label(prop)}. The unit is the case: each case's "
+                      "errors are averaged over its landmarks first. Differences are proposed "
+                      "- other (negative: the proposed method is better). Detectable: the "
+                      "smallest mean difference the test finds with 80% power at the Holm "
+                      "family's strictest level.", "",
+                      "| Other method | cases | landmark pairs | median diff (mm) | mean diff "
+                      "[95% CI] (mm) | W | p | p (Holm) | significant | detectable (mm) |",
+                      "|:---|---:|---:|---:|---:|---:|---:|---:|:---:|---:|"]
             for c in comps:
                 g = lambda q: _get(df, "wilcoxon_holm", c, q)  # noqa: E731
                 other = c.split(" vs ", 1)[1]
                 sig = g("significant")
+                p = g("p")
+                verdict = ("yes" if sig == 1 else "no") if np.isfinite(p) else "no test"
                 lines.append(
-                    f"| {method_label(other)} | {int(g('n_pairs'))} | "
+                    f"| {method_label(other)} | {_i(g('n_cases'))} | {_i(g('n_pairs'))} | "
                     f"{_f(g('median_diff_mm'))} | {_f(g('mean_diff_mm'))} "
                     f"[{_f(g('mean_diff_ci_low'))}, {_f(g('mean_diff_ci_high'))}] | "
-                    f"{_f(g('statistic'), 1)} | {_p(g('p'))} | {_p(g('p_holm'))} | "
-                    f"{'yes' if sig == 1 else 'no'} |")
+                    f"{_f(g('statistic'), 1)} | {_p(p)} | {_p(g('p_holm'))} | "
+                    f"{verdict} | {_f(g('mdd80_mm'))} |")
+            notes = [n.split("; ", 1)[1] for n in dict.fromkeys(wx["note"]) if "; " in n]
+            lines += [""] + [f"Note: {n}" for n in dict.fromkeys(notes)]
             lines.append("")
 
     ce = df[df["test"] == "confidence_vs_error"]
@@ -518,7 +598,9 @@ def statistics_summary(df: pd.DataFrame) -> str:
             lines += [note, ""]
         else:
             lines += [f"Paper: Pearson r = {PAPER_PEARSON_R} (p = {PAPER_PEARSON_P:.2e}), "
-                      "which corresponds to n = 54 points.", "",
+                      "which corresponds to n = 54 points. Per landmark and on case means "
+                      "there is one point per case; pooled p-values count the landmarks of a "
+                      "case as independent points and only describe.", "",
                       "| Scope | n | Pearson r (p) | Pearson r, log10 volume (p) "
                       "| Spearman rho (p) |", "|:---|---:|---:|---:|---:|"]
             for c in comps:
