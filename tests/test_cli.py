@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +15,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from locnet import cli, geometry
-from test_inference import LANDMARKS, make_model_dir, write_scans
+from locnet import cli, geometry, inference, predict, pyramid, quality, seeds
+from locnet import train as T
+from test_inference import GRID, LANDMARKS, make_model_dir, write_scans
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
@@ -29,7 +31,7 @@ def run_cli(argv):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """One run over two good scans and four bad ones."""
+    """One run over two good scans and five bad ones."""
     root = tmp_path_factory.mktemp("cli")
     model_dir = make_model_dir(root / "model")
     (model_dir / "quality.json").write_text(json.dumps({"threshold_mm3": 1e12}))
@@ -42,8 +44,11 @@ def run(tmp_path_factory):
     # a 4 mm thick slab: covers a few per cent of the model's 160 mm cube
     nib.save(nib.Nifti1Image(np.zeros((40, 40, 1), np.int16), np.diag([4.0, 4.0, 4.0, 1.0])),
              str(bad / "slab.nii.gz"))
+    # all air: no content
+    nib.save(nib.Nifti1Image(np.full((40, 40, 40), -1000, np.int16),
+                             np.diag([4.0, 4.0, 4.0, 1.0])), str(bad / "air.nii.gz"))
     scans = [good[0], bad / "missing.nii.gz", bad / "text.nii.gz", bad / "frames.nii.gz",
-             bad / "slab.nii.gz", good[1]]
+             bad / "slab.nii.gz", bad / "air.nii.gz", good[1]]
     out = root / "out"
     rc, err = run_cli(["predict", "--model", model_dir, "--out", out, "--passes", 4,
                        "--seed", 3, "--quiet", *scans])
@@ -58,8 +63,12 @@ def test_bad_scans_fail_with_one_line_each_and_good_ones_are_written(run):
     assert "unreadable NIfTI file" in by_case["text"]
     assert "not 3D" in by_case["frames"] and "(20, 20, 20, 3)" in by_case["frames"]
     assert "outside the trained field of view" in by_case["slab"]
-    assert lines[-1] == "locnet: 4 of 6 scan(s) failed"
-    assert len(lines) == 5
+    assert by_case["air"] == "air: no content: every voxel of air.nii.gz has the value -1000"
+    assert lines[-1] == "locnet: 5 of 7 scan(s) failed"
+    # the model has no training intensity summary (as models trained before it): one note
+    (note,) = [l for l in lines if l.startswith("locnet: note:")]
+    assert "no intensity summary of the training cases" in note
+    assert len(lines) == 7
     out = run["out"]
     df = pd.read_csv(out / "landmarks.csv", keep_default_na=False)
     assert sorted(df.case_id.unique()) == ["case_0110", "case_0111"]
@@ -69,10 +78,12 @@ def test_bad_scans_fail_with_one_line_each_and_good_ones_are_written(run):
         assert (out / f"{case}.mrk.json").is_file()
         png = out / f"{case}_overlay.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    for case in ("missing", "text", "frames", "slab"):
+    assert set(df.intensity) == {""}  # nothing to compare with
+    for case in ("missing", "text", "frames", "slab", "air"):
         assert not (out / f"{case}.mrk.json").exists()
     doc = json.loads((out / "landmarks.json").read_text())
-    assert [f["case_id"] for f in doc["failed"]] == ["missing", "text", "frames", "slab"]
+    assert [f["case_id"] for f in doc["failed"]] == ["missing", "text", "frames", "slab", "air"]
+    assert doc["intensity_check"] is None and doc["cases"][0]["intensity"]["flag"] is None
     assert [c["case_id"] for c in doc["cases"]] == ["case_0110", "case_0111"]
     assert doc["preprocessing"]["window_hu"] == [-200.0, 800.0] and doc["passes"] == 4
     assert not [p for p in out.iterdir() if p.name.startswith(".tmp")]
@@ -166,3 +177,127 @@ def test_help_as_a_console_script():
     for option in ("--model", "--out", "--manifest", "--passes", "--seed", "--threshold",
                    "--min-coverage", "--no-overlay", "example:", "exit status"):
         assert option in res.stdout
+
+
+def test_unusable_out_is_refused_before_any_scan_is_computed(run, tmp_path, monkeypatch):
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("computed before --out was checked")
+
+    monkeypatch.setattr(inference, "load_model_dir", must_not_run)
+    monkeypatch.setattr(inference, "predict_scan", must_not_run)
+    a_file = tmp_path / "results.txt"
+    a_file.write_text("not a folder\n")
+    argv = ["predict", "--model", run["model_dir"], "--quiet", run["good"][0], "--out"]
+    rc, err = run_cli(argv + [a_file])
+    assert rc == cli.EXIT_USAGE
+    assert err.strip() == f"locnet: error: --out {a_file}: exists and is not a folder"
+    rc, err = run_cli(argv + [a_file / "sub"])
+    assert rc == cli.EXIT_USAGE and "cannot create the folder" in err
+    assert "Traceback" not in err and a_file.read_text() == "not a folder\n"
+
+
+def test_read_only_out_is_refused(run, tmp_path, monkeypatch):
+    monkeypatch.setattr(inference, "predict_scan", lambda *a, **k: pytest.fail("computed"))
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    if hasattr(os, "geteuid") and os.geteuid() == 0:  # root writes anyway: as the OS would say
+
+        def denied(*args, **kwargs):
+            raise PermissionError(13, "Permission denied")
+
+        monkeypatch.setattr(cli.tempfile, "mkstemp", denied)
+    try:
+        rc, err = run_cli(["predict", "--model", run["model_dir"], "--out", locked, "--quiet",
+                           run["good"][0]])
+    finally:
+        locked.chmod(0o755)
+    assert rc == cli.EXIT_USAGE and "not writable" in err and "Traceback" not in err
+
+
+# --------------------------------------------------------------------------- the study's numbers
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """A tiny study: phantom scans, their pyramids, a multiscale_e2e_noise trained one epoch,
+    its predictions as the predict rule makes them (with the sidecar), and quality.json as the
+    quality_threshold rule writes it."""
+    root = tmp_path_factory.mktemp("study")
+    scans, table = write_scans(root / "scans", indices=(130, 131, 132, 133))
+    dirs = []
+    for path in scans:
+        case = inference.case_id_from_path(path)
+        pyramid.build_pyramid(path, GRID, GRID["window_hu"], GRID["background_hu"],
+                              root / "pyramid" / case, case=case, threads=1)
+        dirs.append(root / "pyramid" / case)
+    model_dir = root / "models" / "multiscale_e2e_noise"
+    T.train("multiscale_e2e_noise", {"patch": 4, "noise_mm": 5.0, "unet": {"filters": [4, 8]}},
+            {"epochs": 1, "learning_rate": 0.001}, dict(GRID), LANDMARKS, dirs[:2], dirs[2:3],
+            table, model_dir, root / "state", seed=5)
+    # the predict rule: its own seed, passes, confidence and estimator (config evaluation.*)
+    seed, passes, confidence = seeds.derive(2020, "predict/multiscale_e2e_noise"), 5, 0.8
+    model, _ = T.load_trained(model_dir)
+    subsets = {"case_0132": "val", "case_0133": "test"}
+    preds = predict.predict_cases(model, dirs[2:], subsets, table, LANDMARKS, passes=passes,
+                                  seed=seed, confidence=confidence, progress=False)
+    csv = root / "predictions" / "multiscale_e2e_noise.csv"
+    csv.parent.mkdir()
+    quality.write_prediction_settings(csv, method="multiscale_e2e_noise", seed=seed,
+                                      passes=passes, confidence=confidence, estimator="exact")
+    preds.to_csv(csv, index=False)
+    # the quality_threshold rule
+    result = quality.choose_threshold(pd.read_csv(csv), 5.0, 0.9)
+    result.update(quality.study_settings(csv, confidence=0.9, estimator="exact"))
+    quality.write_quality(result, model_dir / "quality.json")
+    return {"root": root, "scans": scans, "model_dir": model_dir, "preds": preds,
+            "seed": seed, "passes": passes, "confidence": confidence}
+
+
+def test_cli_reproduces_the_study_predictions(study, tmp_path):
+    meta = json.loads((study["model_dir"] / "metadata.json").read_text())
+    assert meta["intensity"]["level"] == GRID["levels"] - 1 and meta["intensity"]["n_cases"] == 2
+    qual = json.loads((study["model_dir"] / "quality.json").read_text())
+    assert (qual["seed"], qual["passes"], qual["confidence"], qual["estimator"]) == \
+        (study["seed"], study["passes"], study["confidence"], "exact")
+    # no --seed, --passes or confidence given: the study's are used
+    rc, err = run_cli(["predict", "--model", study["model_dir"], "--out", tmp_path / "o",
+                       "--no-overlay", "--quiet", *study["scans"][2:]])
+    assert rc == cli.EXIT_OK, err
+    assert "note" not in err and "warning" not in err
+    df = pd.read_csv(tmp_path / "o" / "landmarks.csv", keep_default_na=False)
+    merged = df.merge(study["preds"], on=["case_id", "landmark"], suffixes=("_cli", "_study"))
+    assert len(merged) == 4
+    for a, b in (("x_ras", "x"), ("y_ras", "y"), ("z_ras", "z"), ("sd_x_cli", "sd_x_study"),
+                 ("sd_y_cli", "sd_y_study"), ("sd_z_cli", "sd_z_study")):
+        np.testing.assert_allclose(merged[a].astype(float), merged[b], atol=1e-4)
+    np.testing.assert_allclose(merged.conf_volume_mm3_cli.astype(float),
+                               merged.conf_volume_mm3_study, rtol=1e-4)
+    doc = json.loads((tmp_path / "o" / "landmarks.json").read_text())
+    assert (doc["seed"], doc["seed_source"], doc["passes"], doc["confidence"]) == \
+        (study["seed"], "quality.json", study["passes"], study["confidence"])
+    assert set(df.intensity) <= {"ok", "atypical"} and doc["intensity_check"] is not None
+    # another seed gives other numbers: the seed is what made them equal
+    rc, _ = run_cli(["predict", "--model", study["model_dir"], "--out", tmp_path / "s0",
+                     "--seed", 0, "--no-overlay", "--quiet", study["scans"][3]])
+    other = pd.read_csv(tmp_path / "s0" / "landmarks.csv")
+    assert rc == 0 and not np.allclose(other.sd_x, df[df.case_id == "case_0133"].sd_x.astype(float))
+
+
+def test_cli_flags_a_scan_of_another_kind(study, tmp_path):
+    img = nib.load(str(study["scans"][3]))
+    bright = tmp_path / "bright.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj, np.float32) + 700.0, img.affine),
+             str(bright))
+    rc, err = run_cli(["predict", "--model", study["model_dir"], "--out", tmp_path / "o",
+                       "--no-overlay", "--quiet", "--passes", 2, bright, study["scans"][3]])
+    assert rc == cli.EXIT_OK, err  # answered, flagged
+    (line,) = [l for l in err.splitlines() if l.strip()]
+    assert line.startswith("bright: warning: intensities atypical of the training cases: mean ")
+    assert line.endswith(f"({bright})")
+    df = pd.read_csv(tmp_path / "o" / "landmarks.csv", keep_default_na=False)
+    assert set(df[df.case_id == "bright"].intensity) == {"atypical"}
+    doc = json.loads((tmp_path / "o" / "landmarks.json").read_text())
+    case = next(c for c in doc["cases"] if c["case_id"] == "bright")
+    assert case["intensity"]["flag"] == "atypical" and case["intensity"]["outside_training_range"]
+    mrk = json.loads((tmp_path / "o" / "bright.mrk.json").read_text())
+    assert "atypical" in mrk["markups"][0]["controlPoints"][0]["description"]

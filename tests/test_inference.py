@@ -29,8 +29,10 @@ SCAN_INDICES = (100, 101, 102)
 PASSES = 6
 
 
-def make_model_dir(root, method="multiscale_e2e_noise", method_cfg=None, grid=GRID):
-    """Build an untrained model and save it as ``locnet.train`` saves a trained one."""
+def make_model_dir(root, method="multiscale_e2e_noise", method_cfg=None, grid=GRID,
+                   intensity=None):
+    """Build an untrained model and save it as ``locnet.train`` saves a trained one
+    (``intensity``: the training cases' summary; ``None`` as in models trained before it)."""
     method_cfg = method_cfg or {"patch": 4, "noise_mm": 5.0, "unet": {"filters": [4, 8]}}
     keras.utils.set_random_seed(3)
     model = build_model(method, {**method_cfg, "landmarks": LANDMARKS},
@@ -44,6 +46,8 @@ def make_model_dir(root, method="multiscale_e2e_noise", method_cfg=None, grid=GR
             "levels": levels, "loss_weight_names": [f"level{l}" for l in levels], "seed": 3,
             "epochs": 0, "best_epoch": 0, "best_val_error_mm": float("nan"),
             "train_cases": [], "val_cases": [], "versions": {}}
+    if intensity is not None:
+        meta["intensity"] = intensity
     (root / "metadata.json").write_text(json.dumps(meta))
     return root
 
@@ -196,3 +200,85 @@ def test_confidence_volume_matches_metrics(setup):
                                  threshold_mm3=1e12)
     np.testing.assert_allclose(res.conf_volume_mm3, metrics.confidence_volume(res.sd))
     assert res.flags == ["ok", "ok"]
+
+
+# --------------------------------------------------------------------------- unlike training
+
+def test_scans_without_content_are_refused(setup, write_nifti):
+    # an all-air scan once got two landmarks 2.8 mm apart and exit status 0
+    affine = np.diag([4.0, 4.0, 4.0, 1.0])
+    air = write_nifti(np.full((40, 40, 40), -1000, np.int16), affine, "air.nii.gz")
+    with pytest.raises(inference.ScanError,
+                       match=r"no content: every voxel of air\.nii\.gz has the value -1000"):
+        inference.predict_scan(setup["lm"], air, passes=2)
+    # noise around air: not constant, but nothing inside the model's window [-200, 800] HU
+    noise = np.random.default_rng(0).normal(-1000, 20, (40, 40, 40)).astype(np.int16)
+    hiss = write_nifti(noise, affine, "hiss.nii.gz")
+    with pytest.raises(inference.ScanError, match=r"no content: no voxel of hiss\.nii\.gz "
+                       r"\(values -1\d\d\d to -9\d\d\) reaches 5% of the model's intensity window"):
+        inference.predict_scan(setup["lm"], hiss, passes=2)
+
+
+def test_intensity_outliers_rule():
+    cases = [{"mean": m, "sd": 0.2, "foreground_fraction": 0.5} for m in (0.20, 0.22, 0.24)]
+    summary = quality.summarise_intensities(cases, level=3)
+    st = summary["statistics"]["mean"]
+    assert st["median"] == pytest.approx(0.22) and st["min"] == 0.20 and st["max"] == 0.24
+    assert st["robust_sd"] == pytest.approx(1.4826 * 0.02)
+    ok = {"mean": 0.23, "sd": 0.2, "foreground_fraction": 0.5}
+    assert quality.intensity_outliers(ok, summary) == []
+    # outside [min, max] but within 5 robust sds (5 x 0.0297 = 0.148) of the median: not flagged
+    assert quality.intensity_outliers({**ok, "mean": 0.30}, summary) == []
+    (why,) = quality.intensity_outliers({**ok, "mean": 0.40}, summary)
+    assert why.startswith("mean 0.400 (training 0.200-0.240")
+    # a spread of 0 (identical cases) is floored at MIN_SPREAD, never a division by zero
+    assert quality.intensity_outliers({**ok, "sd": 0.2 + 4 * quality.MIN_SPREAD}, summary) == []
+    assert len(quality.intensity_outliers({**ok, "sd": 0.2 + 6 * quality.MIN_SPREAD},
+                                          summary)) == 1
+
+
+def test_scans_far_from_the_training_intensities_are_flagged(setup, tmp_path, write_nifti):
+    # the training summary from the stored pyramids of unseen phantom cases, as train writes it
+    dirs = []
+    train_scans, _ = write_scans(tmp_path / "train", indices=(200, 201, 202, 203))
+    for path in train_scans:
+        case = inference.case_id_from_path(path)
+        pyramid.build_pyramid(path, GRID, GRID["window_hu"], GRID["background_hu"],
+                              tmp_path / "pyr" / case, case=case, threads=1)
+        dirs.append(tmp_path / "pyr" / case)
+    summary = quality.intensity_summary(dirs, level=GRID["levels"] - 1)
+    assert summary["n_cases"] == 4 and summary["level"] == 3
+    lm = inference.load_model_dir(make_model_dir(tmp_path / "model", intensity=summary))
+    assert lm.intensity == summary
+    res = inference.predict_scan(lm, setup["scans"][0], passes=2, seed=0)
+    assert res.intensity_outliers == [] and res.intensity_flag == "ok"
+    assert {r["intensity"] for r in res.rows()} == {"ok"}
+    # the same scan 700 HU brighter (a scan of another kind): answered, but flagged
+    img = nib.load(str(setup["scans"][0]))
+    bright = write_nifti(np.asarray(img.dataobj, np.float32) + 700.0, img.affine, "bright.nii.gz")
+    res = inference.predict_scan(lm, bright, passes=2, seed=0)
+    assert res.intensity_flag == inference.ATYPICAL
+    assert any(o.startswith("mean ") for o in res.intensity_outliers)
+    # a model without the summary (trained before it existed) works, without a flag
+    old = inference.predict_scan(setup["lm"], bright, passes=2, seed=0)
+    assert setup["lm"].intensity is None and old.intensity_outliers is None
+    assert {r["intensity"] for r in old.rows()} == {""}
+    np.testing.assert_allclose(old.world, res.world)
+
+
+def test_confidence_level_follows_the_quality_file(setup, tmp_path):
+    # the confidence volume is computed at the level the threshold was chosen at
+    model_dir = make_model_dir(tmp_path / "model")
+    (model_dir / "quality.json").write_text(json.dumps({"threshold_mm3": 50.0,
+                                                        "confidence": 0.5}))
+    lm = inference.load_model_dir(model_dir)
+    assert lm.confidence == 0.5 and setup["lm"].confidence == inference.CONFIDENCE == 0.90
+    res = inference.predict_scan(lm, setup["scans"][1], passes=5, seed=2)
+    ref = inference.predict_scan(setup["lm"], setup["scans"][1], passes=5, seed=2)
+    np.testing.assert_allclose(res.sd, ref.sd)
+    np.testing.assert_allclose(res.conf_volume_mm3, metrics.confidence_volume(res.sd, level=0.5))
+    assert np.all(res.conf_volume_mm3 < ref.conf_volume_mm3) and res.confidence == 0.5
+    (model_dir / "quality.json").write_text(json.dumps({"threshold_mm3": 50.0,
+                                                        "confidence": 90}))
+    with pytest.raises(inference.ModelDirError, match=r"quality\.json: invalid confidence 90"):
+        inference.load_model_dir(model_dir)

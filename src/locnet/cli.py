@@ -7,9 +7,10 @@
 * ``OUT/{case}.mrk.json``: a 3D Slicer markups point list (LPS mm) per scan;
 * ``OUT/{case}_overlay.png``: orthogonal slices through each landmark with its 90% ellipse.
 
-Exit status: 0 when every scan succeeded, 1 when at least one scan failed (each failure is
-printed to stderr as ``case: reason``; the other scans are still written), 2 for a usage error
-or an unusable model folder.
+Exit status: 0 when every scan succeeded (a scan flagged ``atypical`` for its intensities
+counts as answered), 1 when at least one scan failed (each failure is printed to stderr as
+``case: reason``; the other scans are still written), 2 for a usage error, an unusable model
+folder or an output folder that cannot be written (checked before any scan is computed).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import argparse
 import math
 import os
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 from typing import Sequence
@@ -35,8 +37,15 @@ coordinates: world RAS mm (NIfTI/nibabel convention) and LPS mm (DICOM/ITK: x an
 negated) in landmarks.csv/json; the Slicer markups files are in LPS. i,j,k are fractional
 voxel indices of the original scan (voxel centres; world = affine @ [i, j, k, 1]).
 
-exit status: 0 all scans done; 1 some scans failed (one 'case: reason' line each on
-stderr, the other scans are written); 2 usage error or unusable model folder.
+intensity check: each scan's mean, sd and foreground fraction (coarsest level of the
+normalised model input) are compared with the training cases' (MODEL_DIR/metadata.json);
+one far outside their range (outside [min, max] and more than 5 robust sd from the median)
+is answered but flagged 'atypical' (column 'intensity', a warning on stderr). A scan with
+no content (one value everywhere, or nothing inside the intensity window) is refused.
+
+exit status: 0 all scans done (also when some are flagged); 1 some scans failed (one
+'case: reason' line each on stderr, the other scans are written); 2 usage error, unusable
+model folder, or --out not a writable folder (checked before any scan is computed).
 """
 
 
@@ -88,15 +97,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "(e.g. results/models/multiscale_e2e_noise); quality.json is used "
                         "for the default --threshold when present")
     p.add_argument("--out", required=True, metavar="OUT",
-                   help="output folder (created): landmarks.csv, landmarks.json, "
-                        "{case}.mrk.json, {case}_overlay.png")
+                   help="output folder (created if missing; an existing file is refused): "
+                        "landmarks.csv, landmarks.json, {case}.mrk.json, {case}_overlay.png")
     p.add_argument("--manifest", metavar="CSV",
                    help="CSV with columns case_id,image (relative image paths are relative "
                         "to the CSV's folder); may be combined with SCAN arguments")
     p.add_argument("--passes", type=_positive_int, default=None, metavar="N",
-                   help="noisy test-time passes for the noisy model (default: the model "
-                        "metadata's value, else 50; 0 = one noise-free pass, no uncertainty); "
-                        "ignored for models without test-time noise")
+                   help="noisy test-time passes for the noisy model (default: the study's, "
+                        "recorded in MODEL_DIR/quality.json, else the model metadata's value, "
+                        "else 50; 0 = one noise-free pass, no uncertainty); ignored for models "
+                        "without test-time noise")
     p.add_argument("--estimator", choices=("exact", "window"), default=None,
                    help="how the noisy passes are computed: 'exact' runs the finest Loc-Net on "
                         "every shifted patch (the paper's way), 'window' once per landmark on a "
@@ -104,9 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "in 1.8-3x one forward pass instead of 15x at the paper's scale, "
                         "measured on a 2-core CPU; a different estimator). Default: the one "
                         "MODEL_DIR/quality.json was chosen with, else 'exact'")
-    p.add_argument("--seed", type=int, default=0, metavar="S",
+    p.add_argument("--seed", type=int, default=None, metavar="S",
                    help="seed of the test-time noise; each scan's draws derive from "
-                        "(S, case id), so results do not depend on the scan order (default 0)")
+                        "(S, case id), so results do not depend on the scan order (default: "
+                        "the seed of the study's own predictions, recorded in "
+                        "MODEL_DIR/quality.json, so a study scan gets the study's numbers; "
+                        "else 0)")
     p.add_argument("--threshold", type=_nonneg_float, default=None, metavar="MM3",
                    help="quality threshold on the 90%% confidence volume (mm^3): 'ok' when the "
                         "volume is <= MM3, else 'review'. Default: threshold_mm3 of "
@@ -157,14 +170,37 @@ def _json_value(v):
     return v
 
 
+def _out_problem(out: Path) -> str | None:
+    """Why ``out`` cannot be the output folder (``None`` when it can): it is an existing file,
+    cannot be created, or is not writable. Creates the folder."""
+    if out.exists() and not out.is_dir():
+        return f"--out {out}: exists and is not a folder"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return f"--out {out}: cannot create the folder ({exc.strerror or exc})"
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".tmp-probe-", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        return f"--out {out}: the folder is not writable ({exc.strerror or exc})"
+    return None
+
+
 def predict_command(args, parser) -> int:
     import pandas as pd
     from tqdm import tqdm
 
-    from . import inference, slicer
+    from . import inference, quality, slicer
     from .io import write_csv_atomic, write_json_atomic
 
     scans = _scan_list(args, parser)
+    out = Path(args.out)
+    problem = _out_problem(out)  # before anything is computed
+    if problem:
+        print(f"locnet: error: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         lm = inference.load_model_dir(args.model)
     except (inference.ModelDirError, ValueError) as exc:
@@ -173,8 +209,10 @@ def predict_command(args, parser) -> int:
     threshold = args.threshold if args.threshold is not None else lm.threshold_mm3
     passes = lm.default_passes if args.passes is None else args.passes
     min_cov = inference.DEFAULT_MIN_COVERAGE if args.min_coverage is None else args.min_coverage
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    seed = args.seed if args.seed is not None else lm.study_seed
+    seed_source = ("--seed" if args.seed is not None else
+                   "quality.json" if seed is not None else "default")
+    seed = inference.DEFAULT_SEED if seed is None else seed
     estimator = args.estimator or lm.estimator
     if (lm.noisy and passes > 1 and args.threshold is None and threshold is not None
             and estimator != lm.estimator):
@@ -185,15 +223,26 @@ def predict_command(args, parser) -> int:
     if lm.noisy and threshold is None and passes > 1 and not args.quiet:
         print(f"locnet: note: no --threshold and no {lm.model_dir / 'quality.json'}: "
               "the quality column stays empty", file=sys.stderr)
+    if lm.noisy and passes > 0 and seed_source == "default":
+        print(f"locnet: note: {lm.model_dir / 'quality.json'} records no noise seed of the "
+              f"study's predictions: using seed {seed}, so study scans will not get the "
+              "study's numbers exactly", file=sys.stderr)
+    if lm.intensity is None:
+        print(f"locnet: note: {lm.model_dir / 'metadata.json'} has no intensity summary of the "
+              "training cases (a model trained before it was recorded): scans are not "
+              "compared with the training cohort's intensities", file=sys.stderr)
 
     rows, cases, failed = [], [], []
     bar = tqdm(scans, desc="scans", unit="scan", disable=args.quiet, file=sys.stderr)
     for case, path in bar:
         bar.set_postfix_str(case, refresh=False)
         try:
-            res = inference.predict_scan(lm, path, case, passes=passes, seed=args.seed,
+            res = inference.predict_scan(lm, path, case, passes=passes, seed=seed,
                                          threshold_mm3=threshold, min_coverage=min_cov,
                                          threads=args.threads, estimator=estimator)
+            if res.intensity_outliers:
+                tqdm.write(f"{case}: warning: intensities atypical of the training cases: "
+                           f"{'; '.join(res.intensity_outliers)} ({path})", file=sys.stderr)
             descriptions = []
             for r in res.rows():
                 d = f"locnet {lm.method}"
@@ -202,6 +251,8 @@ def predict_command(args, parser) -> int:
                           f"{r['conf_volume_mm3']:.0f} mm3")
                 if r["quality"]:
                     d += f"; quality {r['quality']}"
+                if r["intensity"] == inference.ATYPICAL:
+                    d += "; intensities atypical of the training cases"
                 descriptions.append(d)
             slicer.write_markups(out / f"{case}.mrk.json", res.landmarks, res.world, descriptions)
             if not args.no_overlay:
@@ -220,6 +271,8 @@ def predict_command(args, parser) -> int:
         cases.append({
             "case_id": case, "image": str(path), "field_of_view_coverage": res.coverage,
             "grid_origin_ras_mm": list(res.grid.origin),
+            "intensity": {"flag": res.intensity_flag or None, "statistics": res.intensity,
+                          "outside_training_range": res.intensity_outliers},
             "landmarks": {r["landmark"]: {k: _json_value(v) for k, v in r.items()
                                           if k not in ("case_id", "image", "landmark")}
                           for r in case_rows},
@@ -227,22 +280,35 @@ def predict_command(args, parser) -> int:
     bar.close()
 
     columns = ["case_id", "image", "landmark", "x_ras", "y_ras", "z_ras", "x_lps", "y_lps",
-               "z_lps", "i", "j", "k", "sd_x", "sd_y", "sd_z", "conf_volume_mm3", "quality"]
-    write_csv_atomic(pd.DataFrame(rows, columns=columns), out / "landmarks.csv", na_rep="")
-    write_json_atomic({
+               "z_lps", "i", "j", "k", "sd_x", "sd_y", "sd_z", "conf_volume_mm3", "quality",
+               "intensity"]
+    summary = lm.intensity
+    doc = {
         "model": str(lm.model_dir), "method": lm.method, "landmarks": lm.landmarks,
         "preprocessing": lm.params, "noisy": lm.noisy,
-        "passes": passes if lm.noisy else 0, "seed": args.seed,
+        "passes": passes if lm.noisy else 0, "seed": seed, "seed_source": seed_source,
         "estimator": estimator if lm.noisy and passes > 0 else None,
-        "confidence": inference.CONFIDENCE, "quality_threshold_mm3": threshold,
+        "confidence": lm.confidence, "quality_threshold_mm3": threshold,
         "min_coverage": min_cov,
+        "intensity_check": None if summary is None else {
+            "training": summary, "margin_robust_sd": quality.INTENSITY_MARGIN,
+            "min_robust_sd": quality.MIN_SPREAD,
+            "rule": "a statistic is atypical when it lies outside the training cases' "
+                    "[min, max] and more than margin_robust_sd robust sds (at least "
+                    "min_robust_sd) from their median"},
         "coordinates": {"ras": "world RAS mm (x_ras, y_ras, z_ras)",
                         "lps": "world LPS mm = RAS with x and y negated",
                         "voxel": "fractional index (i, j, k) of the original scan, "
                                  "world = affine @ [i, j, k, 1]",
                         "markups": "OUT/{case}.mrk.json, LPS mm"},
         "cases": cases, "failed": failed,
-    }, out / "landmarks.json")
+    }
+    try:
+        write_csv_atomic(pd.DataFrame(rows, columns=columns), out / "landmarks.csv", na_rep="")
+        write_json_atomic(doc, out / "landmarks.json")
+    except OSError as exc:
+        print(f"locnet: error: cannot write the results to {out}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     if failed:
         print(f"locnet: {len(failed)} of {len(scans)} scan(s) failed", file=sys.stderr)
         return EXIT_SCAN_FAILED

@@ -17,7 +17,14 @@ test cases:
    (fractional) voxel indices through its affine.
 
 A scan is refused (:class:`ScanError`, a one-line reason) when it cannot be read, is not 3D,
-covers too little of the model's field of view, or a landmark is predicted outside it.
+has no content (one value everywhere, or nothing above the model's intensity window), covers
+too little of the model's field of view, or a landmark is predicted outside it. A scan whose
+intensity statistics lie far from the training cases' (:func:`locnet.quality.intensity_outliers`
+against the summary in ``metadata.json``) is answered but flagged ``atypical``.
+
+The noisy passes use, by default, the settings of the study's own predictions recorded in
+``quality.json`` (noise seed, passes, confidence level), so a study scan gives the study's
+numbers.
 """
 
 from __future__ import annotations
@@ -37,6 +44,8 @@ from .pyramid import downsample2, intensity_params, resample_to_grid, scan_windo
 __all__ = [
     "CONFIDENCE",
     "DEFAULT_MIN_COVERAGE",
+    "DEFAULT_SEED",
+    "ATYPICAL",
     "DEFAULT_PASSES",
     "LoadedModel",
     "ModelDirError",
@@ -52,11 +61,18 @@ __all__ = [
     "write_overlay",
 ]
 
+#: confidence level of the ellipsoid when the model records none (quality.json "confidence")
 CONFIDENCE = 0.90
+#: noise seed when the model records none (quality.json "seed")
+DEFAULT_SEED = 0
 DEFAULT_PASSES = 50
 DEFAULT_MIN_COVERAGE = 0.5
 _GRID_KEYS = ("finest_shape", "finest_spacing_mm", "levels", "window_hu", "background_hu")
 # optional: "intensity" (absent in models trained before it existed: the CT window)
+
+
+#: the ``intensity`` flag of a scan whose statistics are far from the training cohort's
+ATYPICAL = "atypical"
 
 
 class ModelDirError(ValueError):
@@ -94,6 +110,28 @@ class LoadedModel:
         return str((self.quality or {}).get("estimator") or "exact")
 
     @property
+    def confidence(self) -> float:
+        """Confidence level of the ellipsoid the quality threshold was chosen at
+        (``quality.json``'s ``confidence``, from ``evaluation.confidence``; else
+        :data:`CONFIDENCE`)."""
+        c = (self.quality or {}).get("confidence")
+        return CONFIDENCE if c is None else float(c)
+
+    @property
+    def study_seed(self) -> int | None:
+        """The noise seed of the study's own predictions of this model (``quality.json``'s
+        ``seed``), or ``None`` when it is not recorded."""
+        s = (self.quality or {}).get("seed")
+        return None if s is None else int(s)
+
+    @property
+    def intensity(self) -> dict | None:
+        """The training cases' intensity summary (``metadata.json``'s ``intensity``, written
+        by :func:`locnet.train.train`), or ``None`` for models trained before it existed."""
+        s = self.metadata.get("intensity")
+        return s if isinstance(s, Mapping) and s.get("statistics") else None
+
+    @property
     def threshold_mm3(self) -> float | None:
         if self.quality is None or self.quality.get("threshold_mm3") is None:
             return None
@@ -126,8 +164,10 @@ def preprocessing_params(metadata: Mapping[str, Any]) -> dict:
     return params
 
 
-def _default_passes(metadata: Mapping[str, Any]) -> int:
-    for holder in (metadata, metadata.get("evaluation") or {}, metadata.get("method_cfg") or {}):
+def _default_passes(metadata: Mapping[str, Any], qual: Mapping[str, Any] | None = None) -> int:
+    # the study's own passes first (quality.json, recorded from the predict rule)
+    for holder in (qual or {}, metadata, metadata.get("evaluation") or {},
+                   metadata.get("method_cfg") or {}):
         if isinstance(holder, Mapping) and holder.get("passes"):
             return int(holder["passes"])
     return DEFAULT_PASSES
@@ -171,6 +211,15 @@ def load_model_dir(model_dir: Any) -> LoadedModel:
     if estimator is not None and estimator not in models.ESTIMATORS:
         raise ModelDirError(f"{model_dir / quality.QUALITY_FILE}: unknown estimator {estimator!r} "
                             f"(one of {', '.join(models.ESTIMATORS)})")
+    for key, ok in (("confidence", lambda v: 0.0 < float(v) < 1.0),
+                    ("seed", lambda v: float(v) == int(v)), ("passes", lambda v: int(v) >= 0)):
+        value = (qual or {}).get(key)
+        try:
+            good = value is None or (not isinstance(value, bool) and ok(value))
+        except (TypeError, ValueError):
+            good = False
+        if not good:
+            raise ModelDirError(f"{model_dir / quality.QUALITY_FILE}: invalid {key} {value!r}")
     landmarks = [str(n) for n in metadata.get("landmarks") or getattr(model, "landmarks", [])]
     model_landmarks = getattr(model, "landmarks", None)
     if model_landmarks is not None and list(model_landmarks) != landmarks:
@@ -178,7 +227,8 @@ def load_model_dir(model_dir: Any) -> LoadedModel:
                             f"metadata.json {landmarks}")
     return LoadedModel(model=model, metadata=metadata, model_dir=model_dir, params=params,
                        landmarks=landmarks, levels=data.model_levels(model),
-                       noisy=predict.is_noisy(model), default_passes=_default_passes(metadata),
+                       noisy=predict.is_noisy(model),
+                       default_passes=_default_passes(metadata, qual),
                        quality=qual)
 
 
@@ -250,6 +300,17 @@ class ScanResult:
     coverage: float
     grid: geometry.Grid
     level0: np.ndarray = field(repr=False)
+    confidence: float = CONFIDENCE     # level of the confidence volume and ellipses
+    intensity: dict | None = None      # the scan's intensity statistics
+    intensity_outliers: list[str] | None = None  # None: no training summary to compare with
+
+    @property
+    def intensity_flag(self) -> str:
+        """``atypical`` when a statistic is out of the training cohort's range, ``ok`` when
+        none is, ``""`` when the model has no training summary."""
+        if self.intensity_outliers is None:
+            return ""
+        return ATYPICAL if self.intensity_outliers else quality.OK
 
     @property
     def world_lps(self) -> np.ndarray:
@@ -270,6 +331,7 @@ class ScanResult:
             else:
                 row.update(sd_x=math.nan, sd_y=math.nan, sd_z=math.nan, conf_volume_mm3=math.nan)
             row["quality"] = self.flags[k]
+            row["intensity"] = self.intensity_flag
             out.append(row)
         return out
 
@@ -288,18 +350,48 @@ def _strip_where(msg: str) -> str:
     return " ".join(str(msg).split())
 
 
+def _level_of(inputs: Mapping[str, np.ndarray], level0: np.ndarray, level: int) -> np.ndarray:
+    """Pyramid level ``level`` of a preprocessed scan (from the model inputs when there)."""
+    if f"level{level}" in inputs:
+        return np.asarray(inputs[f"level{level}"])[0, ..., 0]
+    a = level0
+    for _ in range(int(level)):
+        a = downsample2(a)
+    return a
+
+
+def _no_content(value_range: tuple[float, float], level0: np.ndarray | None,
+                params: Mapping[str, Any], name: str) -> str | None:
+    """Why a scan (its values span ``value_range``) has no content for the model: one value
+    everywhere, or no voxel of its normalised finest level ``level0`` above
+    :data:`locnet.quality.FOREGROUND_LEVEL`. ``None`` when it has content."""
+    lo, hi = value_range
+    if lo == hi:
+        return f"no content: every voxel of {name} has the value {lo:g}"
+    if level0 is not None and not np.any(level0 > quality.FOREGROUND_LEVEL):
+        mode = (params.get("intensity") or {}).get("mode", "ct_window")
+        where = (f"the model's intensity window {params['window_hu']} HU" if mode == "ct_window"
+                 else "the model's normalised intensity range")
+        return (f"no content: no voxel of {name} (values {lo:g} to {hi:g}) reaches "
+                f"{100 * quality.FOREGROUND_LEVEL:.0f}% of {where}")
+    return None
+
+
 def predict_scan(lm: LoadedModel, path: Any, case_id: str | None = None, passes: int | None = None,
-                 seed: int = 0, threshold_mm3: float | None = None,
+                 seed: int | None = None, threshold_mm3: float | None = None,
                  min_coverage: float = DEFAULT_MIN_COVERAGE, threads: int | None = None,
-                 estimator: str | None = None) -> ScanResult:
+                 estimator: str | None = None, confidence: float | None = None) -> ScanResult:
     """Predict the landmarks of one scan; raises :class:`ScanError` with a one-line reason.
 
     ``passes``: noisy passes (default: the model's); ``seed``: the run's seed, from which the
     scan's noise draws derive as ``seeds.derive(seed, case_id)`` (as in the study's
-    predictions); ``threshold_mm3``: quality threshold on the confidence volume (``None``:
-    no flag); ``min_coverage``: least fraction of the model's field of view the scan must cover;
-    ``estimator``: how the noisy passes are computed (:func:`locnet.models.predict_passes`;
-    default: the one the model's quality threshold was chosen with, :attr:`LoadedModel.estimator`).
+    predictions; default: the study's, :attr:`LoadedModel.study_seed`, else
+    :data:`DEFAULT_SEED`); ``confidence``: level of the confidence volume (default: the one
+    the quality threshold was chosen at, :attr:`LoadedModel.confidence`); ``threshold_mm3``:
+    quality threshold on the confidence volume (``None``: no flag); ``min_coverage``: least
+    fraction of the model's field of view the scan must cover; ``estimator``: how the noisy
+    passes are computed (:func:`locnet.models.predict_passes`; default: the one the model's
+    quality threshold was chosen with, :attr:`LoadedModel.estimator`).
     """
     path = Path(path)
     case = case_id or case_id_from_path(path)
@@ -319,9 +411,23 @@ def predict_scan(lm: LoadedModel, path: Any, case_id: str | None = None, passes:
             f"outside the trained field of view: the scan ({size[0]:.0f} x {size[1]:.0f} x "
             f"{size[2]:.0f} mm) covers {100 * coverage:.0f}% of the model's "
             f"{grid.extent_mm:.0f} mm cube (needs >= {100 * min_coverage:.0f}%)")
+    value_range = (float(np.min(data)), float(np.max(data))) if data.size else (0.0, 0.0)
+    reason = _no_content(value_range, None, params, path.name)
+    if reason:
+        raise ScanError(reason)
     inputs, grid, level0 = preprocess(data, affine, params, lm.levels, threads=threads)
+    reason = _no_content(value_range, level0, params, path.name)
+    if reason:
+        raise ScanError(reason)
     del data
+    summary = lm.intensity
+    stats_level = int(summary["level"]) if summary else int(params["levels"]) - 1
+    stats = quality.intensity_stats(_level_of(inputs, level0, stats_level))
+    outliers = quality.intensity_outliers(stats, summary) if summary else None
     n_passes = lm.default_passes if passes is None else int(passes)
+    if seed is None:
+        seed = DEFAULT_SEED if lm.study_seed is None else lm.study_seed
+    conf = lm.confidence if confidence is None else float(confidence)
     pos, samples, _ = predict_arrays(lm.model, inputs, n_passes if lm.noisy else 0,
                                      seeds.derive(int(seed), case),
                                      estimator=estimator or lm.estimator)
@@ -341,12 +447,13 @@ def predict_scan(lm: LoadedModel, path: Any, case_id: str | None = None, passes:
     if samples is not None:
         sd = samples.std(axis=0, ddof=1) if samples.shape[0] > 1 else np.full(world.shape, np.nan)
         vol = np.atleast_1d(metrics.confidence_volume(np.nan_to_num(sd, nan=0.0),
-                                                      level=CONFIDENCE))
+                                                      level=conf))
         vol = np.where(np.isnan(sd).any(axis=-1), np.nan, vol)
         flags = [quality.flag(v, threshold_mm3) for v in vol]
     return ScanResult(case_id=case, image=str(path), landmarks=list(lm.landmarks), world=world,
                       voxel=voxel, sd=sd, conf_volume_mm3=vol, flags=flags, coverage=coverage,
-                      grid=grid, level0=level0)
+                      grid=grid, level0=level0, confidence=conf, intensity=stats,
+                      intensity_outliers=outliers)
 
 
 # --------------------------------------------------------------------------- overlay
@@ -372,7 +479,7 @@ def write_overlay(result: ScanResult, path: Any, dpi: int = 72) -> None:
     s0, n = grid.spacing, grid.shape
     o = np.asarray(grid.origin, dtype=np.float64)
     lo, hi = o - s0 / 2.0, o + s0 * (n - 0.5)
-    r = math.sqrt(metrics.chi2_radius_sq(CONFIDENCE))
+    r = math.sqrt(metrics.chi2_radius_sq(result.confidence))
     k_n = len(result.landmarks)
     fig, axes = plt.subplots(k_n, 3, figsize=(7.5, 2.6 * k_n), squeeze=False)
     # (name, horizontal axis, vertical axis, slicing axis)
@@ -400,7 +507,8 @@ def write_overlay(result: ScanResult, path: Any, dpi: int = 72) -> None:
             ax.set_ylabel(f"{'xyz'[b]} (mm, {letters[b][1]}+)", fontsize=6)
     flag_txt = ", ".join(f"{n}: {f}" for n, f in zip(result.landmarks, result.flags) if f)
     fig.suptitle(f"{result.case_id}" + (f"  ({flag_txt})" if flag_txt else "")
-                 + ("  ellipses: 90% confidence" if result.sd is not None else ""), fontsize=8)
+                 + (f"  ellipses: {100 * result.confidence:g}% confidence"
+                    if result.sd is not None else ""), fontsize=8)
     fig.tight_layout()
     with atomic_write(path) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)

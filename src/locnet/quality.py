@@ -11,6 +11,11 @@ at least ``target_fraction`` have an error ``<= target_error_mm``. A new predict
 volume ``<= T`` is flagged ``ok`` (it falls in the range of volumes where the model met the
 target on validation data), a larger one ``review``. When no volume meets the target, ``T`` is
 0 and every prediction is flagged ``review``.
+
+Two more checks serve inference on new scans: the intensity statistics of a scan against the
+training cohort's (:func:`intensity_summary`, :func:`intensity_outliers`), and the settings of
+the study's own noisy predictions (seed, passes, confidence, estimator) carried from the
+predict rule into ``quality.json`` (:func:`study_settings`).
 """
 
 from __future__ import annotations
@@ -25,7 +30,9 @@ import pandas as pd
 from .io import read_json, write_json_atomic
 
 __all__ = ["OK", "REVIEW", "choose_threshold", "flag", "read_quality", "write_quality",
-           "QUALITY_FILE"]
+           "QUALITY_FILE", "INTENSITY_MARGIN", "intensity_outliers", "intensity_stats",
+           "intensity_summary", "summarise_intensities", "STUDY_SETTINGS", "study_settings",
+           "read_prediction_settings", "write_prediction_settings", "settings_path"]
 
 OK = "ok"
 REVIEW = "review"
@@ -117,3 +124,133 @@ def read_quality(model_dir: Any) -> dict | None:
     if not isinstance(d, dict) or "threshold_mm3" not in d:
         raise ValueError(f"{path}: not a quality file (no 'threshold_mm3')")
     return d
+
+
+# --------------------------------------------------------------------------- intensities
+#
+# A scan far from the training data gets a confident-looking answer all the same (an all-air
+# scan once got two landmarks 2.8 mm apart). Training records a summary of its cases'
+# intensity statistics (:func:`intensity_summary`, in the model's ``metadata.json`` under
+# ``"intensity"``), and inference compares a new scan's same statistics with it
+# (:func:`intensity_outliers`).
+
+#: the statistics, per case, of one pyramid level of the model's normalised input ([0, 1])
+INTENSITY_STATS = ("mean", "sd", "foreground_fraction")
+#: a voxel is foreground when its normalised value exceeds this (5% of the window)
+FOREGROUND_LEVEL = 0.05
+#: a statistic is out of range when it lies outside the training cases' [min, max] **and**
+#: more than this many robust sds (1.4826 x MAD) from their median
+INTENSITY_MARGIN = 5.0
+#: the least robust sd used by that test (normalised units; a cohort of near-identical cases
+#: has a MAD near 0)
+MIN_SPREAD = 0.01
+
+
+def intensity_stats(level: Any) -> dict:
+    """``mean``, ``sd`` and ``foreground_fraction`` (share of voxels above
+    :data:`FOREGROUND_LEVEL`) of one normalised pyramid level, as floats."""
+    a = np.asarray(level, dtype=np.float32)
+    return {"mean": float(a.mean(dtype=np.float64)), "sd": float(a.std(dtype=np.float64)),
+            "foreground_fraction": float(np.count_nonzero(a > FOREGROUND_LEVEL) / a.size)}
+
+
+def summarise_intensities(per_case: list[dict], level: int) -> dict:
+    """The cohort summary of :func:`intensity_stats` records: per statistic the median, the
+    robust sd (1.4826 x MAD), min, max and the 5th / 95th percentiles, over the cases."""
+    if not per_case:
+        raise ValueError("no cases to summarise")
+    stats = {}
+    for name in INTENSITY_STATS:
+        v = np.array([float(c[name]) for c in per_case])
+        med = float(np.median(v))
+        stats[name] = {"median": med, "robust_sd": float(1.4826 * np.median(np.abs(v - med))),
+                       "min": float(v.min()), "max": float(v.max()),
+                       "p05": float(np.percentile(v, 5)), "p95": float(np.percentile(v, 95))}
+    return {"level": int(level), "n_cases": len(per_case), "foreground_level": FOREGROUND_LEVEL,
+            "statistics": stats,
+            "meaning": ("per-case mean, sd and foreground fraction (share of voxels above "
+                        "foreground_level) of pyramid level `level` of the normalised model "
+                        "input, summarised over the training cases")}
+
+
+def intensity_summary(case_dirs: Any, level: int) -> dict:
+    """:func:`summarise_intensities` of the stored pyramid level ``level`` of ``case_dirs``
+    (the training cases; written into the model's metadata by :func:`locnet.train.train`)."""
+    from .pyramid import load_level
+
+    return summarise_intensities([intensity_stats(load_level(d, level)[0]) for d in case_dirs],
+                                 level)
+
+
+def intensity_outliers(stats: dict, summary: dict, margin: float = INTENSITY_MARGIN) -> list[str]:
+    """The statistics of ``stats`` that are out of the training cohort's range (see
+    :data:`INTENSITY_MARGIN`), each as ``"name value (training min-max, median m)"``; empty
+    when the scan looks like the training data."""
+    out = []
+    for name in INTENSITY_STATS:
+        s = (summary.get("statistics") or {}).get(name)
+        if s is None or name not in stats:
+            continue
+        v = float(stats[name])
+        spread = max(float(s["robust_sd"]), MIN_SPREAD)
+        outside = v < float(s["min"]) or v > float(s["max"])
+        if outside and abs(v - float(s["median"])) > margin * spread:
+            out.append(f"{name} {v:.3f} (training {float(s['min']):.3f}-{float(s['max']):.3f}, "
+                       f"median {float(s['median']):.3f})")
+    return out
+
+
+# --------------------------------------------------------------------------- study settings
+#
+# ``locnet predict`` must give the study's numbers on a study scan: same noise seed, passes,
+# estimator and confidence level. The predict rule records them beside its table (the
+# predictions' sidecar, :func:`write_prediction_settings`); the quality_threshold rule copies
+# them into ``MODEL_DIR/quality.json`` (:func:`study_settings`), the file inference reads.
+
+#: the settings of the study's noisy predictions that inference reuses
+STUDY_SETTINGS = ("seed", "passes", "confidence", "estimator")
+
+
+def settings_path(predictions_csv: Any) -> Path:
+    """The predictions' sidecar: ``{method}.json`` beside ``{method}.csv``."""
+    return Path(predictions_csv).with_suffix(".json")
+
+
+def write_prediction_settings(predictions_csv: Any, *, method: str, seed: int, passes: int,
+                              confidence: float, estimator: str) -> Path:
+    """Record how a prediction table's noisy passes were drawn (atomically, in its sidecar)."""
+    path = settings_path(predictions_csv)
+    write_json_atomic({
+        "method": str(method), "seed": int(seed), "passes": int(passes),
+        "confidence": float(confidence), "estimator": str(estimator),
+        "noise_seeds": "each case's shifts are drawn with seed locnet.seeds.derive(seed, case_id)",
+    }, path)
+    return path
+
+
+def read_prediction_settings(predictions_csv: Any) -> dict | None:
+    """The sidecar of a prediction table, or ``None`` when it has none (older studies)."""
+    path = settings_path(predictions_csv)
+    if not path.is_file():
+        return None
+    d = read_json(path)
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: not a prediction settings file")
+    return d
+
+
+def study_settings(predictions_csv: Any, confidence: float | None = None,
+                   estimator: str | None = None) -> dict:
+    """The :data:`STUDY_SETTINGS` of a prediction table, for ``quality.json``.
+
+    From the table's sidecar; ``confidence`` and ``estimator`` fill in what it lacks (a study
+    predicted before the sidecar existed: then ``seed`` and ``passes`` are absent, and
+    inference falls back to its defaults).
+    """
+    recorded = read_prediction_settings(predictions_csv) or {}
+    out = {k: recorded[k] for k in STUDY_SETTINGS if recorded.get(k) is not None}
+    if "confidence" not in out and confidence is not None:
+        out["confidence"] = float(confidence)
+    if "estimator" not in out and estimator is not None:
+        out["estimator"] = str(estimator)
+    return out

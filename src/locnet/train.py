@@ -397,6 +397,19 @@ def _log_epoch(log, row: dict, total: int, best_epoch: int, best_err: float) -> 
     log.info(" ".join(parts))
 
 
+def _intensity_summary(case_dirs, grid, log) -> dict | None:
+    """The training cases' intensity summary on the coarsest level (``None``, with a warning,
+    when it cannot be computed: training does not fail for it)."""
+    from locnet import quality
+
+    try:
+        return quality.intensity_summary(list(case_dirs), int(grid["levels"]) - 1)
+    except Exception as err:  # a summary is an aid to inference, never a reason to stop
+        log.warning("no intensity summary of the training cases (%s: %s)",
+                    type(err).__name__, err)
+        return None
+
+
 def train(
     method: str,
     method_cfg: dict,
@@ -461,6 +474,9 @@ def train(
         import tensorflow as tf
 
         tf.config.experimental.enable_op_determinism()
+
+    # ---- the training cases' intensities, for inference's check of new scans --------------------
+    intensity = _intensity_summary(case_dirs_train, grid, log)
 
     # ---- model --------------------------------------------------------------------------------
     keras.utils.set_random_seed(seeds.derive(seed, "init"))
@@ -687,6 +703,7 @@ def train(
         "best_val_error_mm": best_err,
         "train_cases": [case_id_of(d) for d in case_dirs_train],
         "val_cases": [case_id_of(d) for d in (case_dirs_val or [])],
+        "intensity": intensity,
         "versions": versions(),
     }
     _atomic_write_json(out_dir / "metadata.json", metadata)

@@ -14,7 +14,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 
 import locnet.models  # noqa: E402,F401  (registers the custom layers)
-from locnet import io, predict  # noqa: E402
+from locnet import io, predict, quality  # noqa: E402
 from locnet import split as splitmod  # noqa: E402
 from locnet.runlog import job_logging  # noqa: E402
 
@@ -34,6 +34,12 @@ with job_logging(snakemake) as log:
         confidence=snakemake.params.confidence,
         estimator=snakemake.params.estimator,
     )
+    # the noise settings beside the table (its sidecar, {method}.json), before the table
+    # itself, so a finished table always has them; quality_threshold copies them to the model
+    quality.write_prediction_settings(
+        snakemake.output.predictions, method=snakemake.wildcards.method,
+        seed=snakemake.params.seed, passes=snakemake.params.passes,
+        confidence=snakemake.params.confidence, estimator=snakemake.params.estimator)
     io.write_csv_atomic(table, snakemake.output.predictions)
     test = table[table["subset"] == "test"]
     log.info("%s: test mean error %.2f mm over %d landmarks", snakemake.wildcards.method,

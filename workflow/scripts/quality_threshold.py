@@ -19,8 +19,16 @@ with job_logging(snakemake) as log:
         subset="val",
     )
     result["method"] = snakemake.wildcards.method
-    # inference computes its passes the same way, so that its volumes match the threshold
-    result["estimator"] = snakemake.params.estimator
+    # inference computes its passes the same way as the study (estimator, confidence level,
+    # passes, noise seed: the predictions' sidecar), so that its volumes match the threshold
+    # and a study scan gets the study's numbers
+    settings = quality.study_settings(snakemake.input.predictions,
+                                      confidence=snakemake.config["evaluation"]["confidence"],
+                                      estimator=snakemake.params.estimator)
+    if "seed" not in settings:
+        log.warning("%s has no sidecar with the noise seed: locnet predict will not reproduce "
+                    "the study's noisy predictions by default", snakemake.input.predictions)
+    result.update(settings)
     quality.write_quality(result, snakemake.output.quality)
     log.info("%s: threshold %.1f mm^3 (%d of %d validation landmarks accepted)",
              snakemake.wildcards.method, result["threshold_mm3"], result["n_accepted"],
