@@ -180,3 +180,185 @@ def test_html_report_gathers_figures_and_tables(tiny_study):
                  "training_curves.png", "table1.csv", "statistics.csv"]:
         assert name in html, name
     assert "paper Fig. 4" in html  # a caption from workflow/report/
+
+
+# ---- the workflow can be trusted: its own code, its inputs, its failures, its subsets --------
+
+def snakemake_in(snakefile_dir, workdir, *args, env=None, timeout=600):
+    """Like ``run_snakemake``, with the Snakefile of ``snakefile_dir`` (a copy of the checkout)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, MPLBACKEND="Agg", **(env or {}))
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(Path(snakefile_dir) / "Snakefile"),
+           "--directory", str(workdir), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def job_counts(out):
+    """``{rule: count}`` from the job stats table that snakemake prints."""
+    return {l.split()[0]: int(l.split()[1]) for l in out.splitlines()
+            if len(l.split()) == 2 and l.split()[1].isdigit() and l.split()[0] not in
+            ("total", "jobid:")}
+
+
+def test_jobs_run_the_code_of_the_checkout_they_belong_to(tmp_path):
+    """A copy of the workflow runs the locnet of its own src/, not the installed one, even
+    when PYTHONPATH names another checkout first."""
+    import shutil
+
+    copy = tmp_path / "checkout"
+    shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(
+        ".venv", ".git", "results", ".snakemake", "__pycache__", "*.egg-info", ".pytest_cache",
+        "tests", "benchmarks", "docs", "build", ".whl", ".gl"))
+    init = copy / "src" / "locnet" / "__init__.py"
+    init.write_text(init.read_text().replace('__version__ = "0.1.0"',
+                                             '__version__ = "0.1.0+planted"'))
+    assert "planted" in init.read_text()
+    work = tmp_path / "work"
+    run = snakemake_in(copy, work, "results/synthetic/images/case_0000.nii.gz", "--cores", "1",
+                       "--configfile", str(copy / "config" / "tiny.yaml"),
+                       "--config", "results=results", env={"PYTHONPATH": str(ROOT / "src")})
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    log = (work / "results" / "logs" / "synthetic_case" / "case_0000.log").read_text()
+    assert f"locnet 0.1.0+planted from {copy.resolve() / 'src' / 'locnet'}" in log, log
+
+
+SCAN_SHAPE = (24, 24, 24)
+
+
+def write_scan(path, seed):
+    """A small noisy scan (4 mm voxels, centred near the origin) in HU."""
+    import nibabel as nib
+
+    rng = np.random.default_rng(seed)
+    data = (rng.normal(40.0, 80.0, SCAN_SHAPE)).astype(np.int16)
+    aff = np.diag([4.0, 4.0, 4.0, 1.0])
+    aff[:3, 3] = [-46.0, -46.0, -46.0]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data, aff), str(path))
+
+
+@pytest.fixture
+def files_study(tmp_path):
+    """A user's cohort of 4 tiny scans (cohort.source: files) and its snakemake runner."""
+    cohort = tmp_path / "cohort"
+    rows, lms = [], []
+    for i in range(4):
+        write_scan(cohort / "images" / f"p{i}.nii.gz", seed=i)
+        rows.append({"case_id": f"p{i}", "image": f"images/p{i}.nii.gz"})
+        lms += [{"case_id": f"p{i}", "landmark": "left_bifurcation", "x": -10, "y": 0, "z": 5},
+                {"case_id": f"p{i}", "landmark": "right_bifurcation", "x": 10, "y": 0, "z": 5}]
+    pd.DataFrame(rows).to_csv(cohort / "manifest.csv", index=False)
+    pd.DataFrame(lms).to_csv(cohort / "landmarks.csv", index=False)
+    overlay = tmp_path / "files.yaml"
+    overlay.write_text(
+        "results: results\n"
+        f"cohort: {{source: files, manifest: {cohort / 'manifest.csv'}, "
+        f"landmarks: {cohort / 'landmarks.csv'}}}\n")
+    work = tmp_path / "work"
+    targets = ["results/data/split.csv"] + [
+        f"results/pyramid/p{i}/{name}" for i in range(4)
+        for name in ("level0.nii", "level3.nii", "grid.json")]
+
+    def snakemake(*args):
+        return run_snakemake(work, *targets, *args, "--cores", "2", "--configfile",
+                             str(ROOT / "config" / "tiny.yaml"), str(overlay))
+
+    run = snakemake()
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    return cohort, work / "results", snakemake
+
+
+def test_a_replaced_scan_rebuilds_its_pyramid_and_a_job_sweeps_its_stale_temporaries(files_study):
+    import os
+
+    cohort, res, snakemake = files_study
+    run = snakemake("-n")
+    assert "Nothing to be done" in run.stdout + run.stderr, run.stdout[-3000:]
+    scan = cohort / "images" / "p2.nii.gz"
+    write_scan(scan, seed=22)  # a new scan under the same name
+    old = os.stat(scan)
+    os.utime(scan, (old.st_atime + 5, old.st_mtime + 5))  # clearly newer than every output
+    run = snakemake("-n")
+    assert run.returncode == 0, run.stderr[-3000:]
+    counts = job_counts(run.stdout + run.stderr)
+    # checked again, and its pyramid rebuilt (all are: they read the re-checked table)
+    assert counts.get("ingest") == 1 and counts.get("pyramid") == 4, run.stdout[-3000:]
+    assert "reason: Updated input files: " + str(scan) in run.stdout + run.stderr
+
+    # temporaries of killed writers of this job's outputs (locnet.io.atomic_write names)
+    stale = [res / "pyramid" / "p2" / ".tmp-0123456789ab-level0.nii",
+             res / "pyramid" / "p2" / ".tmp-ba9876543210-grid.json",
+             res / "data" / ".tmp-00000000beef-manifest.staged.csv"]
+    # ... and ones that are not its own: another writer's in the same folder, and one of a
+    # job that does not run now (either may belong to a job running in another snakemake)
+    kept = [res / "pyramid" / "p2" / ".tmp-0123456789ab-notes.txt",
+            res / "predictions" / ".tmp-0123456789ab-locnet_single.csv"]
+    for f in stale + kept:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(b"half a file")
+    before = (res / "pyramid" / "p2" / "level0.nii").read_bytes()
+    run = snakemake()
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    assert (res / "pyramid" / "p2" / "level0.nii").read_bytes() != before
+    assert [f for f in stale if f.exists()] == []
+    assert all(f.exists() for f in kept)
+    assert "left by a killed run" in (res / "logs" / "pyramid" / "p2.log").read_text()
+    assert "Nothing to be done" in snakemake("-n").stdout + snakemake("-n").stderr
+
+
+def test_a_failed_re_ingest_keeps_the_last_good_tables(files_study):
+    cohort, res, snakemake = files_study
+    tables = {name: (res / "data" / name).read_bytes()
+              for name in ("manifest.csv", "landmarks.csv", "split.csv")}
+    manifest = cohort / "manifest.csv"
+    manifest.write_text(manifest.read_text().replace("images/p1.nii.gz", "images/gone.nii.gz"))
+    run = snakemake()
+    out = run.stdout + run.stderr
+    assert run.returncode != 0
+    assert "Error in rule ingest" in out, out[-3000:]
+    log = (res / "logs" / "ingest.log").read_text()
+    assert "'p1'" in log and "gone.nii.gz" in log, log  # the case and the file
+    for name, content in tables.items():
+        assert (res / "data" / name).read_bytes() == content, name
+    # nothing downstream ran on the bad cohort; fixed, the same tables come back
+    manifest.write_text(manifest.read_text().replace("images/gone.nii.gz", "images/p1.nii.gz"))
+    run = snakemake()
+    assert run.returncode == 0, out[-3000:]
+    for name, content in tables.items():
+        assert (res / "data" / name).read_bytes() == content, name
+
+
+def test_run_methods_selects_the_methods_and_configfiles_merge(tmp_path):
+    import yaml
+
+    schema = yaml.safe_load((ROOT / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    run_methods = schema["properties"]["run_methods"]
+    assert run_methods["items"]["enum"] == METHODS and run_methods["default"] == METHODS
+
+    def plan(text):
+        overlay = tmp_path / "overlay.yaml"
+        overlay.write_text(text)
+        run = run_snakemake(tmp_path, "-n", "--cores", "2", "--configfile",
+                            str(ROOT / "config" / "tiny.yaml"), str(overlay))
+        return run, run.stdout + run.stderr
+
+    run, out = plan("run_methods: [multiscale_e2e_noise, locnet_single]\n")
+    assert run.returncode == 0, out[-3000:]
+    counts = job_counts(out)
+    assert counts["train"] == 2 and counts["predict"] == 2, out[-3000:]
+    methods = {l.split("method=")[1].split(",")[0].strip() for l in out.splitlines()
+               if "method=" in l}
+    assert methods == {"multiscale_e2e_noise", "locnet_single"}
+    assert "fig_heatmaps" not in counts  # needs both single-scale methods
+
+    # a configfile is merged over config.yaml: listing two method blocks keeps the other four
+    run, out = plan("methods: {locnet_single: {level: 2}, multiscale_e2e: {patch: 4}}\n")
+    assert run.returncode == 0, out[-3000:]
+    assert job_counts(out)["train"] == 6
+
+    run, out = plan("run_methods: [locnet_single, locnet_double]\n")
+    assert run.returncode != 0 and "run_methods" in out and "locnet_double" in out, out[-3000:]

@@ -213,6 +213,30 @@ def remove_stale_temporaries(*folders: Any) -> list[Path]:
     return removed
 
 
+def remove_stale_temporaries_of(*paths: Any) -> list[Path]:
+    """Delete the temporaries that a killed writer of ``paths`` left beside them; returns them.
+
+    Only :func:`atomic_write` temporaries *named after one of ``paths``* are removed, so a
+    concurrent writer of another file in the same folder keeps its temporary. A workflow job
+    calls this for its own outputs when it starts (:func:`locnet.runlog.job_logging`):
+    Snakemake runs at most one job per output, so a temporary named after it is stale.
+    """
+    names: dict[Path, set[str]] = {}
+    for path in paths:
+        path = Path(path)
+        names.setdefault(path.parent, set()).add(path.name)
+    removed = []
+    for folder, wanted in names.items():
+        if not folder.is_dir():
+            continue
+        for f in folder.iterdir():
+            # .tmp-<12 hex>-<name>
+            if (TEMPORARY_NAME.match(f.name) and f.name[18:] in wanted and f.is_file()):
+                f.unlink(missing_ok=True)
+                removed.append(f)
+    return removed
+
+
 def write_text_atomic(text: str, path: Any) -> Path:
     """Write ``text`` (UTF-8, newlines as given) to ``path`` atomically; returns the path."""
     with atomic_write(path) as tmp:

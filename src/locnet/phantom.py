@@ -42,7 +42,6 @@ import csv
 import io
 import itertools
 import os
-import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +51,8 @@ import nibabel as nib
 import numpy as np
 from scipy.interpolate import CubicSpline
 from scipy.ndimage import gaussian_filter
+
+from .io import atomic_write, write_text_atomic
 
 LANDMARK_NAMES = ("left_bifurcation", "right_bifurcation")
 
@@ -944,21 +945,9 @@ def case_landmarks(index: int, cfg: dict | None) -> dict[str, np.ndarray]:
 # --------------------------------------------------------------------------- files
 
 
-def _atomic_target(path: Path, suffix: str):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    os.close(fd)
-    return Path(tmp)
-
-
 def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = _atomic_target(path, ".tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    # the temporary naming of locnet.io, so a job's start sweeps what a killed run left
+    write_text_atomic(text, path)
 
 
 def image_relpath(index: int) -> str:
@@ -970,13 +959,8 @@ def write_case(index: int, cfg: dict | None, out_dir: str | os.PathLike) -> Path
     """Render case ``index`` and write ``out_dir/images/case_XXXX.nii.gz`` atomically."""
     path = Path(out_dir) / image_relpath(index)
     img, _ = make_case(index, cfg)
-    tmp = _atomic_target(path, ".nii.gz")
-    try:
+    with atomic_write(path) as tmp:
         nib.save(img, str(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -8,6 +8,11 @@ Usage in a workflow script::
 
 Python warnings, ``logging`` records and an uncaught exception (with traceback) all land in
 the rule's log file as well as on stderr, so a failed job explains itself in one place.
+
+At its start a job also logs where its ``locnet`` was imported from (the workflow puts the
+checkout's ``src/`` first on every job's path) and deletes the temporaries that a killed
+earlier run of the same job left beside its outputs
+(:func:`locnet.io.remove_stale_temporaries_of`).
 """
 
 from __future__ import annotations
@@ -17,6 +22,10 @@ import logging
 import os
 import sys
 import time
+
+import locnet
+
+from . import io
 
 
 @contextlib.contextmanager
@@ -42,6 +51,10 @@ def job_logging(smk=None, log_path: str | None = None, name: str = "locnet"):
     t0 = time.perf_counter()
     if rule:
         log.info("rule %s started (wildcards: %s)", rule, dict(getattr(smk, "wildcards", {})))
+        log.info("locnet %s from %s", locnet.__version__, os.path.dirname(locnet.__file__))
+    outputs = [str(f) for f in getattr(smk, "output", [])]
+    for f in io.remove_stale_temporaries_of(*outputs):
+        log.info("removed %s, left by a killed run of this job", f)
     if os.environ.get("SLURM_JOB_ID"):
         # where a cluster job ran and which GPU SLURM gave it: the first thing to look at
         # when a job is slow or cannot see its GPU

@@ -3,15 +3,25 @@ import functools
 import os
 import sys
 
-# locnet is importable without installing it (e.g. in the environment that --sdm conda
-# builds from envs/locnet.yaml): the workflow and its scripts put src/ first on the path.
-sys.path.insert(0, os.path.join(workflow.basedir, "src"))
+# Every job runs the locnet of this checkout, never another installed copy (an editable
+# install of another clone, an old wheel): src/ goes first on this process's path and on
+# PYTHONPATH, which every job's interpreter inherits (script and shell rules, local and
+# cluster jobs, and --sdm conda, whose environment has no locnet; a cluster job parses this
+# file again on its node). This is the only place that sets the path: scripts import locnet
+# as they find it.
+LOCNET_SRC = os.path.join(os.path.realpath(workflow.basedir), "src")
+sys.path.insert(0, LOCNET_SRC)
+_inherited = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+os.environ.update(
+    PYTHONPATH=os.pathsep.join([LOCNET_SRC] + [p for p in _inherited if p and p != LOCNET_SRC])
+)
 
 import pandas as pd
 
 from snakemake.exceptions import WorkflowError
 
 import locnet.config
+import locnet.io
 import locnet.metrics
 import locnet.seeds
 
@@ -70,6 +80,42 @@ def case_ids():
     return tuple(dict.fromkeys(ids))
 
 
+@functools.cache
+def raw_scans():
+    """Case id -> scan path, from the raw manifest, known when the DAG is built.
+
+    The scans are inputs of ingest and of their pyramid jobs, so a scan replaced under the
+    same name is checked again and rebuilds the pyramids and everything downstream. A manifest that cannot be read
+    here, a duplicate case or a scan that does not exist is left to rule ingest, which
+    reports every problem at once with case and file.
+    """
+    if config["cohort"]["source"] == "synthetic":
+        return {c: f"{RES}/synthetic/images/{c}.nii.gz" for c in synthetic_case_ids()}
+    try:
+        manifest = locnet.io.read_manifest(config["cohort"]["manifest"])
+    except locnet.io.InputError:
+        return {}
+    scans = {}
+    for case, image in zip(manifest["case_id"], manifest["image"]):
+        scans.setdefault(case, image)
+    return scans
+
+
+def existing_scans():
+    """The scans of the raw manifest that exist (a synthetic one: always, it is made here)."""
+    if config["cohort"]["source"] == "synthetic":
+        return list(raw_scans().values())
+    return [p for p in raw_scans().values() if os.path.isfile(p)]
+
+
+def case_scan(wildcards):
+    """The scan of one case as a pyramid input (nothing if it does not exist: see raw_scans)."""
+    path = raw_scans().get(wildcards.case)
+    if path is None or (config["cohort"]["source"] == "files" and not os.path.isfile(path)):
+        return []
+    return [path]
+
+
 def pyramid_files(case):
     return [f"{RES}/pyramid/{case}/level{l}.nii" for l in LEVELS] + [
         f"{RES}/pyramid/{case}/grid.json"
@@ -116,7 +162,9 @@ TRAIN_KEYS = ("epochs", "learning_rate", "batch_size", "schedule")
 
 
 def enabled_methods():
-    return [m for m in METHOD_ORDER if config["methods"][m].get("enabled", True)]
+    """The methods of this run, in Table 1's order: listed in run_methods and not disabled."""
+    run = set(config["run_methods"])
+    return [m for m in METHOD_ORDER if m in run and config["methods"][m].get("enabled", True)]
 
 
 def method_cfg(method):

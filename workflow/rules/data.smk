@@ -41,13 +41,22 @@ rule synthetic_cohort:
 
 
 rule ingest:
-    """Check the cohort (images, landmarks) and write the normalised tables (world RAS mm)."""
+    """Check the cohort (images, landmarks) and write the normalised tables (world RAS mm).
+
+    They are written beside the study's tables, which rule cohort_tables then replaces with
+    them. Snakemake deletes a job's outputs when the job starts, so a re-ingest that fails its
+    checks deletes only these staged copies: the tables of the last good ingest stay, and
+    nothing downstream runs.
+    """
     input:
         manifest=raw_manifest_path(),
         landmarks=raw_landmarks_path(),
+        # every scan it reads: a scan replaced under the same name triggers a rebuild
+        scans=existing_scans(),
     output:
-        manifest=f"{RES}/data/manifest.csv",
-        landmarks=f"{RES}/data/landmarks.csv",
+        # same folder as the final tables: relative image paths stay valid in the copy
+        manifest=f"{RES}/data/manifest.staged.csv",
+        landmarks=f"{RES}/data/landmarks.staged.csv",
     params:
         landmark_names=config["landmarks"],
         coordinate_system=config["cohort"]["coordinate_system"],
@@ -65,10 +74,29 @@ rule ingest:
         "../scripts/ingest.py"
 
 
+rule cohort_tables:
+    """The study's cohort tables: byte copies of the checked tables that ingest staged."""
+    input:
+        manifest=f"{RES}/data/manifest.staged.csv",
+        landmarks=f"{RES}/data/landmarks.staged.csv",
+    output:
+        manifest=f"{RES}/data/manifest.csv",
+        landmarks=f"{RES}/data/landmarks.csv",
+    log:
+        f"{RES}/logs/cohort_tables.log",
+    localrule: True
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/cohort_tables.py"
+
+
 rule pyramid:
     """Resample one scan to the finest isotropic RAS grid, then average down level by level."""
     input:
+        # the checked table (the cohort passed ingest) and the scan the job reads
         manifest=f"{RES}/data/manifest.csv",
+        scan=case_scan,
     output:
         levels=[f"{RES}/pyramid/{{case}}/level{l}.nii" for l in LEVELS],
         grid=f"{RES}/pyramid/{{case}}/grid.json",

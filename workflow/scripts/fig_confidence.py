@@ -1,10 +1,5 @@
 """Fig. 5: confidence volume against error (thin adapter; logic in locnet.figures)."""
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(snakemake.scriptdir).parents[1] / "src"))  # locnet from src/
-
 import pandas as pd
 
 from locnet import figures

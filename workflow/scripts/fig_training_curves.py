@@ -1,10 +1,5 @@
 """Training curves of every method (thin adapter; logic in locnet.figures)."""
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(snakemake.scriptdir).parents[1] / "src"))  # locnet from src/
-
 import pandas as pd
 
 from locnet import figures

@@ -2,12 +2,8 @@
 locnet.cli / locnet.inference). Failed scans are logged; the rule fails only if every scan
 failed, so one bad scan does not block the others' results."""
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(snakemake.scriptdir).parents[1] / "src"))  # locnet from src/
-
 import os
+from pathlib import Path
 
 os.environ.setdefault("TF_NUM_INTRAOP_THREADS", str(snakemake.threads))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

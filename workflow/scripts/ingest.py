@@ -1,10 +1,5 @@
 """Check the cohort and write the normalised tables (thin adapter; logic in locnet.ingest)."""
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(snakemake.scriptdir).parents[1] / "src"))  # locnet from src/
-
 from locnet import ingest
 from locnet.runlog import job_logging
 

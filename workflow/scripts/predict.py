@@ -1,11 +1,7 @@
 """Predict the validation and test cases with one trained method (thin adapter)."""
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(snakemake.scriptdir).parents[1] / "src"))  # locnet from src/
-
 import os
+from pathlib import Path
 
 os.environ.setdefault("TF_NUM_INTRAOP_THREADS", str(snakemake.threads))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -1,9 +1,6 @@
 """Resample one case to its multi-resolution pyramid (thin adapter; logic in locnet.pyramid)."""
 
-import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(snakemake.scriptdir).parents[1] / "src"))  # locnet from src/
 
 from locnet import io, pyramid
 from locnet.runlog import job_logging

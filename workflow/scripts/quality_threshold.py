@@ -1,10 +1,5 @@
 """Choose the quality threshold of a noisy method on its validation predictions (thin adapter)."""
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(snakemake.scriptdir).parents[1] / "src"))  # locnet from src/
-
 import pandas as pd
 
 from locnet import quality

@@ -1,10 +1,5 @@
 """Seeded train/val/test split (thin adapter; logic in locnet.split)."""
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(snakemake.scriptdir).parents[1] / "src"))  # locnet from src/
-
 from locnet import io, split
 from locnet.runlog import job_logging
 

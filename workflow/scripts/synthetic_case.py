@@ -1,9 +1,7 @@
 """Render one synthetic neck-CTA case (thin adapter; logic in locnet.phantom)."""
 
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(snakemake.scriptdir).parents[1] / "src"))  # locnet from src/
 
 from locnet import phantom
 from locnet.runlog import job_logging

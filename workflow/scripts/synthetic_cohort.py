@@ -1,9 +1,7 @@
 """Manifest and landmark table of the synthetic cohort, laid out like a user's raw data."""
 
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(snakemake.scriptdir).parents[1] / "src"))  # locnet from src/
 
 from locnet import phantom
 from locnet.runlog import job_logging

@@ -1,10 +1,5 @@
 """Table 1 from the prediction tables (thin adapter; logic in locnet.metrics)."""
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(snakemake.scriptdir).parents[1] / "src"))  # locnet from src/
-
 import pandas as pd
 
 from locnet import metrics
