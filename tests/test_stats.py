@@ -297,7 +297,7 @@ def test_statistics_table_and_summary(tmp_path):
     st = stats.statistics_table(preds, n_boot=200)
     assert list(st.columns) == ["test", "comparison", "quantity", "value", "note"]
     assert set(st["test"]) == {"bootstrap_mean", "wilcoxon_holm", "confidence_vs_error",
-                               "calibration"}
+                               "calibration", "calibration_conformal"}
     assert pd.api.types.is_float_dtype(st["value"])
     sel = st[(st["test"] == "wilcoxon_holm") & (st["quantity"] == "n_pairs")]
     assert sel["comparison"].tolist() == ["multiscale_e2e_noise vs heatmap_unet"]
@@ -328,3 +328,30 @@ def test_statistics_table_without_proposed_or_sds():
     ce = st2[st2["test"] == "confidence_vs_error"]
     assert len(ce) == 1 and "no confidence volume" in ce["note"].iloc[0]
     assert "Not computed" in stats.statistics_summary(st2)
+
+
+def test_conformal_scale_restores_coverage_of_overconfident_sds():
+    """Sds reported at half their true size: the raw 90% ellipsoids cover far less than 90%,
+    the split-conformal scale fitted on validation landmarks is about 2 and brings the test
+    coverage back to about 90% (Gaussian errors, known answer)."""
+    val = gaussian_noisy_table(300, sd_scale=0.5, seed=1)
+    val["subset"] = "val"
+    test = gaussian_noisy_table(300, sd_scale=0.5, seed=2)
+    pred = pd.concat([val, test], ignore_index=True)
+    raw = stats.calibration(pred, "test", 0.90)["coverage"]
+    assert raw < 0.6
+    conf = stats.conformal_scale(pred, "val", 0.90)
+    assert conf["n"] == 600 and conf["scale"] == pytest.approx(2.0, rel=0.1)
+    cov = stats.calibrated_coverage(pred, conf["scale"], "test", 0.90)
+    assert 0.86 < cov["coverage"] < 0.94
+    assert cov["coverage_ci_low"] < cov["coverage"] < cov["coverage_ci_high"]
+    # well-calibrated sds get a scale near 1; too few landmarks get none
+    ok = gaussian_noisy_table(300, sd_scale=1.0, seed=3)
+    ok["subset"] = "val"
+    assert stats.conformal_scale(ok, "val", 0.90)["scale"] == pytest.approx(1.0, rel=0.1)
+    tiny = ok.head(4)
+    assert np.isnan(stats.conformal_scale(tiny, "val", 0.90)["scale"])
+    st = stats.statistics_table({"multiscale_e2e_noise": pred}, n_boot=50)
+    sel = st[st["test"] == "calibration_conformal"].set_index("quantity")["value"]
+    assert sel["scale"] == pytest.approx(conf["scale"]) and sel["coverage"] == cov["coverage"]
+    assert "Calibrated ellipsoids" in stats.statistics_summary(st)

@@ -50,6 +50,7 @@ from .metrics import (
     errors_of,
     inside_ellipsoid,
     landmark_order,
+    mahalanobis_sq,
     method_label,
     method_order,
     select_subset,
@@ -66,6 +67,8 @@ __all__ = [
     "confidence_correlation",
     "confidence_correlation_case_means",
     "case_means",
+    "conformal_scale",
+    "calibrated_coverage",
     "min_detectable_difference",
     "calibration",
     "bootstrap_mean_ci",
@@ -382,6 +385,55 @@ def calibration(
     return out
 
 
+def conformal_scale(pred: pd.DataFrame, subset: str | None = "val",
+                    level: float = 0.90) -> dict[str, float | str]:
+    """Split-conformal scale factor of the sds, fitted on ``subset`` (the validation cases).
+
+    The score of an annotated landmark is its Mahalanobis radius divided by the ``level``
+    ellipsoid's radius, ``r = sqrt(mahalanobis^2 / chi2_3(level))`` (inside: r <= 1). The scale
+    ``s`` is the ``ceil((n + 1) level) / n`` empirical quantile of the n scores, so that, for a
+    new landmark exchangeable with the calibration ones, the ellipsoid with sds ``s * sd``
+    holds the truth with probability at least ``level``. ``s > 1``: the raw ellipsoids are
+    over-confident. Returns ``n, scale`` and a ``note`` (NaN scale without calibration data,
+    and when ``(n + 1) level > n``, i.e. too few landmarks for that level).
+    """
+    df = _annotated(pred, subset)
+    sds = ["sd_x", "sd_y", "sd_z"]
+    if not set(sds) <= set(df.columns):
+        return {"n": 0, "scale": np.nan, "note": "no sd_x, sd_y, sd_z columns"}
+    d2 = mahalanobis_sq(df[["x", "y", "z"]].to_numpy(float),
+                        df[["true_x", "true_y", "true_z"]].to_numpy(float), df[sds].to_numpy(float))
+    d2 = d2[np.isfinite(d2) | np.isinf(d2)]
+    d2 = d2[~np.isnan(d2)]
+    n = int(d2.size)
+    k = math.ceil((n + 1) * level)
+    if n == 0 or k > n:
+        return {"n": n, "scale": np.nan,
+                "note": f"{n} calibration landmarks: too few for a {100 * level:g}% conformal scale"}
+    scores = np.sort(np.sqrt(d2 / chi2_radius_sq(level)))
+    return {"n": n, "scale": float(scores[k - 1]), "note": ""}
+
+
+def calibrated_coverage(pred: pd.DataFrame, scale: float, subset: str | None = "test",
+                        level: float = 0.90) -> dict[str, float]:
+    """Coverage of the ``level`` ellipsoids with sds multiplied by ``scale`` on ``subset``,
+    with its Wilson 95% CI (``n, n_inside, coverage, coverage_ci_low, coverage_ci_high``)."""
+    df = _annotated(pred, subset)
+    sds = ["sd_x", "sd_y", "sd_z"]
+    if not np.isfinite(scale) or not set(sds) <= set(df.columns):
+        return {"n": np.nan, "n_inside": np.nan, "coverage": np.nan, "coverage_ci_low": np.nan,
+                "coverage_ci_high": np.nan}
+    p = df[["x", "y", "z"]].to_numpy(float)
+    t = df[["true_x", "true_y", "true_z"]].to_numpy(float)
+    sd = df[sds].to_numpy(float) * float(scale)
+    ok = np.isfinite(p).all(1) & np.isfinite(t).all(1) & np.isfinite(sd).all(1)
+    inside = inside_ellipsoid(p[ok], t[ok], sd[ok], level)
+    k, n = int(inside.sum()), int(ok.sum())
+    lo, hi = wilson_ci(k, n)
+    return {"n": n, "n_inside": k, "coverage": k / n if n else np.nan, "coverage_ci_low": lo,
+            "coverage_ci_high": hi}
+
+
 # ---------------------------------------------------------------------------------------------
 # Bootstrap CI of each method's mean error
 # ---------------------------------------------------------------------------------------------
@@ -482,6 +534,14 @@ def statistics_table(
         add("calibration", proposed, {"coverage": np.nan}, why)
     else:
         lms = list(landmarks) if landmarks is not None else landmark_order({proposed: pred})
+        conf = conformal_scale(pred, "val", level)
+        cov = calibrated_coverage(pred, conf["scale"], subset, level)
+        add("calibration_conformal", proposed,
+            {"n_calibration": conf["n"], "scale": conf["scale"], **cov},
+            "; ".join(x for x in (
+                f"split-conformal scale of the sds fitted on the validation landmarks, coverage "
+                f"of the scaled {100 * level:g}% ellipsoids on the {subset} landmarks, Wilson "
+                "95% CI (landmarks counted as independent)", conf["note"]) if x))
         cm = confidence_correlation_case_means(pred, subset, level)
         note = cm.pop("note")
         add("confidence_vs_error", f"{proposed} [case means]", cm, note)
@@ -637,4 +697,17 @@ def statistics_summary(df: pd.DataFrame) -> str:
                     f"{_f(100 * g('coverage_ci_high'), 1)}] | {int(g('n_large_error'))} | "
                     f"{_f(g('auroc'), 3)} | {notes} |")
             lines.append("")
+    conf = df[(df["test"] == "calibration_conformal")]
+    if len(conf):
+        c = conf["comparison"].iloc[0]
+        g = lambda q: _get(df, "calibration_conformal", c, q)  # noqa: E731
+        raw = _get(df, "calibration", c, "coverage")
+        lines += ["## Calibrated ellipsoids (beyond the paper)", "",
+                  f"Scale of the sds from the validation set (split conformal, "
+                  f"{_i(g('n_calibration'))} landmarks): **{_f(g('scale'))}**. Test coverage "
+                  f"raw {_f(100 * raw, 1)}%, calibrated {_f(100 * g('coverage'), 1)}% "
+                  f"[{_f(100 * g('coverage_ci_low'), 1)}, {_f(100 * g('coverage_ci_high'), 1)}] "
+                  f"({_i(g('n'))} landmarks).", ""]
+        if conf["note"].iloc[0]:
+            lines += [f"Note: {conf['note'].iloc[0]}", ""]
     return "\n".join(lines)
