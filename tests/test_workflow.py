@@ -362,3 +362,39 @@ def test_run_methods_selects_the_methods_and_configfiles_merge(tmp_path):
 
     run, out = plan("run_methods: [locnet_single, locnet_double]\n")
     assert run.returncode != 0 and "run_methods" in out and "locnet_double" in out, out[-3000:]
+
+
+@pytest.mark.parametrize("manifest_text", ["bad_ids", "empty"])
+def test_bad_case_ids_and_an_empty_manifest_reach_ingest(tmp_path, manifest_text):
+    """The DAG is built from the user's manifest before ingest runs: a case id that cannot
+    name a file, or a zero-byte manifest, must still end in ingest's own error naming the
+    id and the file, not in a Snakemake or pandas error that names neither."""
+    cohort = tmp_path / "cohort"
+    ids = ["p0", "p 1", "pé2"]
+    lms = []
+    for i, c in enumerate(ids):
+        write_scan(cohort / "images" / f"s{i}.nii.gz", seed=i)
+        lms += [{"case_id": c, "landmark": "left_bifurcation", "x": -10, "y": 0, "z": 5},
+                {"case_id": c, "landmark": "right_bifurcation", "x": 10, "y": 0, "z": 5}]
+    manifest = cohort / "manifest.csv"
+    if manifest_text == "empty":
+        manifest.write_bytes(b"")
+    else:
+        pd.DataFrame({"case_id": ids, "image": [f"images/s{i}.nii.gz" for i in range(3)]}
+                     ).to_csv(manifest, index=False)
+    pd.DataFrame(lms).to_csv(cohort / "landmarks.csv", index=False)
+    overlay = tmp_path / "files.yaml"
+    overlay.write_text(f"results: results\ncohort: {{source: files, manifest: {manifest}, "
+                       f"landmarks: {cohort / 'landmarks.csv'}}}\n")
+    run = run_snakemake(tmp_path / "work", "results/data/split.csv", "--cores", "1",
+                        "--configfile", str(ROOT / "config" / "tiny.yaml"), str(overlay))
+    out = run.stdout + run.stderr
+    assert run.returncode != 0
+    assert "MissingInputException" not in out and "EmptyDataError" not in out, out[-3000:]
+    assert "Error in rule ingest" in out, out[-3000:]
+    log = (tmp_path / "work" / "results" / "logs" / "ingest.log").read_text()
+    assert str(manifest) in log, log
+    if manifest_text == "empty":
+        assert "empty" in log, log
+    else:
+        assert "'p 1'" in log and "'pé2'" in log and "not allowed" in log, log

@@ -39,7 +39,7 @@ LEVELS = list(range(config["pyramid"]["levels"]))
 
 
 wildcard_constraints:
-    case=r"[A-Za-z0-9_.\-]+",
+    case=locnet.io.CASE_ID_PATTERN,
     level=r"\d+",
 
 
@@ -71,12 +71,14 @@ def case_ids():
     if config["cohort"]["source"] == "synthetic":
         return tuple(synthetic_case_ids())
     path = config["cohort"]["manifest"]
+    if not os.path.isfile(path):
+        raise WorkflowError(f"cohort.manifest: file not found: {path}")
     try:
-        ids = pd.read_csv(path, dtype=str)["case_id"].dropna().str.strip()
-    except FileNotFoundError:
-        raise WorkflowError(f"cohort.manifest: file not found: {path}") from None
-    except KeyError:
-        raise WorkflowError(f"cohort.manifest: {path} has no 'case_id' column") from None
+        table, _ = locnet.io.parse_manifest_table(path)
+    except locnet.io.InputError:
+        return ()  # empty or unreadable: rule ingest reports it, naming the file
+    # ids that cannot name files are left out here and refused by ingest with the rule
+    ids = [c for c in table["case_id"] if c and locnet.io.case_id_problem(c) is None]
     return tuple(dict.fromkeys(ids))
 
 

@@ -61,6 +61,8 @@ rule ingest:
         landmark_names=config["landmarks"],
         coordinate_system=config["cohort"]["coordinate_system"],
         split=config["split"],
+        # the scan checks depend on the grid and the intensity window (locnet.ingest)
+        pyramid=config["pyramid"],
     log:
         f"{RES}/logs/ingest.log",
     benchmark:

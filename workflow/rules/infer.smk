@@ -11,6 +11,7 @@ rule quality_threshold:
     """
     input:
         predictions=f"{RES}/predictions/{{method}}.csv",
+        settings=f"{RES}/predictions/{{method}}.json",
     output:
         quality=f"{RES}/models/{{method}}/quality.json",
     params:

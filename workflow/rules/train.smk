@@ -52,6 +52,8 @@ rule predict:
         split=f"{RES}/data/split.csv",
     output:
         predictions=f"{RES}/predictions/{{method}}.csv",
+        # the noise settings (seed, passes, confidence, estimator) beside the table
+        settings=f"{RES}/predictions/{{method}}.json",
     params:
         pyramid_dir=f"{RES}/pyramid",
         landmarks=config["landmarks"],

@@ -18,9 +18,11 @@ from locnet.runlog import job_logging  # noqa: E402
 with job_logging(snakemake) as log:
     out = Path(snakemake.output.csv).parent
     argv = ["predict", "--model", str(Path(snakemake.input.model).parent), "--out", str(out),
-            "--manifest", str(snakemake.input.manifest), "--seed", str(snakemake.params.seed),
+            "--manifest", str(snakemake.input.manifest),
             "--min-coverage", str(snakemake.params.min_coverage), "--quiet",
             "--threads", str(snakemake.threads)]
+    if snakemake.params.seed is not None:  # else the study's seed, from quality.json
+        argv += ["--seed", str(snakemake.params.seed)]
     if snakemake.params.passes is not None:
         argv += ["--passes", str(snakemake.params.passes)]
     if not snakemake.params.overlays:
