@@ -282,3 +282,40 @@ def test_confidence_level_follows_the_quality_file(setup, tmp_path):
                                                         "confidence": 90}))
     with pytest.raises(inference.ModelDirError, match=r"quality\.json: invalid confidence 90"):
         inference.load_model_dir(model_dir)
+
+
+def test_calibrated_volume_and_flag_follow_the_conformal_scale(setup, tmp_path):
+    """quality.json's sd_scale (split conformal on the validation set) gives each landmark a
+    calibrated volume = raw * scale^3; the flag compares it with the calibrated threshold."""
+    rng = np.random.default_rng(0)
+    n = 200
+    sd = rng.uniform(0.5, 2.0, (n, 3))
+    err = rng.normal(size=(n, 3)) * sd * 2.0  # sds reported at half their size
+    val = pd.DataFrame({"case_id": [f"c{i}" for i in range(n)], "subset": "val",
+                        "landmark": "a", "x": err[:, 0], "y": err[:, 1], "z": err[:, 2],
+                        "true_x": 0.0, "true_y": 0.0, "true_z": 0.0,
+                        "sd_x": sd[:, 0], "sd_y": sd[:, 1], "sd_z": sd[:, 2]})
+    val["error_mm"] = np.linalg.norm(err, axis=1)
+    val["conf_volume_mm3"] = metrics.confidence_volume(sd)
+    result = quality.add_calibration(quality.choose_threshold(val, 5.0, 0.5), val, 0.9)
+    assert result["sd_scale"] == pytest.approx(2.0, rel=0.15) and result["sd_scale_n"] == n
+    assert result["threshold_calibrated_mm3"] == pytest.approx(
+        result["threshold_mm3"] * result["sd_scale"] ** 3)
+    assert quality.add_calibration({"threshold_mm3": 1.0}, val.head(3), 0.9)["sd_scale"] is None
+
+    model_dir = make_model_dir(tmp_path / "model")
+    raw = inference.predict_scan(setup["lm"], setup["scans"][1], passes=5, seed=2)
+    cut = float(np.sort(raw.conf_volume_mm3)[0])  # between the two landmarks' raw volumes
+    (model_dir / "quality.json").write_text(json.dumps({"threshold_mm3": cut, "sd_scale": 1.7}))
+    lm = inference.load_model_dir(model_dir)
+    assert lm.sd_scale == 1.7
+    res = inference.predict_scan(lm, setup["scans"][1], passes=5, seed=2,
+                                 threshold_mm3=lm.threshold_mm3)
+    rows = res.rows()
+    for k, r in enumerate(rows):
+        assert r["conf_volume_calibrated_mm3"] == pytest.approx(
+            res.conf_volume_mm3[k] * 1.7**3)
+    # same decision as raw volume against raw threshold
+    assert res.flags == [quality.flag(v, cut) for v in raw.conf_volume_mm3]
+    assert np.isnan(inference.predict_scan(setup["lm"], setup["scans"][1], passes=5,
+                                           seed=2).rows()[0]["conf_volume_calibrated_mm3"])

@@ -280,13 +280,14 @@ def predict_command(args, parser) -> int:
     bar.close()
 
     columns = ["case_id", "image", "landmark", "x_ras", "y_ras", "z_ras", "x_lps", "y_lps",
-               "z_lps", "i", "j", "k", "sd_x", "sd_y", "sd_z", "conf_volume_mm3", "quality",
-               "intensity"]
+               "z_lps", "i", "j", "k", "sd_x", "sd_y", "sd_z", "conf_volume_mm3",
+               "conf_volume_calibrated_mm3", "quality", "intensity"]
     summary = lm.intensity
     doc = {
         "model": str(lm.model_dir), "method": lm.method, "landmarks": lm.landmarks,
         "preprocessing": lm.params, "noisy": lm.noisy,
         "passes": passes if lm.noisy else 0, "seed": seed, "seed_source": seed_source,
+        "sd_scale": lm.sd_scale,
         "estimator": estimator if lm.noisy and passes > 0 else None,
         "confidence": lm.confidence, "quality_threshold_mm3": threshold,
         "min_coverage": min_cov,

@@ -132,6 +132,12 @@ class LoadedModel:
         return s if isinstance(s, Mapping) and s.get("statistics") else None
 
     @property
+    def sd_scale(self) -> float | None:
+        """Split-conformal scale of the sds (``quality.json``'s ``sd_scale``), or ``None``."""
+        s = (self.quality or {}).get("sd_scale")
+        return float(s) if s is not None and math.isfinite(float(s)) and float(s) > 0 else None
+
+    @property
     def threshold_mm3(self) -> float | None:
         if self.quality is None or self.quality.get("threshold_mm3") is None:
             return None
@@ -303,6 +309,7 @@ class ScanResult:
     confidence: float = CONFIDENCE     # level of the confidence volume and ellipses
     intensity: dict | None = None      # the scan's intensity statistics
     intensity_outliers: list[str] | None = None  # None: no training summary to compare with
+    sd_scale: float | None = None      # conformal scale of the sds (quality.json), if any
 
     @property
     def intensity_flag(self) -> str:
@@ -326,10 +333,14 @@ class ScanResult:
                    "x_lps": lps[k, 0], "y_lps": lps[k, 1], "z_lps": lps[k, 2],
                    "i": self.voxel[k, 0], "j": self.voxel[k, 1], "k": self.voxel[k, 2]}
             if self.sd is not None:
+                vol = float(self.conf_volume_mm3[k])
                 row.update(sd_x=self.sd[k, 0], sd_y=self.sd[k, 1], sd_z=self.sd[k, 2],
-                           conf_volume_mm3=float(self.conf_volume_mm3[k]))
+                           conf_volume_mm3=vol,
+                           conf_volume_calibrated_mm3=(vol * self.sd_scale ** 3
+                                                       if self.sd_scale else math.nan))
             else:
-                row.update(sd_x=math.nan, sd_y=math.nan, sd_z=math.nan, conf_volume_mm3=math.nan)
+                row.update(sd_x=math.nan, sd_y=math.nan, sd_z=math.nan, conf_volume_mm3=math.nan,
+                           conf_volume_calibrated_mm3=math.nan)
             row["quality"] = self.flags[k]
             row["intensity"] = self.intensity_flag
             out.append(row)
@@ -449,11 +460,16 @@ def predict_scan(lm: LoadedModel, path: Any, case_id: str | None = None, passes:
         vol = np.atleast_1d(metrics.confidence_volume(np.nan_to_num(sd, nan=0.0),
                                                       level=conf))
         vol = np.where(np.isnan(sd).any(axis=-1), np.nan, vol)
-        flags = [quality.flag(v, threshold_mm3) for v in vol]
+        # the flag compares the calibrated volume with the calibrated threshold when the
+        # model has a conformal scale (the same decision as raw volume against raw threshold:
+        # both are multiplied by sd_scale^3), else the raw ones
+        s = lm.sd_scale
+        flags = ([quality.flag(v * s**3, None if threshold_mm3 is None else threshold_mm3 * s**3)
+                  for v in vol] if s else [quality.flag(v, threshold_mm3) for v in vol])
     return ScanResult(case_id=case, image=str(path), landmarks=list(lm.landmarks), world=world,
                       voxel=voxel, sd=sd, conf_volume_mm3=vol, flags=flags, coverage=coverage,
                       grid=grid, level0=level0, confidence=conf, intensity=stats,
-                      intensity_outliers=outliers)
+                      intensity_outliers=outliers, sd_scale=lm.sd_scale)
 
 
 # --------------------------------------------------------------------------- overlay

@@ -29,7 +29,7 @@ import pandas as pd
 
 from .io import read_json, write_json_atomic
 
-__all__ = ["OK", "REVIEW", "choose_threshold", "flag", "read_quality", "write_quality",
+__all__ = ["OK", "REVIEW", "choose_threshold", "add_calibration", "flag", "read_quality", "write_quality",
            "QUALITY_FILE", "INTENSITY_MARGIN", "intensity_outliers", "intensity_stats",
            "intensity_summary", "summarise_intensities", "STUDY_SETTINGS", "study_settings",
            "read_prediction_settings", "write_prediction_settings", "settings_path"]
@@ -96,6 +96,25 @@ def choose_threshold(val_predictions_df: pd.DataFrame, target_error_mm: float = 
                     "landmarks with a volume <= it, at least target_fraction have an error "
                     "<= target_error_mm; predictions with a larger volume are flagged 'review'"),
     }
+
+
+def add_calibration(result: dict, val_predictions_df: pd.DataFrame, confidence: float) -> dict:
+    """Add the split-conformal scale of the sds (:func:`locnet.stats.conformal_scale`, fitted
+    on the validation rows) to a :func:`choose_threshold` result: ``sd_scale`` and
+    ``threshold_calibrated_mm3 = threshold_mm3 * sd_scale^3`` (the same threshold on the
+    calibrated volumes, whose ellipsoids hold the truth at the stated level on validation
+    data). Both are ``None`` when the scale cannot be fitted (too few validation landmarks)."""
+    from .stats import conformal_scale
+
+    fit = conformal_scale(val_predictions_df, "val" if "subset" in val_predictions_df.columns
+                          else None, float(confidence))
+    scale = fit["scale"]
+    ok = scale is not None and math.isfinite(float(scale)) and float(scale) > 0
+    result["sd_scale"] = float(scale) if ok else None
+    result["sd_scale_n"] = int(fit["n"])
+    result["threshold_calibrated_mm3"] = (float(result["threshold_mm3"]) * float(scale) ** 3
+                                          if ok else None)
+    return result
 
 
 def flag(conf_volume_mm3: Any, threshold_mm3: float | None) -> str:

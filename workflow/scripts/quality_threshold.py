@@ -24,6 +24,15 @@ with job_logging(snakemake) as log:
         log.warning("%s has no sidecar with the noise seed: locnet predict will not reproduce "
                     "the study's noisy predictions by default", snakemake.input.predictions)
     result.update(settings)
+    # the calibrated volumes of locnet predict: sds scaled so that the ellipsoids hold the
+    # truth at the stated level on the validation cases (split conformal)
+    quality.add_calibration(result, preds, result.get("confidence", 0.9))
+    if result["sd_scale"] is None:
+        log.warning("too few validation landmarks (%d) for a calibrated volume at %.0f%%",
+                    result["sd_scale_n"], 100 * result.get("confidence", 0.9))
+    else:
+        log.info("sd scale %.2f (split conformal on %d validation landmarks)",
+                 result["sd_scale"], result["sd_scale_n"])
     quality.write_quality(result, snakemake.output.quality)
     log.info("%s: threshold %.1f mm^3 (%d of %d validation landmarks accepted)",
              snakemake.wildcards.method, result["threshold_mm3"], result["n_accepted"],
