@@ -107,6 +107,30 @@ def test_statistics(tiny_study):
     assert "Statistics" in (tiny_study / "tables" / "statistics.md").read_text()
 
 
+def test_level_errors_follow_the_chains(tiny_study):
+    chains = ["multiscale_multistep", "multiscale_e2e", "multiscale_e2e_noise"]
+    t = pd.read_csv(tiny_study / "tables" / "level_errors.csv")
+    assert list(dict.fromkeys(t["method"])) == chains
+    pooled = t[t["scope"] == "all"]
+    for method in chains:
+        df = pd.read_csv(tiny_study / "predictions" / f"{method}.csv")
+        np.testing.assert_allclose(df["error_level0_mm"], df["error_mm"])
+        test = df[df["subset"] == "test"]
+        rows = pooled[pooled["method"] == method]
+        assert list(rows["level"]) == [3, 2, 1, 0]
+        for r in rows.itertuples():
+            assert r.mean_mm == pytest.approx(test[f"error_level{r.level}_mm"].mean())
+        # the predict log reports every level and warns where a finer level is worse
+        log = (tiny_study / "logs" / "predict" / f"{method}.log").read_text()
+        assert f"{method}: test mean error" in log and "after level 3" in log
+        worse = rows[rows["improves"] == False]  # noqa: E712
+        assert ("does not improve on level" in log) == (len(worse) > 0)
+    md = (tiny_study / "tables" / "level_errors.md").read_text()
+    assert "## Warnings" in md and "## All landmarks (pooled)" in md
+    single = pd.read_csv(tiny_study / "predictions" / "locnet_single.csv")
+    assert not any(c.startswith(("level", "error_level")) for c in single.columns)
+
+
 @pytest.mark.parametrize(
     "name",
     ["fig3_heatmaps", "fig4_violin_errors", "fig5_confidence_vs_error", "training_curves"],

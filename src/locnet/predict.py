@@ -10,6 +10,12 @@ passes run in chunks, both compiled (:func:`locnet.models.predict_passes`). The 
 over passes; the per-axis sample standard deviation gives the 90% confidence volume
 (:func:`locnet.metrics.confidence_volume`). The noise-free prediction is kept beside it
 (``det_*`` columns) so the effect of test-time averaging can be measured.
+
+Multi-scale models (:class:`locnet.models.MultiScaleLocNet`) also output the prediction of
+every level of the chain. They are kept, coarsest to finest, as ``level{l}_x/y/z`` (world mm)
+and ``error_level{l}_mm`` (:func:`level_columns`), so the error after each level can be
+followed (:mod:`locnet.level_errors`). Level 0 is the reported prediction (``x, y, z``: the
+mean over the passes for a noisy model); the coarser levels are noise-free.
 """
 
 from __future__ import annotations
@@ -31,34 +37,67 @@ COLUMNS = ["case_id", "subset", "landmark", "x", "y", "z", "true_x", "true_y", "
 NOISE_COLUMNS = ["sd_x", "sd_y", "sd_z", "conf_volume_mm3", "det_x", "det_y", "det_z", "det_error_mm"]
 
 
+def level_columns(levels: Sequence[int]) -> list[str]:
+    """Per-level columns of a multi-scale prediction table, coarsest level first."""
+    return [c for l in sorted(levels, reverse=True)
+            for c in (f"level{l}_x", f"level{l}_y", f"level{l}_z", f"error_level{l}_mm")]
+
+
+def chain_levels(model) -> list[int]:
+    """The levels of a multi-scale chain, coarsest first (empty for other models)."""
+    if isinstance(model, models.MultiScaleLocNet):
+        return list(range(model.n_levels - 1, -1, -1))
+    return []
+
+
+def predict_outputs(model, inputs) -> dict[str, np.ndarray]:
+    """All noise-free outputs of one batch (grid mm, float64): ``position``, ``level{l}``, ...
+
+    The same compiled call as :func:`locnet.models.predict_position`, keeping every output.
+    """
+    out = model.predict_on_batch(dict(inputs))
+    if not isinstance(out, dict):
+        out = {"position": out}
+    return {k: np.asarray(v, dtype=np.float64) for k, v in out.items()}
+
+
 def is_noisy(model) -> bool:
     return isinstance(model, models.MultiScaleLocNet) and float(getattr(model, "noise_mm", 0)) > 0
 
 
 def predict_arrays(model, inputs, passes: int = 0, seed: int = 0,
-                   chunk: int | None = models.PASS_CHUNK, estimator: str = "exact"):
+                   chunk: int | None = models.PASS_CHUNK, estimator: str = "exact",
+                   with_levels: bool = False):
     """One case from in-memory inputs ``{"level{l}": (1, n, n, n, 1)}``.
 
     Returns ``(position (K,3) grid mm, passes (n,K,3) grid mm or None, deterministic (K,3))``.
     With ``passes`` > 0 and a noisy model, ``position`` is the mean over the noisy passes and
     ``deterministic`` the noise-free prediction; otherwise both are the noise-free prediction.
     ``estimator``: how the passes are computed (:func:`locnet.models.predict_passes`).
+    With ``with_levels`` a fourth item ``{level: (K,3) grid mm}`` holds each level of a
+    multi-scale chain (empty for other models); level 0 is ``position``.
     Used by the study (:func:`case_prediction`) and by inference on new scans alike.
     """
-    det = models.predict_position(model, inputs)[0]
+    out = predict_outputs(model, inputs)
+    det = out["position"][0]
+    pos, samples = det, None
     if passes > 0 and is_noisy(model):
         shifts = models.sample_shifts(passes, model.n_landmarks, float(model.noise_mm), seed=seed)
         samples = np.asarray(models.predict_passes(model, inputs, shifts, chunk=chunk,
                                                    estimator=estimator), np.float64)
-        return samples.mean(axis=0), samples, det
-    return det, None, det
+        pos = samples.mean(axis=0)
+    if not with_levels:
+        return pos, samples, det
+    levels = {l: (pos if l == 0 else out[f"level{l}"][0]) for l in chain_levels(model)}
+    return pos, samples, det, levels
 
 
 def case_prediction(model, case_dir, passes: int = 0, seed: int = 0,
-                    chunk: int | None = models.PASS_CHUNK, estimator: str = "exact"):
+                    chunk: int | None = models.PASS_CHUNK, estimator: str = "exact",
+                    with_levels: bool = False):
     """:func:`predict_arrays` on a case of the stored (memory-mapped) pyramid."""
     inputs = data.load_case_inputs(case_dir, data.model_levels(model))
-    return predict_arrays(model, inputs, passes, seed, chunk, estimator)
+    return predict_arrays(model, inputs, passes, seed, chunk, estimator, with_levels)
 
 
 def predict_cases(
@@ -79,10 +118,11 @@ def predict_cases(
     annotations (world RAS mm, NaN where missing: error is then NaN too). Each case's noise
     draws depend only on ``(seed, case_id)``, so results do not depend on the case order.
     ``estimator`` (``"exact"`` or ``"window"``): how the noisy passes are computed
-    (:func:`locnet.models.predict_passes`).
+    (:func:`locnet.models.predict_passes`). A multi-scale model adds :func:`level_columns`.
     """
     truth = data.landmark_index(data.read_landmark_table(landmark_table))
     noisy = passes > 0 and is_noisy(model)
+    chain = chain_levels(model)
     rows = []
     iterator = case_dirs
     if progress:
@@ -92,10 +132,12 @@ def predict_cases(
     for case_dir in iterator:
         case = data.case_id_of(case_dir)
         grid = read_grid(case_dir)
-        pos, samples, det = case_prediction(model, case_dir, passes, seeds.derive(seed, case),
-                                            estimator=estimator)
+        pos, samples, det, levels = case_prediction(
+            model, case_dir, passes, seeds.derive(seed, case), estimator=estimator,
+            with_levels=True)
         world = grid.grid_mm_to_world(pos)
         det_world = grid.grid_mm_to_world(det)
+        level_world = {l: grid.grid_mm_to_world(g) for l, g in levels.items()}
         for k, name in enumerate(landmarks):
             true = truth.get(case, {}).get(name, np.full(3, np.nan))
             row = {
@@ -122,9 +164,13 @@ def predict_cases(
                     det_z=det_world[k, 2],
                     det_error_mm=float(np.linalg.norm(det_world[k] - true)),
                 )
+            for l in chain:
+                p = level_world[l][k]
+                row.update({f"level{l}_x": p[0], f"level{l}_y": p[1], f"level{l}_z": p[2],
+                            f"error_level{l}_mm": float(np.linalg.norm(p - true))})
             rows.append(row)
         log.info("case %s predicted", case)
-    columns = COLUMNS + (NOISE_COLUMNS if noisy else [])
+    columns = COLUMNS + (NOISE_COLUMNS if noisy else []) + level_columns(chain)
     return pd.DataFrame(rows, columns=columns)
 
 

@@ -147,6 +147,8 @@ def study_outputs():
     outs += [f"{RES}/tables/statistics.{ext}" for ext in ("csv", "md")]
     outs += [f"{RES}/figures/fig4_violin_errors.{ext}" for ext in ("png", "pdf")]
     outs += [f"{RES}/figures/training_curves.{ext}" for ext in ("png", "pdf")]
+    if multiscale_methods():
+        outs += [f"{RES}/tables/level_errors.{ext}" for ext in ("csv", "md")]
     if "multiscale_e2e_noise" in methods:
         outs += [f"{RES}/figures/fig5_confidence_vs_error.{ext}" for ext in ("png", "pdf")]
         outs += [f"{RES}/models/multiscale_e2e_noise/quality.json"]
@@ -201,6 +203,11 @@ def grid_cfg():
 
 def prediction_tables():
     return [f"{RES}/predictions/{m}.csv" for m in enabled_methods()]
+
+
+def multiscale_methods():
+    """The multi-scale chains of this run (their predictions carry the per-level errors)."""
+    return [m for m in enabled_methods() if m in locnet.config.MULTISCALE_METHODS]
 
 
 def model_files(method):

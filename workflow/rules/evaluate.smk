@@ -22,6 +22,29 @@ rule table1:
         "../scripts/table1.py"
 
 
+rule level_errors:
+    """Error after each level of the multi-scale chains; warns where a finer level is worse."""
+    input:
+        predictions=lambda wc: [f"{RES}/predictions/{m}.csv" for m in multiscale_methods()],
+    output:
+        csv=report(
+            f"{RES}/tables/level_errors.csv",
+            caption="../report/level_errors.rst",
+            category="Tables",
+        ),
+        md=f"{RES}/tables/level_errors.md",
+    params:
+        methods=lambda wc: multiscale_methods(),
+        landmarks=config["landmarks"],
+    log:
+        f"{RES}/logs/level_errors.log",
+    localrule: True
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/level_errors.py"
+
+
 rule statistics:
     """Paired tests, uncertainty-vs-error correlation, calibration, bootstrap CIs."""
     input:

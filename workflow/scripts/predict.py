@@ -10,7 +10,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 
 import locnet.models  # noqa: E402,F401  (registers the custom layers)
-from locnet import io, predict, quality  # noqa: E402
+from locnet import io, level_errors, predict, quality  # noqa: E402
 from locnet import split as splitmod  # noqa: E402
 from locnet.runlog import job_logging  # noqa: E402
 
@@ -40,3 +40,10 @@ with job_logging(snakemake) as log:
     test = table[table["subset"] == "test"]
     log.info("%s: test mean error %.2f mm over %d landmarks", snakemake.wildcards.method,
              test["error_mm"].mean(), test["error_mm"].notna().sum())
+    # multi-scale chains: the error after each level, and a warning where a finer level
+    # does not improve on the coarser one
+    levels = level_errors.level_table({snakemake.wildcards.method: table}, subset="test")
+    for r in levels[levels["scope"] == "all"].itertuples():
+        log.info("%s: test mean error %.2f mm after level %d", r.method, r.mean_mm, r.level)
+    for line in level_errors.level_warnings(levels):
+        log.warning(line)

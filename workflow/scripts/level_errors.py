@@ -1,0 +1,14 @@
+"""Error after each level of the multi-scale chains (thin adapter; logic in locnet.level_errors)."""
+
+import pandas as pd
+
+from locnet import level_errors
+from locnet.runlog import job_logging
+
+with job_logging(snakemake) as log:
+    preds = {m: pd.read_csv(p) for m, p in zip(snakemake.params.methods, snakemake.input.predictions)}
+    table = level_errors.level_table(preds, subset="test", landmarks=snakemake.params.landmarks)
+    level_errors.write_level_table(table, snakemake.output.csv, snakemake.output.md, subset="test")
+    for line in level_errors.level_warnings(table):
+        log.warning(line)
+    log.info("\n%s", level_errors.level_markdown(table, subset="test"))
