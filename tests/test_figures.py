@@ -6,8 +6,9 @@ import matplotlib.image as mpimg
 import numpy as np
 import pandas as pd
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-from locnet import figures
+from locnet import figures, metrics
 from locnet.metrics import confidence_volume
 
 DPI = figures.DPI
@@ -155,3 +156,168 @@ def test_heatmap_figure_missing_truth_and_bad_affine(tmp_path):
     rot[0, 1] = 0.5
     with pytest.raises(ValueError, match="axis-aligned"):
         figures.heatmap_figure(vol, rot, truth, pred, lmap, heat, tmp_path / "g", "lm")
+
+
+# --------------------------------------------------------------------------------------------
+# Labels from the config, and 20 landmarks
+# --------------------------------------------------------------------------------------------
+
+MANY = [f"landmark_number_{i:02d}" for i in range(20)]
+DEFAULT_CFG = {"pyramid": {"finest_spacing_mm": 1.25, "levels": 4},
+               "methods": {"heatmap_unet": {"level": 1}, "locnet_single": {"level": 1}}}
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """The Figure objects the figure functions save (drawn, so text extents are known)."""
+    figs = []
+    save = figures.save_figure
+
+    def spy(fig, prefix):
+        paths = save(fig, prefix)
+        FigureCanvasAgg(fig).draw()  # the layout of the saved PNG, with a renderer to ask
+        figs.append(fig)
+        return paths
+
+    monkeypatch.setattr(figures, "save_figure", spy)
+    return figs
+
+
+def _texts(fig):
+    """Titles, axis labels, annotations, figure texts and legend entries of a figure."""
+    texts = [fig._suptitle, *fig.texts]
+    for ax in fig.axes:
+        texts += [ax.title, ax._left_title, ax._right_title, ax.xaxis.label, ax.yaxis.label,
+                  *ax.texts]
+    for leg in [*fig.legends, *(ax.get_legend() for ax in fig.axes)]:
+        if leg is not None:
+            texts += list(leg.get_texts())
+    return [t for t in texts if t is not None and t.get_visible() and t.get_text().strip()]
+
+
+def assert_text_inside(fig, tol_px=1.0):
+    """Every title, axis label, legend entry and figure text lies within the figure."""
+    renderer = fig.canvas.get_renderer()
+    fb = fig.bbox
+    texts = _texts(fig)
+    assert texts
+    for t in texts:
+        bb = t.get_window_extent(renderer)
+        assert bb.x0 >= fb.x0 - tol_px and bb.x1 <= fb.x1 + tol_px, \
+            f"{t.get_text()!r} runs off the figure ({bb.x0:.0f}..{bb.x1:.0f} of {fb.x1:.0f})"
+        assert bb.y0 >= fb.y0 - tol_px and bb.y1 <= fb.y1 + tol_px, \
+            f"{t.get_text()!r} runs off the figure vertically"
+    return texts
+
+
+def test_landmark_colors_and_markers_tell_20_landmarks_apart():
+    few = figures.landmark_colors(["a", "b"])
+    assert few == {"a": "#0072B2", "b": "#D55E00"}  # Okabe-Ito for few
+    cols = figures.landmark_colors(MANY)
+    assert len(set(cols.values())) == 20
+    assert set(figures.landmark_markers(MANY).values()) == {"o"}
+    many = [f"l{i}" for i in range(45)]
+    pairs = {(figures.landmark_colors(many)[m], figures.landmark_markers(many)[m]) for m in many}
+    assert len(pairs) == 45
+
+
+def test_confidence_vs_error_20_landmarks(tmp_path, drawn):
+    preds = predictions(["multiscale_e2e_noise"], MANY, n_cases=6,
+                        noisy=("multiscale_e2e_noise",))
+    with metrics.labels_from_config(DEFAULT_CFG):
+        paths = figures.confidence_vs_error(preds["multiscale_e2e_noise"], tmp_path / "fig5")
+    img = assert_figure(paths, figures.COLUMN_WIDTH_IN)
+    assert 2.8 * DPI < img.shape[0] < 6.0 * DPI  # grown for the legend, still a figure
+    (fig,) = drawn
+    (ax,) = fig.axes
+    # the title is the configured label, within the figure
+    assert "".join(ax._left_title.get_text().split()) == \
+        "".join("Loc-Net multi-scale, end to end + noise (10-1.25 mm)".split())
+    # one legend below the axes: 20 landmarks + the fit, 20 distinct colours, several columns
+    (leg,) = fig.legends
+    labels = [t.get_text() for t in leg.get_texts()]
+    assert labels[:20] == [lm.replace("_", " ") for lm in MANY] and labels[20] == "log-log fit"
+    colours = {tuple(np.round(h.get_facecolor()[0][:3], 3)) for h in leg.legend_handles[:20]}
+    assert len(colours) == 20
+    assert leg._ncols > 1
+    renderer = fig.canvas.get_renderer()
+    assert leg.get_window_extent(renderer).y1 <= ax.get_window_extent(renderer).y0
+    assert_text_inside(fig)
+
+
+def test_confidence_vs_error_two_landmarks_keeps_legend_inside(tmp_path, drawn):
+    preds = predictions(["multiscale_e2e_noise"], ["left_bifurcation", "right_bifurcation"],
+                        n_cases=10, noisy=("multiscale_e2e_noise",))
+    figures.confidence_vs_error(preds["multiscale_e2e_noise"], tmp_path / "f")
+    (fig,) = drawn
+    assert not fig.legends and fig.axes[0].get_legend() is not None
+    # no config: the bare name
+    assert fig.axes[0]._left_title.get_text() == "Loc-Net multi-scale, end to end + noise"
+
+
+def test_violin_by_landmark_20_landmarks(tmp_path, drawn):
+    preds = predictions(["multiscale_e2e", "multiscale_e2e_noise"], MANY, n_cases=4)
+    with metrics.labels_from_config(DEFAULT_CFG):
+        paths = figures.violin_errors(preds, tmp_path / "v", by_landmark=True)
+    assert_figure(paths, figures.PAGE_WIDTH_IN, 2.6)
+    (fig,) = drawn
+    leg = fig.axes[0].get_legend()
+    assert len(leg.get_texts()) == 20 and 1 < leg._ncols < 20
+    ticks = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert "(10-1.25 mm)" in ticks[0].replace("\n", " ")
+    assert_text_inside(fig)
+
+
+def test_training_curves_titles_follow_config(tmp_path, drawn):
+    hist = {"multiscale_e2e_noise": _history(10, 4), "heatmap_unet": _history(10, 0)}
+    with metrics.labels_from_config({"pyramid": {"finest_spacing_mm": 0.5, "levels": 4}}):
+        assert_figure(figures.training_curves(hist, tmp_path / "t"), figures.PAGE_WIDTH_IN)
+    (fig,) = drawn
+    titles = [" ".join(ax._left_title.get_text().split()) for ax in fig.axes]
+    assert "U-Net heatmap (1 mm)" in titles
+    assert "Loc-Net multi-scale, end to end + noise (4-0.5 mm)" in titles
+    assert_text_inside(fig)
+
+
+def test_heatmap_figure_titles_follow_config_and_fit(tmp_path, drawn):
+    vol, truth, pred, lmap, heat = _case()
+    with metrics.labels_from_config(DEFAULT_CFG):
+        paths = figures.heatmap_figure(
+            vol, 1.0, truth, pred, lmap, heat, tmp_path / "h",
+            "a_very_long_landmark_name_" * 6 + "end", case_id="case_0007")
+    assert_figure(paths, figures.PAGE_WIDTH_IN)
+    (fig,) = drawn
+    titles = [" ".join(ax.title.get_text().split()) for ax in fig.axes[:3]]
+    assert titles == ["Image", "Loc-Net single scale (2.5 mm) map", "U-Net heatmap (2.5 mm)"]
+    assert_text_inside(fig)
+
+
+def test_inference_overlay_20_landmarks(tmp_path):
+    from locnet import geometry, inference
+
+    n = 32
+    grid = geometry.Grid(origin=(-20.0, -20.0, -20.0), spacing=1.25, shape=n, levels=4)
+    rng = np.random.default_rng(1)
+    world = rng.uniform(-15, 15, (20, 3))
+    res = inference.ScanResult(
+        case_id="case_0500", image="x.nii.gz", landmarks=MANY, world=world, voxel=world,
+        sd=np.full((20, 3), 1.5), conf_volume_mm3=np.full(20, 200.0),
+        flags=["review"] * 12 + ["ok"] * 8, coverage=1.0, grid=grid,
+        level0=rng.uniform(0, 1, (n, n, n)))
+    fig = inference.overlay_figure(res)
+    try:
+        FigureCanvasAgg(fig).draw()
+        colours = {ln.get_color() for ax in fig.axes[::3] for ln in ax.get_lines()}
+        assert len(colours) == 20  # one colour per landmark
+        head = fig._suptitle.get_text()
+        assert "review: 12 of 20" in head and "ok: 8 of 20" in head
+        assert "landmark_number_11" in head and "landmark_number_12" not in head
+        assert_text_inside(fig)
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+    path = tmp_path / "case_0500_overlay.png"
+    inference.write_overlay(res, path)
+    img = mpimg.imread(path)
+    assert img.shape[:2] == (round(2.6 * 20 * 72), round(7.5 * 72))

@@ -155,12 +155,76 @@ def test_errors_computed_from_coordinates_when_column_absent():
 def test_method_order_and_labels():
     got = metrics.method_order(["zzz_new", "multiscale_e2e_noise", "heatmap_unet", "aaa_new"])
     assert got == ["heatmap_unet", "multiscale_e2e_noise", "aaa_new", "zzz_new"]
-    assert metrics.method_label("patch_baseline") == "Patch-based CNN (Noothout 2018)"
+    # without a config: the bare name, no spacing (there is no level to read it from)
+    assert metrics.method_label("patch_baseline") == "Patch-based CNN, Noothout 2018"
+    assert metrics.method_label("heatmap_unet") == "U-Net heatmap"
     assert metrics.method_label("zzz_new") == "zzz_new"
     assert list(METHODS) == ["heatmap_unet", "locnet_single", "patch_baseline",
                              "multiscale_multistep", "multiscale_e2e", "multiscale_e2e_noise"]
     colours = {metrics.method_color(m) for m in METHODS}
     assert len(colours) == len(METHODS)
+
+
+def _cfg(finest, levels=4, **method_levels):
+    return {"pyramid": {"finest_spacing_mm": finest, "levels": levels},
+            "methods": {m: {"level": lv} for m, lv in method_levels.items()}}
+
+
+@pytest.mark.parametrize("finest, level, want", [(1.25, 1, "2.5 mm"), (0.5, 1, "1 mm"),
+                                                 (1.25, 0, "1.25 mm"), (5.0, 2, "20 mm")])
+def test_single_level_labels_give_the_spacing_of_their_level(finest, level, want):
+    cfg = _cfg(finest, heatmap_unet=level, locnet_single=level, patch_baseline=level)
+    assert metrics.method_label("heatmap_unet", cfg) == f"U-Net heatmap ({want})"
+    assert metrics.method_label("locnet_single", cfg) == f"Loc-Net single scale ({want})"
+    assert metrics.method_label("patch_baseline", cfg) == \
+        f"Patch-based CNN, Noothout 2018 ({want})"
+
+
+def test_multiscale_labels_span_every_level_coarsest_first():
+    assert metrics.method_label("multiscale_e2e_noise", _cfg(1.25, 4)) == \
+        "Loc-Net multi-scale, end to end + noise (10-1.25 mm)"
+    assert metrics.method_label("multiscale_multistep", _cfg(0.5, 4)) == \
+        "Loc-Net multi-scale, multi-step (4-0.5 mm)"
+    assert metrics.method_label("multiscale_e2e", _cfg(2.0, 2)) == \
+        "Loc-Net multi-scale, end to end (4-2 mm)"
+    assert metrics.method_levels("multiscale_e2e", _cfg(1.25, 3)) == \
+        [(2, 5.0), (1, 2.5), (0, 1.25)]
+    assert metrics.method_levels("zzz_new", _cfg(1.25)) == []
+    assert metrics.method_label("zzz_new", _cfg(1.25)) == "zzz_new"
+
+
+def test_labels_of_the_shipped_configs_and_schema_defaults():
+    from locnet import config as cfgmod
+
+    default = cfgmod.load("config.yaml")
+    assert metrics.method_labels(METHODS, default) == {
+        "heatmap_unet": "U-Net heatmap (2.5 mm)",
+        "locnet_single": "Loc-Net single scale (2.5 mm)",
+        "patch_baseline": "Patch-based CNN, Noothout 2018 (2.5 mm)",
+        "multiscale_multistep": "Loc-Net multi-scale, multi-step (10-1.25 mm)",
+        "multiscale_e2e": "Loc-Net multi-scale, end to end (10-1.25 mm)",
+        "multiscale_e2e_noise": "Loc-Net multi-scale, end to end + noise (10-1.25 mm)",
+    }
+    # the paper's own settings give the paper's spacings (its Table 1 says "1 mm")
+    paper = cfgmod.load("config/paper.yaml")
+    assert metrics.method_label("heatmap_unet", paper) == "U-Net heatmap (1 mm)"
+    assert metrics.method_label("multiscale_e2e_noise", paper).endswith("(4-0.5 mm)")
+    # a partial config takes the schema's defaults, which metrics keeps a copy of
+    props = cfgmod.load_schema()["properties"]["pyramid"]["properties"]
+    assert metrics._DEFAULT_FINEST_SPACING_MM == props["finest_spacing_mm"]["default"]
+    assert metrics._DEFAULT_LEVELS == props["levels"]["default"]
+    assert metrics._DEFAULT_METHOD_LEVEL == cfgmod.DEFAULT_LEVEL
+    assert metrics.method_labels(METHODS, {}) == metrics.method_labels(METHODS, default)
+
+
+def test_labels_from_config_context():
+    assert metrics.method_label("locnet_single") == "Loc-Net single scale"
+    with metrics.labels_from_config(_cfg(0.5, locnet_single=2)):
+        assert metrics.method_label("locnet_single") == "Loc-Net single scale (2 mm)"
+        # an explicit config wins over the context
+        assert metrics.method_label("locnet_single", _cfg(1.0, locnet_single=0)) == \
+            "Loc-Net single scale (1 mm)"
+    assert metrics.method_label("locnet_single") == "Loc-Net single scale"
 
 
 # --------------------------------------------------------------------------------------------
@@ -178,8 +242,12 @@ def test_table1_values_order_and_missing(landmarks):
     methods = ["heatmap_unet", "multiscale_e2e_noise", "my_method"]
     assert list(t["scope"]) == [s for s in ["all", *landmarks] for _ in methods]
     assert list(t["method"]) == methods * (1 + len(landmarks))
-    assert list(t["label"][:3]) == ["U-Net heatmap (1 mm)", "Multi-scale, end-to-end + noise",
+    assert list(t["label"][:3]) == ["U-Net heatmap", "Loc-Net multi-scale, end to end + noise",
                                     "my_method"]
+    with_cfg = table1(preds, subset="test", config=_cfg(1.25, 4, heatmap_unet=1))
+    assert list(with_cfg["label"][:3]) == [
+        "U-Net heatmap (2.5 mm)", "Loc-Net multi-scale, end to end + noise (10-1.25 mm)",
+        "my_method"]
     for _, row in t.iterrows():
         df = preds[row["method"]]
         df = df[df["subset"] == "test"]
@@ -215,7 +283,7 @@ def test_table1_subset_none_uses_all_rows():
 def test_write_table1(tmp_path):
     preds = make_predictions({"multiscale_e2e": 2.0, "multiscale_e2e_noise": 1.0},
                              ["left_bifurcation", "right_bifurcation"])
-    t = table1(preds)
+    t = table1(preds, config=_cfg(1.25, 4))
     paths = write_table1(t, tmp_path / "tables" / "table1")
     assert {p.name for p in paths.values()} == {"table1.csv", "table1.md", "table1.tex"}
     assert sorted(p.name for p in (tmp_path / "tables").iterdir()) == \
@@ -226,11 +294,32 @@ def test_write_table1(tmp_path):
     md = paths["md"].read_text(encoding="utf-8")
     assert md.index("All landmarks (pooled)") < md.index("Landmark: left_bifurcation") \
         < md.index("Landmark: right_bifurcation")
-    assert "| Multi-scale, end-to-end + noise |" in md and "2.81 ± 2.37" in md
+    assert "| Loc-Net multi-scale, end to end + noise (10-1.25 mm) |" in md
+    assert "2.81 ± 2.37" in md
+    # the paper's column says whose numbers they are, in the header and in the note
+    assert "| Paper (neck CTA, 448³ at 0.5 mm), mm |" in md
+    assert "not this run's data" in md
+    assert list(back["label"]) == list(t["label"])
+    assert back["label"].str.contains(r"\(10-1\.25 mm\)").all()
     tex = paths["tex"].read_text(encoding="utf-8")
     assert tex.count(r"\toprule") == 1 and tex.count(r"\bottomrule") == 1
     assert r"left\_bifurcation" in tex and r"2.81 $\pm$ 2.37" in tex
+    assert r"Paper (neck CTA, 448$^3$ at 0.5 mm), mm" in tex and "³" not in tex
     assert r"\begin{tabular}" in tex and r"\end{tabular}" in tex
     # every data line has as many cells as the header
     lines = [ln for ln in tex.splitlines() if ln.endswith(r"\\") and "multicolumn" not in ln]
     assert len({ln.count(" & ") for ln in lines}) == 1
+
+
+def test_statistics_summary_labels_follow_config():
+    from locnet import stats
+
+    preds = make_predictions({"heatmap_unet": 3.0, "multiscale_e2e_noise": 1.0}, ["a", "b"],
+                             n_cases=8)
+    with metrics.labels_from_config({"pyramid": {"finest_spacing_mm": 0.5, "levels": 4}}):
+        table = stats.statistics_table(preds, n_boot=20, seed=1)
+        summary = stats.statistics_summary(table)
+    assert "U-Net heatmap (1 mm)" in summary
+    assert "Loc-Net multi-scale, end to end + noise (4-0.5 mm)" in summary
+    # outside the block: the bare names again
+    assert "U-Net heatmap (1 mm)" not in stats.statistics_summary(table)

@@ -3,10 +3,13 @@
 Every function draws one figure, saves it as ``{out_prefix}.png`` (300 dpi) and
 ``{out_prefix}.pdf`` (text kept as text), atomically, and returns ``[png_path, pdf_path]``.
 Figures are sized for a paper: 3.5 in wide for one column, 7 in for two columns, with 7 pt
-text. Methods always appear in Table 1's order, with the labels and fixed colours of
-:data:`locnet.metrics.METHODS`. No pyplot state is used (figures are plain
-``matplotlib.figure.Figure`` objects rendered by the Agg/PDF backends), so the functions are
-safe in headless jobs and do not leak figures.
+text. Methods always appear in Table 1's order, with the fixed colours of
+:data:`locnet.metrics.METHODS` and the labels of :func:`locnet.metrics.method_label` (inside
+``with locnet.metrics.labels_from_config(config):`` they give the spacings of the run's
+levels). Any number of landmarks stays readable: up to 8 get the Okabe-Ito colours, more get
+20 distinct colours (tab20) and, beyond 20, distinct markers too. No pyplot state is used
+(figures are plain ``matplotlib.figure.Figure`` objects rendered by the Agg/PDF backends), so
+the functions are safe in headless jobs and do not leak figures.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ __all__ = [
     "COLUMN_WIDTH_IN",
     "PAGE_WIDTH_IN",
     "landmark_colors",
+    "landmark_markers",
     "save_figure",
     "violin_errors",
     "confidence_vs_error",
@@ -73,9 +77,41 @@ _LANDMARK_COLORS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B
                     "#F0E442", "#000000")
 
 
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "p")
+
+
 def landmark_colors(landmarks: Sequence[str]) -> dict[str, str]:
-    """Fixed colours for landmarks, in the given (configured) order."""
-    return {lm: _LANDMARK_COLORS[i % len(_LANDMARK_COLORS)] for i, lm in enumerate(landmarks)}
+    """Fixed colours for landmarks, in the given (configured) order.
+
+    Up to 8 landmarks: the colour-blind-safe Okabe-Ito colours; more: the 20 colours of
+    tab20 (distinct for up to 20 landmarks; beyond, :func:`landmark_markers` tells them apart).
+    """
+    landmarks = list(landmarks)
+    if len(landmarks) <= len(_LANDMARK_COLORS):
+        pal = list(_LANDMARK_COLORS)
+    else:
+        pal = [mpl.colors.to_hex(c) for c in mpl.colormaps["tab20"].colors]
+    return {lm: pal[i % len(pal)] for i, lm in enumerate(landmarks)}
+
+
+def landmark_markers(landmarks: Sequence[str]) -> dict[str, str]:
+    """Scatter markers for landmarks: all circles while colours alone tell them apart."""
+    landmarks = list(landmarks)
+    n_colors = len(_LANDMARK_COLORS) if len(landmarks) <= len(_LANDMARK_COLORS) else 20
+    return {lm: _MARKERS[(i // n_colors) % len(_MARKERS)] for i, lm in enumerate(landmarks)}
+
+
+def _fit_width(text: str, width_in: float, fontsize: float) -> str:
+    """Wrap ``text`` at word boundaries to about ``width_in`` inches at ``fontsize`` points."""
+    chars = max(int(width_in * 72.0 / (0.55 * fontsize)), 10)  # ~0.55 em per character
+    return "\n".join(textwrap.fill(line, chars, break_on_hyphens=False)
+                     for line in text.split("\n"))
+
+
+def _legend_columns(n: int, width_in: float, longest: int, fontsize: float) -> int:
+    """Legend columns that fit ``n`` entries of ``longest`` characters into ``width_in``."""
+    entry_in = (longest * 0.55 * fontsize + 3.0 * fontsize) / 72.0  # text + marker + gap
+    return int(max(1, min(n, width_in // entry_in)))
 
 
 def save_figure(fig: Figure, out_prefix: str | os.PathLike) -> list[Path]:
@@ -113,8 +149,10 @@ def _empty_message(ax, text: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _wrap(label: str, width: int = 20) -> str:
-    return textwrap.fill(label, width, break_on_hyphens=False)
+def _wrap(label: str, width: int = 22) -> str:
+    """Wrap a tick label, keeping a spacing ("(10-1.25 mm)") on one line."""
+    keep = re.sub(r"\(([^()]*?) mm\)", "(\\1\u00a0mm)", label)
+    return textwrap.fill(keep, width, break_on_hyphens=False).replace("\u00a0", " ")
 
 
 def _plain_log_axis(axis) -> None:
@@ -178,8 +216,12 @@ def violin_errors(
                           palette={lm: "0.15" for lm in landmarks}, dodge=True, size=1.2,
                           alpha=0.3, jitter=0.08, legend=False, zorder=5)
             handles, labels = ax.get_legend_handles_labels()
-            ax.legend(handles, [lb.replace("_", " ") for lb in labels], frameon=False,
-                      loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(landmarks),
+            labels = [lb.replace("_", " ") for lb in labels]
+            fs = 6 if len(landmarks) <= 8 else 5
+            ax.legend(handles, labels, frameon=False, fontsize=fs,
+                      loc="lower center", bbox_to_anchor=(0.5, 1.0),
+                      ncol=_legend_columns(len(labels), width_in - 0.5,
+                                           max(map(len, labels)), fs),
                       handlelength=1.2, columnspacing=1.0)
             # centres of the dodged violins (seaborn splits a width of 0.8 evenly)
             k = len(landmarks)
@@ -247,10 +289,21 @@ def confidence_vs_error(
     df = select_subset(pred_noise_df, subset).copy()
     df["error_mm"] = errors_of(df)
     df["volume"] = volumes_of(df, level)
-    df = df[np.isfinite(df["error_mm"]) & np.isfinite(df["volume"])]
+    # the table's (configured) order, before dropping missing rows: fixed colours per landmark
     landmarks = list(dict.fromkeys(df["landmark"].astype(str)))
+    df = df[np.isfinite(df["error_mm"]) & np.isfinite(df["volume"])]
     pal = landmark_colors(landmarks)
+    markers = landmark_markers(landmarks)
     c = confidence_correlation(pred_noise_df, subset, level=level)
+    # few landmarks: legend inside the axes; more: below them, in as many columns as fit,
+    # the figure growing by its rows so that the axes keep their size
+    outside = len(landmarks) > 4
+    legend_fs = 6 if len(landmarks) <= 8 else 5
+    if outside:
+        names = [lm.replace("_", " ") for lm in landmarks] + ["log-log fit"]
+        ncol = _legend_columns(len(names), width_in - 0.2, max(map(len, names)), legend_fs)
+        n_rows = -(-len(names) // ncol)
+        height_in = height_in + n_rows * 1.35 * legend_fs / 72.0 + 0.05
     with mpl.rc_context(_RC):
         fig = _new_figure(width_in, height_in)
         ax = fig.add_subplot()
@@ -261,7 +314,7 @@ def confidence_vs_error(
         for lm in landmarks:
             part = shown[shown["landmark"].astype(str) == lm]
             ax.scatter(part["volume"], part["error_mm"], s=8, alpha=0.75, color=pal[lm],
-                       edgecolor="none", label=lm.replace("_", " "))
+                       marker=markers[lm], edgecolor="none", label=lm.replace("_", " "))
         ax.set_xscale("log")
         ax.set_yscale("log")
         if len(shown) >= 3 and np.ptp(np.log(shown["volume"])) > 0:
@@ -280,14 +333,19 @@ def confidence_vs_error(
                           linewidth=0.5))
         ax.set_xlabel(f"{100 * level:.0f}% confidence volume (mm³)")
         ax.set_ylabel("Localisation error (mm)")
-        ax.legend(frameon=False, loc="lower right", markerscale=1.2)
+        if outside:
+            fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncol=ncol,
+                       frameon=False, fontsize=legend_fs, markerscale=1.2, handlelength=1.2,
+                       handletextpad=0.3, columnspacing=0.8, labelspacing=0.25)
+        else:
+            ax.legend(frameon=False, loc="lower right", markerscale=1.2, fontsize=legend_fs)
         ax.autoscale_view()
         _plain_log_axis(ax.xaxis)
         _plain_log_axis(ax.yaxis)
         ax.grid(which="major", linewidth=0.3, color="0.85")
         ax.set_axisbelow(True)
         if method:
-            ax.set_title(method_label(method), loc="left")
+            ax.set_title(_fit_width(method_label(method), width_in - 0.4, 7), loc="left")
         return save_figure(fig, out_prefix)
 
 
@@ -413,7 +471,8 @@ def training_curves(
                 if r == len(order) - 1:
                     ax.set_xlabel("Epoch")
                 ax.grid(linewidth=0.3, color="0.9")
-            axes[r, 0].set_title(method_label(m), loc="left", fontweight="bold")
+            axes[r, 0].set_title(_fit_width(method_label(m), width_in / len(kinds) - 0.3, 7.5),
+                                 loc="left", fontweight="bold")
         return save_figure(fig, out_prefix)
 
 
@@ -497,8 +556,8 @@ def heatmap_figure(
            if np.all(np.isfinite(truth)) and np.all(np.isfinite(pred)) else np.nan)
 
     maps = []
-    for title, mp in (("Loc-Net (single scale) map", locnet_map),
-                      ("U-Net heatmap", heatmap_map)):
+    for title, mp in ((method_label("locnet_single") + " map", locnet_map),
+                      (method_label("heatmap_unet"), heatmap_map)):
         if mp is None:
             continue
         mp = np.asarray(mp, dtype=float)
@@ -557,7 +616,7 @@ def heatmap_figure(
                     ax.imshow(rgba, origin="lower", extent=ext, interpolation="nearest",
                               aspect="equal")
                     if r == 0:
-                        ax.set_title(title)
+                        ax.set_title(_fit_width(title, width_in / ncols - 0.2, 7))
                 elif r == 0:
                     ax.set_title("Image")
                 if np.all(np.isfinite(truth)):
@@ -592,5 +651,5 @@ def heatmap_figure(
         if np.isfinite(err):
             head += f", error {err:.2f} mm"
         head += "  (+ truth, × prediction)"
-        fig.suptitle(head, fontsize=7)
+        fig.suptitle(_fit_width(head, width_in - 0.2, 7), fontsize=7)
         return save_figure(fig, out_prefix)

@@ -30,6 +30,7 @@ numbers.
 from __future__ import annotations
 
 import math
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -59,6 +60,7 @@ __all__ = [
     "preprocess",
     "preprocessing_params",
     "write_overlay",
+    "overlay_figure",
 ]
 
 #: confidence level of the ellipsoid when the model records none (quality.json "confidence")
@@ -485,6 +487,21 @@ def write_overlay(result: ScanResult, path: Any, dpi: int = 72) -> None:
     90% confidence ellipse (the axis-aligned ellipsoid ``chi2_3(0.90)`` Mahalanobis radius,
     projected on the plane: semi-axes ``r * sd``) are drawn. Written atomically.
     """
+    import matplotlib.pyplot as plt
+
+    fig = overlay_figure(result)
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    plt.close(fig)
+
+
+def overlay_figure(result: ScanResult):
+    """The figure of :func:`write_overlay` (a pyplot figure: close it when done).
+
+    Any number of landmarks stays readable: each row is 2.6 in high whatever their number;
+    more than 6 landmarks get 20 distinct colours (tab20); long names and the list of flagged
+    landmarks in the title are wrapped to the figure's width.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -497,14 +514,17 @@ def write_overlay(result: ScanResult, path: Any, dpi: int = 72) -> None:
     lo, hi = o - s0 / 2.0, o + s0 * (n - 0.5)
     r = math.sqrt(metrics.chi2_radius_sq(result.confidence))
     k_n = len(result.landmarks)
-    fig, axes = plt.subplots(k_n, 3, figsize=(7.5, 2.6 * k_n), squeeze=False)
+    colors = (_COLORS if k_n <= len(_COLORS)
+              else [matplotlib.colors.to_hex(c) for c in matplotlib.colormaps["tab20"].colors])
+    fig, axes = plt.subplots(k_n, 3, figsize=(7.5, 2.6 * k_n), squeeze=False,
+                             layout="constrained")
     # (name, horizontal axis, vertical axis, slicing axis)
     planes = (("axial", 0, 1, 2), ("coronal", 0, 2, 1), ("sagittal", 1, 2, 0))
     letters = {0: ("L", "R"), 1: ("P", "A"), 2: ("I", "S")}
     for k, name in enumerate(result.landmarks):
         p = result.world[k]
         idx = np.clip(np.rint((p - o) / s0).astype(int), 0, n - 1)
-        color = _COLORS[k % len(_COLORS)]
+        color = colors[k % len(colors)]
         for c, (pname, a, b, cut) in enumerate(planes):
             ax = axes[k, c]
             sl = np.take(vol, idx[cut], axis=cut)  # remaining axes in order (a, b)
@@ -517,15 +537,25 @@ def write_overlay(result: ScanResult, path: Any, dpi: int = 72) -> None:
             if result.sd is not None and np.all(np.isfinite(result.sd[k])):
                 ax.add_patch(Ellipse((p[a], p[b]), 2 * r * result.sd[k, a],
                                      2 * r * result.sd[k, b], fill=False, color=color, lw=1.2))
-            ax.set_title(f"{name}: {pname} {'xyz'[cut]}={p[cut]:.0f} mm", fontsize=7)
+            ax.set_title(textwrap.fill(f"{name}: {pname} {'xyz'[cut]}={p[cut]:.0f} mm", 38,
+                                       break_on_hyphens=False), fontsize=7)
             ax.tick_params(labelsize=6)
             ax.set_xlabel(f"{'xyz'[a]} (mm, {letters[a][1]}+)", fontsize=6)
             ax.set_ylabel(f"{'xyz'[b]} (mm, {letters[b][1]}+)", fontsize=6)
-    flag_txt = ", ".join(f"{n}: {f}" for n, f in zip(result.landmarks, result.flags) if f)
-    fig.suptitle(f"{result.case_id}" + (f"  ({flag_txt})" if flag_txt else "")
-                 + (f"  ellipses: {100 * result.confidence:g}% confidence"
-                    if result.sd is not None else ""), fontsize=8)
-    fig.tight_layout()
-    with atomic_write(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=dpi)
-    plt.close(fig)
+    # flags: a count per flag; the landmarks named for every flag but "ok"
+    flagged = [(n, f) for n, f in zip(result.landmarks, result.flags) if f]
+    head = str(result.case_id)
+    if result.sd is not None:
+        head += f"  ellipses: {100 * result.confidence:g}% confidence"
+    if flagged:
+        parts = []
+        for f in dict.fromkeys(f for _, f in flagged):
+            names = [n for n, g in flagged if g == f]
+            parts.append(f"{f}: {len(names)} of {k_n}"
+                         + ("" if f == "ok" else " (" + ", ".join(names) + ")"))
+        head += "\n" + "; ".join(parts)
+    fig.suptitle("\n".join(textwrap.fill(line, 100, break_on_hyphens=False)
+                           for line in head.split("\n")), fontsize=8)
+    return fig
+
+

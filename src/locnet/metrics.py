@@ -11,13 +11,21 @@ Conventions used throughout this module (and by :mod:`locnet.stats`, :mod:`locne
 * Percentiles use numpy's default (linear interpolation between order statistics).
 * Success rates are fractions (0..1) of the *annotated* landmarks with error <= threshold;
   failures are errors strictly greater than the failure threshold (10 mm).
+* Method labels follow the run's config: a single-level method says the spacing of its level
+  (``finest_spacing_mm * 2**level``), a multi-scale chain the spacings of all its levels,
+  coarsest to finest: ``"U-Net heatmap (2.5 mm)"``, ``"Loc-Net multi-scale, end to end + noise
+  (10-1.25 mm)"``. Pass the config to :func:`method_label`, or wrap a whole job in
+  ``with labels_from_config(config):`` so that every table and figure drawn inside it (Table 1,
+  the statistics, the figures) uses it. Without a config a label is the bare method name.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +43,10 @@ __all__ = [
     "FAILURE_THRESHOLD_MM",
     "method_order",
     "method_label",
+    "method_labels",
+    "method_levels",
+    "labels_from_config",
+    "PAPER_SETTING",
     "method_color",
     "chi2_radius_sq",
     "confidence_volume",
@@ -60,10 +72,11 @@ __all__ = [
 @dataclass(frozen=True)
 class MethodInfo:
     key: str
-    label: str
+    label: str  # the method's name; :func:`method_label` adds the spacing of its level(s)
     paper_mean_mm: float
     paper_sd_mm: float
     color: str
+    multiscale: bool = False  # a chain over every pyramid level (else: one level)
 
 
 # Table 1 of the paper, in its row order. Colours: a colour-blind-safe palette (Okabe-Ito),
@@ -72,20 +85,30 @@ class MethodInfo:
 METHODS: dict[str, MethodInfo] = {
     m.key: m
     for m in (
-        MethodInfo("heatmap_unet", "U-Net heatmap (1 mm)", 6.45, 9.18, "#999999"),
-        MethodInfo("locnet_single", "Loc-Net single scale (1 mm)", 5.52, 5.69, "#E69F00"),
-        MethodInfo("patch_baseline", "Patch-based CNN (Noothout 2018)", 4.35, 4.33, "#56B4E9"),
-        MethodInfo("multiscale_multistep", "Multi-scale, multi-step", 3.72, 4.20, "#009E73"),
-        MethodInfo("multiscale_e2e", "Multi-scale, end-to-end", 3.61, 3.17, "#0072B2"),
-        MethodInfo(
-            "multiscale_e2e_noise", "Multi-scale, end-to-end + noise", 2.81, 2.37, "#D55E00"
-        ),
+        MethodInfo("heatmap_unet", "U-Net heatmap", 6.45, 9.18, "#999999"),
+        MethodInfo("locnet_single", "Loc-Net single scale", 5.52, 5.69, "#E69F00"),
+        MethodInfo("patch_baseline", "Patch-based CNN, Noothout 2018", 4.35, 4.33, "#56B4E9"),
+        MethodInfo("multiscale_multistep", "Loc-Net multi-scale, multi-step", 3.72, 4.20,
+                   "#009E73", multiscale=True),
+        MethodInfo("multiscale_e2e", "Loc-Net multi-scale, end to end", 3.61, 3.17, "#0072B2",
+                   multiscale=True),
+        MethodInfo("multiscale_e2e_noise", "Loc-Net multi-scale, end to end + noise", 2.81,
+                   2.37, "#D55E00", multiscale=True),
     )
 }
 PROPOSED_METHOD = "multiscale_e2e_noise"
+#: where the paper's Table 1 numbers come from (not this run's data): its own 54 test scans
+#: on a 448³ grid at 0.5 mm, so its single-scale rows read 1 mm and its chains 4-0.5 mm
+PAPER_SETTING = "neck CTA, 448³ at 0.5 mm"
 SUCCESS_THRESHOLDS_MM: tuple[float, ...] = (2.0, 2.5, 3.0, 4.0)
 FAILURE_THRESHOLD_MM = 10.0
 _EXTRA_COLORS = ("#CC79A7", "#F0E442", "#000000", "#8C564B", "#17BECF", "#BCBD22")
+# schema defaults (workflow/schemas/config.schema.yaml; a test keeps them equal), used for keys
+# a partial config leaves out
+_DEFAULT_FINEST_SPACING_MM = 1.25
+_DEFAULT_LEVELS = 4
+_DEFAULT_METHOD_LEVEL = 1
+_LABEL_CONFIG: ContextVar[Mapping | None] = ContextVar("locnet_label_config", default=None)
 
 
 def method_order(methods: Iterable[str]) -> list[str]:
@@ -96,10 +119,59 @@ def method_order(methods: Iterable[str]) -> list[str]:
     return known + unknown
 
 
-def method_label(method: str) -> str:
-    """Human-readable label of a method (its key when the method is not one of the paper's)."""
+@contextmanager
+def labels_from_config(config: Mapping | None) -> Iterator[None]:
+    """Within the block, :func:`method_label` without a config argument uses ``config``."""
+    token = _LABEL_CONFIG.set(config)
+    try:
+        yield
+    finally:
+        _LABEL_CONFIG.reset(token)
+
+
+def method_levels(method: str, config: Mapping) -> list[tuple[int, float]]:
+    """``(level, spacing_mm)`` of the pyramid levels a method reads, coarsest first.
+
+    Level ``l`` has spacing ``pyramid.finest_spacing_mm * 2**l``. A single-level method reads
+    ``methods.<method>.level``; a multi-scale chain every level from the coarsest
+    (``pyramid.levels - 1``) to the finest (0). Keys the config lacks take the schema defaults.
+    Unknown methods read no level (empty list).
+    """
     info = METHODS.get(method)
-    return info.label if info else method
+    if info is None:
+        return []
+    pyr = config.get("pyramid") or {}
+    finest = float(pyr.get("finest_spacing_mm", _DEFAULT_FINEST_SPACING_MM))
+    if info.multiscale:
+        levels = list(range(int(pyr.get("levels", _DEFAULT_LEVELS)) - 1, -1, -1))
+    else:
+        block = (config.get("methods") or {}).get(method) or {}
+        levels = [int(block.get("level", _DEFAULT_METHOD_LEVEL))]
+    return [(lv, finest * 2.0**lv) for lv in levels]
+
+
+def method_label(method: str, config: Mapping | None = None) -> str:
+    """Human-readable label of a method, with the spacing of the level(s) it reads.
+
+    ``config`` (the study config; default: the one set by :func:`labels_from_config`, if any)
+    gives the spacings: ``"U-Net heatmap (2.5 mm)"`` for level 1 at a 1.25 mm finest grid,
+    ``"Loc-Net multi-scale, end to end (10-1.25 mm)"`` for four levels. Without a config the
+    label is the bare name (``"U-Net heatmap"``); a method not of the paper is its key.
+    """
+    info = METHODS.get(method)
+    if info is None:
+        return method
+    config = _LABEL_CONFIG.get() if config is None else config
+    if config is None:
+        return info.label
+    spacings = [sp for _, sp in method_levels(method, config)]
+    span = f"{spacings[0]:g}" if len(spacings) == 1 else f"{spacings[0]:g}-{spacings[-1]:g}"
+    return f"{info.label} ({span} mm)"
+
+
+def method_labels(methods: Iterable[str], config: Mapping | None = None) -> dict[str, str]:
+    """``{method: method_label(method, config)}`` for each method."""
+    return {m: method_label(m, config) for m in methods}
 
 
 def method_color(method: str) -> str:
@@ -259,6 +331,7 @@ def table1(
     landmarks: Sequence[str] | None = None,
     thresholds: Sequence[float] = SUCCESS_THRESHOLDS_MM,
     failure_mm: float = FAILURE_THRESHOLD_MM,
+    config: Mapping | None = None,
 ) -> pd.DataFrame:
     """Table 1 as a tidy DataFrame.
 
@@ -268,7 +341,8 @@ def table1(
     annotated landmark in the scope. Columns: ``method, label, scope, n_cases, n,
     n_missing, mean_mm, sd_mm, median_mm, p90_mm, max_mm, success_{t}mm..., failures_{f}mm,
     failure_rate_{f}mm, mean_sd`` (``"2.81 ± 2.37"``) and ``paper_mean_sd`` (the paper's value,
-    on pooled rows of the paper's methods only; empty elsewhere).
+    on pooled rows of the paper's methods only; empty elsewhere). ``label`` is
+    :func:`method_label` with ``config`` (the spacings of this run's levels).
     """
     methods = method_order(predictions)
     landmarks = list(landmarks) if landmarks is not None else landmark_order(predictions)
@@ -284,7 +358,7 @@ def table1(
             rows.append(
                 {
                     "method": m,
-                    "label": method_label(m),
+                    "label": method_label(m, config),
                     "scope": scope,
                     "n_cases": (int(df.loc[err.notna(), "case_id"].nunique())
                                 if "case_id" in df else np.nan),
@@ -321,7 +395,7 @@ def _display_columns(df: pd.DataFrame) -> list[tuple[str, str]]:
              if c.startswith("success_")]
     cols += [(c, f">{c[len('failures_'):-2]} mm") for c in df.columns
              if c.startswith("failures_")]
-    cols += [("paper_mean_sd", "Paper (mm)")]
+    cols += [("paper_mean_sd", f"Paper ({PAPER_SETTING}), mm")]
     return cols
 
 
@@ -341,7 +415,10 @@ def table1_markdown(df: pd.DataFrame, subset: str | None = "test") -> str:
     lines = [f"# Table 1: landmark localisation error ({subset or 'all'} set)", ""]
     lines.append(
         "Euclidean error in mm, mean ± sd (sd with ddof = 1); success = share of annotated "
-        "landmarks within the threshold; missing (unannotated) landmarks are excluded."
+        "landmarks within the threshold; missing (unannotated) landmarks are excluded. "
+        "A label gives the spacing of the pyramid level(s) the method reads in this run. "
+        f"The last column is the paper's Table 1 ({PAPER_SETTING}: single-scale rows at "
+        "1 mm, multi-scale 4-0.5 mm), not this run's data."
     )
     for scope in dict.fromkeys(df["scope"]):
         part = df[df["scope"] == scope]
@@ -364,7 +441,8 @@ _TEX_ESCAPES = {
 
 def _tex(s: str) -> str:
     s = "".join(_TEX_ESCAPES.get(ch, ch) for ch in s)
-    return s.replace("±", r"$\pm$").replace("≤", r"$\le$").replace(">", r"$>$")
+    return (s.replace("±", r"$\pm$").replace("≤", r"$\le$").replace(">", r"$>$")
+            .replace("³", r"$^3$"))
 
 
 def table1_latex(df: pd.DataFrame, subset: str | None = "test") -> str:
@@ -375,6 +453,8 @@ def table1_latex(df: pd.DataFrame, subset: str | None = "test") -> str:
     out = [
         f"% Table 1: landmark localisation error ({subset or 'all'} set), mm; "
         "sd with ddof = 1; success rates in %",
+        "% Paper: the paper's Table 1 ({}), not this run's data".format(
+            PAPER_SETTING.replace("³", "^3")),
         rf"\begin{{tabular}}{{{align}}}",
         r"\toprule",
         " & ".join(header) + r" \\",

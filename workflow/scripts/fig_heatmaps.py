@@ -10,11 +10,12 @@ import keras  # noqa: E402
 import pandas as pd  # noqa: E402
 
 import locnet.models  # noqa: E402,F401  (registers the custom layers)
-from locnet import figures, predict  # noqa: E402
+from locnet import figures, metrics, predict  # noqa: E402
 from locnet.pyramid import load_level  # noqa: E402
 from locnet.runlog import job_logging  # noqa: E402
 
-with job_logging(snakemake) as log:
+# labels give the spacing of the levels each method reads in this run's config
+with job_logging(snakemake) as log, metrics.labels_from_config(snakemake.config):
     preds = pd.read_csv(snakemake.input.predictions)
     case, landmark = predict.representative_case(preds)
     k = list(snakemake.params.landmarks).index(landmark)

@@ -2,10 +2,11 @@
 
 import pandas as pd
 
-from locnet import level_errors
+from locnet import level_errors, metrics
 from locnet.runlog import job_logging
 
-with job_logging(snakemake) as log:
+# labels give the spacing of the levels each method reads in this run's config
+with job_logging(snakemake) as log, metrics.labels_from_config(snakemake.config):
     preds = {m: pd.read_csv(p) for m, p in zip(snakemake.params.methods, snakemake.input.predictions)}
     table = level_errors.level_table(preds, subset="test", landmarks=snakemake.params.landmarks)
     level_errors.write_level_table(table, snakemake.output.csv, snakemake.output.md, subset="test")

@@ -2,10 +2,11 @@
 
 import pandas as pd
 
-from locnet import io, stats
+from locnet import io, metrics, stats
 from locnet.runlog import job_logging
 
-with job_logging(snakemake) as log:
+# labels give the spacing of the levels each method reads in this run's config
+with job_logging(snakemake) as log, metrics.labels_from_config(snakemake.config):
     ev = snakemake.params.evaluation
     preds = {m: pd.read_csv(p) for m, p in zip(snakemake.params.methods, snakemake.input.predictions)}
     table = stats.statistics_table(
