@@ -422,3 +422,25 @@ def test_bad_case_ids_and_an_empty_manifest_reach_ingest(tmp_path, manifest_text
         assert "empty" in log, log
     else:
         assert "'p 1'" in log and "'pé2'" in log and "not allowed" in log, log
+
+
+def test_results_page_numbers_are_table1s(tiny_study):
+    """results.md (rule results_md) carries table1.csv's numbers, none typed by hand."""
+    import re
+
+    from locnet import report
+
+    page = (tiny_study / "tables" / "results.md").read_text(encoding="utf-8")
+    first, _, body = page.partition("\n")
+    assert first.startswith(report.HEADER_PREFIX) and report.header(body) == first
+    t = pd.read_csv(tiny_study / "tables" / "table1.csv")
+    pooled = t[t["scope"] == "all"]
+    part = page.split("### Test-set error", 1)[1].split("\n### ", 1)[0]
+    cells = {m.group(1): (float(m.group(2)), float(m.group(3))) for m in
+             re.finditer(r"^\| (.+?) \| (-?[\d.]+) ± ([\d.]+) \|", part, re.M)}
+    assert cells == {r.label: (round(r.mean_mm, 2), round(r.sd_mm, 2))
+                     for r in pooled.itertuples()}
+    for r in pooled.itertuples():
+        if isinstance(r.paper_mean_sd, str) and r.paper_mean_sd:
+            assert f"| {r.paper_mean_sd} |" in part  # the paper's, in its labelled column
+    assert "`config/tiny.yaml`" in page and "### What this run can and cannot conclude" in page

@@ -145,6 +145,7 @@ def study_outputs():
     outs += prediction_tables()
     outs += [f"{RES}/tables/table1.{ext}" for ext in ("csv", "md", "tex")]
     outs += [f"{RES}/tables/statistics.{ext}" for ext in ("csv", "md")]
+    outs += [f"{RES}/tables/results.md"]  # the page the README's results block copies
     outs += [f"{RES}/figures/fig4_violin_errors.{ext}" for ext in ("png", "pdf")]
     outs += [f"{RES}/figures/training_curves.{ext}" for ext in ("png", "pdf")]
     if multiscale_methods():
@@ -213,3 +214,43 @@ def multiscale_methods():
 def model_files(method):
     d = f"{RES}/models/{method}"
     return [f"{d}/model.keras", f"{d}/metadata.json", f"{d}/history.csv"]
+
+
+# ---- the results page (rule results_md) -----------------------------------------------------
+
+
+def results_configfiles():
+    """The config files of this run, in the order they were merged (checkout-relative): the
+    Snakefile's default first, then those of --configfile, which override it."""
+    cli = [str(f) for f in workflow.config_settings.configfiles]
+    out = []
+    for f in [f for f in workflow.configfiles if str(f) not in cli] + cli:
+        f = os.path.abspath(f)
+        rel = os.path.relpath(f, workflow.basedir)
+        out.append(f if rel.startswith("..") else rel)
+    return list(dict.fromkeys(out))
+
+
+def results_config_args():
+    args = getattr(workflow.config_settings, "config_args", None) or []
+    return [args] if isinstance(args, str) else [str(a) for a in args]
+
+
+def level_errors_input(wildcards):
+    """The per-level error table as an input of the page, when this run makes one."""
+    path = f"{RES}/tables/level_errors.csv"
+    return [path] if path in study_outputs() else []
+
+
+def study_summary():
+    """A few settings that size the study, for the results page."""
+    out = {"cohort": config["cohort"]["source"]}
+    if config["cohort"]["source"] == "synthetic":
+        out["cases"] = config["synthetic"]["n_cases"]
+    p = config["pyramid"]
+    out["finest grid"] = f"{p['finest_shape']}^3 at {p['finest_spacing_mm']} mm"
+    out["levels"] = p["levels"]
+    out["epochs"] = config["training"]["epochs"]
+    out["noise passes"] = config["evaluation"]["passes"]
+    out["seed"] = config["seed"]
+    return out

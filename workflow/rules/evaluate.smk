@@ -68,6 +68,30 @@ rule statistics:
         "../scripts/statistics.py"
 
 
+rule results_md:
+    """The results page (markdown) from the run's tables, with the run's config, commit,
+    machine and training time; the README's results block is a copy of it."""
+    input:
+        table1=f"{RES}/tables/table1.csv",
+        statistics=f"{RES}/tables/statistics.csv",
+        level_errors=level_errors_input,
+    output:
+        md=f"{RES}/tables/results.md",
+    params:
+        train_benchmarks=f"{RES}/benchmarks/train",
+        checkout=workflow.basedir,
+        configfiles=lambda wc: results_configfiles(),
+        config_args=lambda wc: results_config_args(),
+        study=lambda wc: study_summary(),
+    log:
+        f"{RES}/logs/results_md.log",
+    localrule: True
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/results_md.py"
+
+
 rule fig_violin:
     """Fig. 4: error distribution per method."""
     input:

@@ -1,0 +1,181 @@
+"""The results page (locnet.report) and the README's generated block."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from locnet import report
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _table1():
+    rows = []
+    for m, label, mean, sd, paper in [
+        ("multiscale_e2e", "Multi-scale, end-to-end", 7.2213, 5.3349, "3.61 ± 3.17"),
+        ("multiscale_e2e_noise", "Multi-scale, end-to-end + noise", 9.0547, 8.1239,
+         "2.81 ± 2.37"),
+        ("my_method", "my_method", 12.5, 1.25, ""),
+    ]:
+        for scope in ("all", "left"):
+            rows.append({"method": m, "label": label, "scope": scope, "n_cases": 8,
+                         "n": 16 if scope == "all" else 8, "mean_mm": mean, "sd_mm": sd,
+                         "median_mm": mean - 1, "max_mm": mean + 9,
+                         "paper_mean_sd": paper if scope == "all" else ""})
+    return pd.DataFrame(rows)
+
+
+def _statistics(p_holm=(1.0, 0.004)):
+    rows = []
+
+    def add(test, comp, **q):
+        rows.extend({"test": test, "comparison": comp, "quantity": k, "value": v, "note": ""}
+                    for k, v in q.items())
+
+    prop = "multiscale_e2e_noise"
+    for other, ph, diff, mdd in zip(("multiscale_e2e", "my_method"), p_holm, (1.83, -3.4),
+                                    (4.61, 2.96)):
+        add("wilcoxon_holm", f"{prop} vs {other}", n_cases=8, n_pairs=16, mean_diff_mm=diff,
+            mean_diff_ci_low=diff - 2, mean_diff_ci_high=diff + 2, p=ph / 2, p_holm=ph,
+            significant=float(ph < 0.05), mdd80_mm=mdd)
+    add("calibration", prop, level=0.9, n=16, coverage=0.625, coverage_ci_low=0.386,
+        coverage_ci_high=0.815)
+    add("calibration_conformal", prop, n_calibration=12, scale=1.8, n=16, coverage=0.875,
+        coverage_ci_low=0.64, coverage_ci_high=0.965)
+    add("confidence_vs_error", f"{prop} [case means]", n=8, pearson_r=0.41, pearson_p=0.31)
+    return pd.DataFrame(rows)
+
+
+def _mean_sd_cells(page: str) -> dict[str, tuple[float, float]]:
+    """Method label -> (mean, sd) read back from the page's error table."""
+    out = {}
+    part = page.split("### Test-set error", 1)[1].split("###", 1)[0]
+    for line in part.splitlines():
+        m = re.match(r"\| (.+?) \| ([\d.]+) ± ([\d.]+) \|", line)
+        if m:
+            out[m.group(1)] = (float(m.group(2)), float(m.group(3)))
+    return out
+
+
+def test_page_numbers_are_table1s_and_the_paper_is_labelled():
+    t1 = _table1()
+    page = report.results_markdown(t1, _statistics(), configfiles=["config.yaml"],
+                                   git={"commit": "abc1234", "dirty": True, "note": ""},
+                                   date="2026-12-04 16:00 UTC")
+    assert page.startswith(report.HEADER_PREFIX)
+    cells = _mean_sd_cells(page)
+    pooled = t1[t1["scope"] == "all"]
+    assert set(cells) == set(pooled["label"])
+    for r in pooled.itertuples():
+        assert cells[r.label] == (round(r.mean_mm, 2), round(r.sd_mm, 2))
+    assert "Paper: mean ± sd" in page and "2.81 ± 2.37" in page
+    assert "`abc1234` (with uncommitted changes" in page and "`config.yaml`" in page
+    assert "Training time: no benchmark files" in page
+    assert "### Error per pyramid level" not in page  # no level_errors table given
+
+
+def test_page_conclusions_follow_the_numbers():
+    page = report.results_markdown(_table1(), _statistics())
+    concl = page.split("### What this run can and cannot conclude", 1)[1]
+    assert "differs significantly" in concl and "my_method" in concl
+    assert "Against Multi-scale, end-to-end no difference is significant" in concl
+    assert "Differences below 4.6 mm cannot be detected" in concl
+    assert "over-confident" in concl  # 90% is above the coverage CI's upper end
+    assert "61.2%" not in page and "62.5%" in page and "87.5%" in page  # raw and conformal
+    none_sig = report.results_markdown(_table1(), _statistics(p_holm=(1.0, 0.3)))
+    assert "No pairwise difference is significant at this test-set size" in none_sig
+    assert "Differences below 3.0 mm cannot be detected" in none_sig
+
+
+def test_page_without_tests_and_with_level_errors():
+    st = pd.DataFrame([{"test": "wilcoxon_holm", "comparison": "multiscale_e2e_noise",
+                        "quantity": "p_holm", "value": np.nan,
+                        "note": "proposed method 'multiscale_e2e_noise' not in this run"}])
+    lv = pd.DataFrame({"method": ["multiscale_e2e"] * 2, "scope": ["all"] * 2,
+                       "level": [3, 0], "mean_mm": [11.234, 7.2213]})
+    page = report.results_markdown(_table1(), st, lv)
+    assert "Not computed: proposed method 'multiscale_e2e_noise' not in this run." in page
+    assert "No paired test was run, so this run ranks no methods." in page
+    assert "### Error per pyramid level" in page and "| multiscale_e2e | 3 | 11.23 |" in page
+
+
+def test_training_times_and_git_without_a_checkout(tmp_path):
+    bench = tmp_path / "train"
+    bench.mkdir()
+    (bench / "multiscale_e2e.tsv").write_text("s\th:m:s\tmax_rss\n92.5\t0:01:32\t1200.0\n")
+    (bench / "locnet_single.tsv").write_text("s\th:m:s\tmax_rss\n600.0\t0:10:00\t1200.0\n")
+    (bench / "broken.tsv").write_text("")
+    t = report.training_times(bench)
+    assert list(t["method"]) == ["locnet_single", "multiscale_e2e"]
+    assert t["seconds"].iloc[1] == 92.5
+    assert report.training_times(tmp_path / "absent").empty
+    g = report.git_state(tmp_path)
+    assert g["commit"] is None and g["note"]
+    page = report.results_markdown(_table1(), _statistics(), git=g, training=t)
+    assert "Commit: unknown" in page
+    # only the methods of this run (locnet_single is an older run's file)
+    assert "1 min 32 s in all; Multi-scale, end-to-end 1 min 32 s." in page
+
+
+README_TEXT = """# Title
+
+Intro.
+
+## Results
+
+{begin}
+old hand-typed table
+| a | 1.00 |
+{end}
+
+## Next section
+
+Unchanged text.
+"""
+
+
+def test_splice_replaces_only_the_block_and_is_idempotent(tmp_path):
+    text = README_TEXT.format(begin=report.BEGIN, end=report.END)
+    page = report.results_markdown(_table1(), _statistics(), date="2026-12-04 16:00 UTC")
+    new = report.splice(text, page)
+    before, after = text.split(report.BEGIN)[0], text.split(report.END)[1]
+    assert new.startswith(before + report.BEGIN) and new.endswith(report.END + after)
+    assert "old hand-typed" not in new
+    assert report.readme_block(new) == page.strip("\n")
+    assert report.splice(new, page) == new
+    assert report.check_block(new) == []
+    # the command does the same on a file, and a second run changes nothing
+    readme, page_file = tmp_path / "README.md", tmp_path / "results.md"
+    readme.write_text(text)
+    page_file.write_text(page)
+    assert report.main(["--readme", str(readme), str(page_file)]) == 0
+    once = readme.read_text()
+    assert once == new
+    assert report.main(["--readme", str(readme), str(page_file)]) == 0
+    assert readme.read_text() == once
+    assert report.main(["--check", "--readme", str(readme)]) == 0
+    with pytest.raises(ValueError, match="one"):
+        report.splice(text.replace(report.END, ""), page)
+
+
+def test_check_block_catches_hand_edits():
+    text = README_TEXT.format(begin=report.BEGIN, end=report.END)
+    assert "generated header" in report.check_block(text)[0]
+    done = report.splice(text, report.results_markdown(_table1(), _statistics()))
+    assert report.check_block(done) == []
+    edited = done.replace("7.22 ± 5.33", "4.92 ± 5.33")
+    assert edited != done
+    assert "edited by hand" in report.check_block(edited)[0]
+    assert report.check_block(done.replace(report.HEADER_PREFIX, "<!-- typed"))
+
+
+def test_readme_results_block_is_generated():
+    """The README's results block is a generated page (or the no-results-yet text), unedited:
+    refresh it with `bash scripts/update-readme-results.sh results` after the study."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert report.check_block(text) == []
