@@ -11,8 +11,11 @@ Variants (``--variants``):
 * ``plain``: the loss before this fix: peak-1 targets, summed squared error, He-initialised
   head (``heatmap_peak 1``, ``heatmap_foreground_weight 0`` with a sum instead of a mean
   is the same minimiser; the head is He-initialised);
-* ``shipped``: the defaults (peak 100, balanced foreground weight, head N(0, 1e-3^2));
-* ``scaled``: peak 100 alone, with a He-initialised head and no weighting.
+* ``shipped``: the defaults (peak 100, foreground weight 10, head N(0, 1e-3^2));
+* ``balanced``, ``fg100``, ``near_zero_head``: the same with the foreground weight balanced,
+  100 or 0;
+* ``scaled``: peak 100 alone, with a He-initialised head and no weighting;
+* ``locnet_single``: the single-scale Loc-Net on the same level, for reference.
 
     .venv/bin/python benchmarks/heatmap_training.py --results results --epochs 25
 """
@@ -31,7 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 VARIANTS = {
     "plain": {"heatmap_peak": 1.0, "heatmap_foreground_weight": 0.0, "head_init_std": None},
     "scaled": {"heatmap_peak": 100.0, "heatmap_foreground_weight": 0.0, "head_init_std": None},
-    "shipped": {},
+    "near_zero_head": {"heatmap_peak": 100.0, "heatmap_foreground_weight": 0.0},
+    "balanced": {"heatmap_peak": 100.0, "heatmap_foreground_weight": "balanced"},
+    "fg100": {"heatmap_peak": 100.0, "heatmap_foreground_weight": 100.0},
+    "shipped": {},  # the defaults: peak 100, foreground weight 10, head N(0, 1e-3^2)
     "locnet_single": None,  # the reference: the single-scale Loc-Net on the same level
 }
 
@@ -49,6 +55,8 @@ def main(argv=None) -> int:
     import numpy as np
     import pandas as pd
     import yaml
+
+    pd.set_option("display.width", 200)
     from keras import ops
 
     from locnet import split as splitmod
@@ -137,14 +145,13 @@ def main(argv=None) -> int:
             e = int(r["epoch"])
             rows.append({"variant": variant, "epoch": e, "loss": r["loss"],
                          **probe.get(e, {}), "val_error_mm": r.get("val_error_mm")})
+        mine = pd.DataFrame([r for r in rows if r["variant"] == variant])
+        if "zero_map_loss" in mine:
+            mine["loss / zero map"] = mine["loss"] / mine["zero_map_loss"]
+        print(mine.to_string(index=False, float_format=lambda v: f"{v:.4g}"), flush=True)
         print(f"{variant}: kept epoch {out['best_epoch']}, validation error "
               f"{out['best_val_error_mm']:.2f} mm, test error {test_errors[variant]:.2f} mm "
               f"({len(dirs['test'])} cases), {time.perf_counter() - t:.0f} s", flush=True)
-    df = pd.DataFrame(rows)
-    if "zero_map_loss" in df:
-        df["loss / zero map"] = df["loss"] / df["zero_map_loss"]
-    with pd.option_context("display.width", 200, "display.max_rows", 500):
-        print(df.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     return 0
 
 

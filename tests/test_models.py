@@ -274,7 +274,7 @@ def test_heatmap_unet_starts_near_zero_and_its_loss_balances_the_foreground():
     which cost 40x the zero map's loss in the default study and ended in the all-zero map),
     and the balanced weighting gives the Gaussian's neighbourhood as much weight as the rest
     of the volume, so the all-zero map is no longer a good answer."""
-    model = _build("heatmap_unet", heatmap_sigma_mm=10.0)
+    model = _build("heatmap_unet", heatmap_sigma_mm=10.0, heatmap_foreground_weight="balanced")
     x, y = _tiny_inputs(2), _tiny_targets(2)
     hm = _np(model(x)["heatmap"])
     assert np.abs(hm).max() < 0.01 * model.heatmap_peak
