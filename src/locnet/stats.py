@@ -178,13 +178,14 @@ def paired_wilcoxon(
     """
     if proposed not in predictions:
         raise KeyError(f"proposed method {proposed!r} not among {sorted(predictions)}")
-    rows = []
+    rows, case_diffs = [], []
     for m in method_order(predictions):
         if m == proposed:
             continue
         pairs = paired_errors(predictions[proposed], predictions[m], subset)
         cases = case_means(pairs)
         d = (cases["error_a"] - cases["error_b"]).to_numpy(float)
+        case_diffs.append(d)
         row = {"method": m, "label": method_label(m), "n_cases": int(d.size),
                "n_pairs": int(len(pairs)), "median_diff_mm": np.nan, "mean_diff_mm": np.nan,
                "mean_diff_ci_low": np.nan, "mean_diff_ci_high": np.nan, "statistic": np.nan,
@@ -218,12 +219,7 @@ def paired_wilcoxon(
                                                  alpha=alpha, method="holm")[1]
     out["significant"] = out["p_holm"] < alpha
     family = max(int(valid.sum()), 1)
-    mdd = []
-    for m in out["method"]:
-        cases = case_means(paired_errors(predictions[proposed], predictions[m], subset))
-        mdd.append(min_detectable_difference(
-            (cases["error_a"] - cases["error_b"]).to_numpy(float), alpha / family))
-    out["mdd80_mm"] = mdd
+    out["mdd80_mm"] = [min_detectable_difference(d, alpha / family) for d in case_diffs]
     out.insert(0, "proposed", proposed)
     return out[["proposed", "method", "label", "n_cases", "n_pairs", "median_diff_mm",
                 "mean_diff_mm", "mean_diff_ci_low", "mean_diff_ci_high", "statistic", "p",
@@ -358,14 +354,7 @@ def calibration(
     out: dict[str, float | str] = {"level": level}
     sds = ["sd_x", "sd_y", "sd_z"]
     if set(sds) <= set(df.columns):
-        p = df[["x", "y", "z"]].to_numpy(float)
-        t = df[["true_x", "true_y", "true_z"]].to_numpy(float)
-        sd = df[sds].to_numpy(float)
-        ok = np.isfinite(p).all(1) & np.isfinite(t).all(1) & np.isfinite(sd).all(1)
-        inside = inside_ellipsoid(p[ok], t[ok], sd[ok], level)
-        k, n = int(inside.sum()), int(ok.sum())
-        out.update(n=n, n_inside=k, coverage=k / n if n else np.nan)
-        out["coverage_ci_low"], out["coverage_ci_high"] = wilson_ci(k, n)
+        out.update(_coverage(df, level))
         out["chi2_radius_sq"] = chi2_radius_sq(level)
     else:
         out.update(n=np.nan, n_inside=np.nan, coverage=np.nan, coverage_ci_low=np.nan,
@@ -403,8 +392,7 @@ def conformal_scale(pred: pd.DataFrame, subset: str | None = "val",
         return {"n": 0, "scale": np.nan, "note": "no sd_x, sd_y, sd_z columns"}
     d2 = mahalanobis_sq(df[["x", "y", "z"]].to_numpy(float),
                         df[["true_x", "true_y", "true_z"]].to_numpy(float), df[sds].to_numpy(float))
-    d2 = d2[np.isfinite(d2) | np.isinf(d2)]
-    d2 = d2[~np.isnan(d2)]
+    d2 = d2[~np.isnan(d2)]  # +inf (a zero sd missed) stays: it is a miss
     n = int(d2.size)
     k = math.ceil((n + 1) * level)
     if n == 0 or k > n:
@@ -419,13 +407,18 @@ def calibrated_coverage(pred: pd.DataFrame, scale: float, subset: str | None = "
     """Coverage of the ``level`` ellipsoids with sds multiplied by ``scale`` on ``subset``,
     with its Wilson 95% CI (``n, n_inside, coverage, coverage_ci_low, coverage_ci_high``)."""
     df = _annotated(pred, subset)
-    sds = ["sd_x", "sd_y", "sd_z"]
-    if not np.isfinite(scale) or not set(sds) <= set(df.columns):
+    if not np.isfinite(scale) or not {"sd_x", "sd_y", "sd_z"} <= set(df.columns):
         return {"n": np.nan, "n_inside": np.nan, "coverage": np.nan, "coverage_ci_low": np.nan,
                 "coverage_ci_high": np.nan}
+    return _coverage(df, level, float(scale))
+
+
+def _coverage(df: pd.DataFrame, level: float, scale: float = 1.0) -> dict[str, float]:
+    """Coverage of the ``level`` ellipsoids with sds ``scale * sd`` over the rows of ``df``
+    (annotated, with sd columns) whose prediction, truth and sds are finite; Wilson 95% CI."""
     p = df[["x", "y", "z"]].to_numpy(float)
     t = df[["true_x", "true_y", "true_z"]].to_numpy(float)
-    sd = df[sds].to_numpy(float) * float(scale)
+    sd = df[["sd_x", "sd_y", "sd_z"]].to_numpy(float) * scale
     ok = np.isfinite(p).all(1) & np.isfinite(t).all(1) & np.isfinite(sd).all(1)
     inside = inside_ellipsoid(p[ok], t[ok], sd[ok], level)
     k, n = int(inside.sum()), int(ok.sum())
