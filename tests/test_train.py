@@ -84,8 +84,15 @@ def test_learns_keeps_best_and_round_trips(cohort, tmp_path):
     # learning: the validation error falls below its value at initialisation
     assert hist.val_error_mm[1:].min() < hist.val_error_mm[0]
     meta = json.loads((out / "metadata.json").read_text())
-    assert meta["best_epoch"] == int(hist.epoch[hist.val_error_mm.idxmin()])
-    assert meta["best_val_error_mm"] == pytest.approx(hist.val_error_mm.min(), rel=1e-12)
+    # the kept epoch minimises the validation error smoothed over a centred 5-epoch window
+    # (clipped at the ends), and the history records that score for every epoch
+    assert meta["selection_window"] == 5
+    val = hist.val_error_mm.to_numpy()
+    scores = [val[max(1, e - 2):min(5, e + 2) + 1].mean() for e in range(1, 6)]
+    np.testing.assert_allclose(hist.val_score_mm[1:], scores, rtol=1e-12)
+    expected = 1 + int(np.argmin(scores)) if min(scores) < val[0] else 0
+    assert meta["best_epoch"] == expected == T.select_epoch(val, 5)[0]
+    assert meta["best_val_error_mm"] == pytest.approx(val[expected], rel=1e-12)
     assert meta["method"] == "locnet_single" and meta["landmarks"] == LANDMARKS
     assert meta["levels"] == [0] and "keras" in meta["versions"]
     assert res["completed"] and res["best_epoch"] == meta["best_epoch"]
@@ -219,3 +226,58 @@ def test_every_method_learns(cohort, tmp_path, method):
     hist = pd.read_csv(tmp_path / "run" / "out" / "history.csv")
     start, best = hist.val_error_mm[0], hist.val_error_mm[1:].min()
     assert best < 0.9 * start, (method, list(hist.val_error_mm))
+
+
+# --------------------------------------------------------------------------------------------
+# model selection
+# --------------------------------------------------------------------------------------------
+def test_selection_rule_smooths_and_clips():
+    # a lucky dip at epoch 3 inside a bad stretch loses to a stable good stretch at 6-8
+    val = [30.0, 12.0, 11.0, 5.0, 11.0, 12.0, 7.0, 7.0, 7.0, 7.5]
+    assert T.select_epoch(val, 1) == (3, 5.0)  # best single epoch
+    epoch, score = T.select_epoch(val, 5)
+    assert epoch == 8 and score == pytest.approx(np.mean(val[6:10]))  # clipped at the end
+    assert T.select_epoch(val, 3)[0] == 7
+    # windows are clipped at the ends of training and at phase boundaries
+    assert T.selection_range(1, 5, (1, 9)) == (1, 3)
+    assert T.selection_range(9, 5, (1, 9)) == (7, 9)
+    assert T.selection_range(5, 5, (4, 6)) == (4, 6)
+    # a window holding a non-finite error never wins; the untrained model is the fallback
+    assert T.select_epoch([20.0, np.nan, 1.0, 1.0], 3) == (3, 1.0)
+    assert T.select_epoch([20.0, np.nan, np.nan], 3) == (0, 20.0)
+    assert np.isnan(T.selection_score({1: 1.0}, 2, 3, (1, 3)))  # epoch 3 not known yet
+    # ties go to the earliest epoch
+    assert T.select_epoch([9.0, 4.0, 4.0, 4.0], 1)[0] == 1
+
+
+def test_smoothed_selection_keeps_the_weights_of_its_epoch(cohort, tmp_path):
+    """The kept model is the selected epoch's (not the last, not the best single one), also
+    when the run is resumed while that epoch's window is still open."""
+    cfg = {"epochs": 6, "learning_rate": 0.01, "selection_window": 3}
+    args = ("locnet_single", {"level": 0, "unet": {"filters": [4, 8]}}, cfg, cohort["grid"],
+            LANDMARKS, cohort["train"], cohort["val"], cohort["table"])
+    res = T.train(*args, tmp_path / "a" / "out", tmp_path / "a" / "state", 2)
+    hist = res["history"]
+    assert res["best_epoch"] == T.select_epoch(hist.val_error_mm.to_numpy(), 3)[0]
+    model, meta = T.load_trained(tmp_path / "a" / "out")
+    val = LandmarkDataset(cohort["val"], [0], cohort["table"], LANDMARKS, shuffle=False)
+    T.reseed(model, 0, 0, "val")
+    assert T.validation_error(model, val) == pytest.approx(meta["best_val_error_mm"], rel=1e-5)
+    # interrupted after epoch 3 (epoch 3's window is open: its snapshot waits), then resumed
+    with pytest.raises(KeyboardInterrupt):
+        T.train(*args, tmp_path / "b" / "out", tmp_path / "b" / "state", 2,
+                callbacks=[Interrupt(at=3)])
+    state = json.loads((tmp_path / "b" / "state" / "state.json").read_text())
+    assert state["pending"] == [3]
+    assert (tmp_path / "b" / "state" / "snap-000003.npz").exists()
+    resumed = T.train(*args, tmp_path / "b" / "out", tmp_path / "b" / "state", 2)
+    assert resumed["best_epoch"] == res["best_epoch"]
+    for a, b in zip(saved_weights(tmp_path / "a" / "out"), saved_weights(tmp_path / "b" / "out")):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_selection_window_must_be_odd(cohort, tmp_path):
+    with pytest.raises(ValueError, match="selection_window"):
+        T.train("locnet_single", {"level": 0, "unet": TINY_UNET},
+                {"epochs": 1, "selection_window": 4}, cohort["grid"], LANDMARKS,
+                cohort["train"], cohort["val"], cohort["table"], tmp_path / "o", tmp_path / "s", 1)

@@ -2,11 +2,23 @@
 
 Entry point: :func:`train`. One call trains one method and writes its declared outputs
 
-* ``out_dir/model.keras``   the kept model (lowest validation error, ties: the earliest epoch),
+* ``out_dir/model.keras``   the kept model (see *Model selection*),
 * ``out_dir/metadata.json`` config blocks, grid, landmarks, best epoch/error, versions,
 * ``out_dir/history.csv``   one row per epoch (``epoch`` 0 = the untrained model),
 
 each written atomically (temporary name, then rename) and only when training has finished.
+
+Model selection
+---------------
+The validation error of one epoch is noisy (on a few validation cases it moves by millimetres
+from one epoch to the next), so the lowest single value is an optimistic, lucky pick. The kept
+epoch minimises the validation error *smoothed* over a centred window of ``selection_window``
+epochs (default 5: the epoch and two on each side; clipped at the ends of training and, for
+``multiscale_multistep``, at the ends of the epoch's phase). Ties go to the earliest epoch;
+a window holding a non-finite error never wins; the untrained epoch 0 is the fallback (its
+raw error as score). ``selection_window: 1`` is the plain "best single epoch" rule. The
+history records the smoothed score (``val_score_mm``) of every epoch; the weights of the
+epochs whose windows are not yet complete wait in ``state_dir`` (``snap-{epoch}.npz``).
 
 Resume
 ------
@@ -57,7 +69,7 @@ from locnet import io, seeds
 from locnet.data import LandmarkDataset, case_id_of, model_levels, read_landmark_table
 from locnet.models import predict_position
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: smoothed model selection (best_score, pending snapshots)
 MULTISTEP = "multiscale_multistep"
 _LEVEL_METRIC = re.compile(r"^loss_level(\d+)$")
 
@@ -69,6 +81,7 @@ DEFAULT_TRAIN_CFG = {
     "cache_cases": 2,  # open memory maps kept per dataset (LRU)
     "jit_compile": "auto",  # passed to model.compile
     "deterministic": False,  # tf op determinism (GPU); CPU runs are deterministic anyway
+    "selection_window": 5,  # epochs of the centred window of the model-selection score
 }
 
 
@@ -122,6 +135,8 @@ def _history_frame(rows: list[dict]) -> pd.DataFrame:
             return (5, int(m.group(1)) if m else 0, c)
         if c == "val_error_mm":
             return (6, 0, c)
+        if c == "val_score_mm":
+            return (6, 1, c)
         if c == "time":
             return (7, 0, c)
         return (4, 0, c)
@@ -136,6 +151,49 @@ def _is_better(value: float, best: float) -> bool:
     if best is None or not np.isfinite(best):
         return True
     return value < best
+
+
+def selection_range(epoch: int, window: int, phase_range: tuple[int, int]) -> tuple[int, int]:
+    """First and last epoch (1-based, inclusive) of the centred selection window of ``epoch``,
+    clipped to ``phase_range`` (the first and last epoch of its phase or of the training)."""
+    half = (int(window) - 1) // 2
+    lo, hi = phase_range
+    return max(lo, epoch - half), min(hi, epoch + half)
+
+
+def selection_score(val_errors, epoch: int, window: int, phase_range: tuple[int, int]) -> float:
+    """Model-selection score of ``epoch``: the mean validation error over its window
+    (:func:`selection_range`); NaN when any error of the window is missing or not finite.
+
+    ``val_errors`` maps epoch -> validation error (a dict, or a sequence indexed by epoch).
+    """
+    lo, hi = selection_range(epoch, window, phase_range)
+    vals = []
+    for e in range(lo, hi + 1):
+        try:
+            vals.append(float(val_errors[e]))
+        except (KeyError, IndexError):
+            return float("nan")
+    vals = np.asarray(vals, float)
+    return float(vals.mean()) if vals.size and np.all(np.isfinite(vals)) else float("nan")
+
+
+def select_epoch(val_errors, window: int, phase_ranges=None) -> tuple[int, float]:
+    """The epoch the selection rule keeps from a finished history: ``(epoch, score)``.
+
+    ``val_errors``: errors of epochs 0 (untrained) .. E. ``phase_ranges``: per epoch its phase's
+    ``(first, last)`` epoch (a callable ``epoch -> range``; default the whole training).
+    Equals what :func:`train` keeps (it scores each epoch once its window is complete).
+    """
+    errs = [float(v) for v in val_errors]
+    total = len(errs) - 1
+    rng = phase_ranges or (lambda e: (1, total))
+    best_epoch, best = 0, errs[0]
+    for e in range(1, total + 1):
+        sc = selection_score(errs, e, window, rng(e))
+        if _is_better(sc, best):
+            best_epoch, best = e, sc
+    return best_epoch, best
 
 
 def versions() -> dict:
@@ -392,7 +450,7 @@ def _log_epoch(log, row: dict, total: int, best_epoch: int, best_err: float) -> 
         if k == "loss" or _LEVEL_METRIC.match(k):
             parts.append(f"{k} {v:.4g}")
     parts.append(f"val_error_mm {row.get('val_error_mm', float('nan')):.3f}")
-    parts.append(f"(best {best_err:.3f} @ {best_epoch})")
+    parts.append(f"(kept so far: epoch {best_epoch}, score {best_err:.3f})")
     parts.append(f"{row.get('time', 0.0):.1f} s")
     log.info(" ".join(parts))
 
@@ -462,6 +520,9 @@ def train(
     total = int(cfg["epochs"])
     lr = float(cfg["learning_rate"])
     schedule_kind = method_cfg.get("schedule", cfg["schedule"])
+    window = int(cfg["selection_window"])
+    if window < 1 or window % 2 == 0:
+        raise ValueError(f"{method}: selection_window must be an odd number >= 1, got {window}")
     seed = int(seed)
     out_dir, state_dir = Path(out_dir), Path(state_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -500,6 +561,11 @@ def train(
 
     def phase_of(epoch: int) -> int:
         return multistep_phase(epoch, total, n_weights)[0] if multistep else 0
+
+    def phase_range(epoch: int) -> tuple[int, int]:
+        """First and last history epoch (1-based) of the phase of history epoch ``epoch``."""
+        a, b = bounds[phase_of(epoch - 1)]
+        return a + 1, b
 
     def loss_weights_for(epoch: int) -> np.ndarray:
         from locnet.schedules import level_weights
@@ -552,14 +618,15 @@ def train(
                         state_dir)
             state = None
         if state is not None:
-            missing = [f for f in (state.get("checkpoint"), state.get("best"))
-                       if not f or not (state_dir / f).exists()]
+            needed = [state.get("checkpoint"), state.get("best")]
+            needed += [f"snap-{int(e):06d}.npz" for e in state.get("pending", [])]
+            missing = [f for f in needed if not f or not (state_dir / f).exists()]
             if missing:
                 log.warning("resume state in %s lacks %s: starting afresh", state_dir, missing)
                 state = None
 
     def save_state(epoch_done: int, phase: int, history: list, best_epoch: int,
-                   best_err: float, best_file: str) -> None:
+                   best_err: float, best_file: str, pending: list[int]) -> None:
         ckpt_file = f"ckpt-{epoch_done:06d}.npz"
         arrays = model_snapshot(model)
         if model.optimizer is not None and model.optimizer.built:
@@ -570,11 +637,11 @@ def train(
             "version": STATE_VERSION, "fingerprint": fingerprint, "method": method,
             "epoch": epoch_done, "total_epochs": total, "phase": phase,
             "checkpoint": ckpt_file, "best": best_file, "best_epoch": best_epoch,
-            "best_val_error_mm": best_err, "history": history,
+            "best_score": best_err, "pending": list(pending), "history": history,
         })
-        keep = {ckpt_file, best_file}
+        keep = {ckpt_file, best_file} | {f"snap-{e:06d}.npz" for e in pending}
         for f in state_dir.glob("*.npz"):
-            if f.name not in keep and re.match(r"^(ckpt|best)-\d+\.npz$", f.name):
+            if f.name not in keep and re.match(r"^(ckpt|best|snap)-\d+\.npz$", f.name):
                 f.unlink(missing_ok=True)
 
     # ---- start or resume ----------------------------------------------------------------------
@@ -587,9 +654,10 @@ def train(
         history = [{k: (float("nan") if v is None else v) for k, v in r.items()}
                    for r in state["history"]]
         best_epoch = int(state["best_epoch"])
-        best_err = state["best_val_error_mm"]
+        best_err = state["best_score"]
         best_err = float("nan") if best_err is None else float(best_err)
         best_file = state["best"]
+        pending = [int(e) for e in state.get("pending", [])]
         log.info("resuming from epoch %d of %d (state in %s)", start, total, state_dir)
         with np.load(state_dir / state["checkpoint"]) as arrays:
             restore_snapshot(model, arrays)
@@ -615,10 +683,11 @@ def train(
         row0.update({"loss": float("nan"), "val_error_mm": err0,
                      "time": time.perf_counter() - t0})
         history = [row0]
-        best_epoch, best_err = 0, err0
+        best_epoch, best_err = 0, err0  # the fallback: the untrained model, its raw error
         best_file = "best-000000.npz"
+        pending = []  # epochs whose selection window is not complete yet
         _atomic_savez(state_dir / best_file, model_snapshot(model))
-        save_state(0, current_phase, history, best_epoch, best_err, best_file)
+        save_state(0, current_phase, history, best_epoch, best_err, best_file, pending)
         log.info("epoch 0 (untrained): val_error_mm %.3f", err0)
 
     # ---- epochs -------------------------------------------------------------------------------
@@ -652,21 +721,34 @@ def train(
                     if isinstance(v, (int, float, np.number))})
         row["time"] = time.perf_counter() - t0
         history.append(row)
-        err = row.get("val_error_mm", float("nan"))
-        if _is_better(err, best_err) or (val_ds is None):
-            best_epoch, best_err = epoch + 1, err
-            best_file = f"best-{epoch + 1:06d}.npz"
-            _atomic_savez(state_dir / best_file, model_snapshot(model))
-        save_state(epoch + 1, phase, history, best_epoch, best_err, best_file)
+        done_epoch = epoch + 1
+        snap = f"snap-{done_epoch:06d}.npz"
+        _atomic_savez(state_dir / snap, model_snapshot(model))
+        if val_ds is None:  # nothing to select on: the last epoch is kept
+            best_epoch, best_err, best_file = done_epoch, float("nan"), snap
+        else:
+            pending.append(done_epoch)
+            val = [r.get("val_error_mm", float("nan")) for r in history]
+            for c in list(pending):
+                if selection_range(c, window, phase_range(c))[1] > done_epoch:
+                    continue  # its window reaches beyond the epochs done
+                pending.remove(c)
+                score = selection_score(val, c, window, phase_range(c))
+                history[c]["val_score_mm"] = score
+                if _is_better(score, best_err):
+                    best_epoch, best_err, best_file = c, score, f"snap-{c:06d}.npz"
+        save_state(done_epoch, phase, history, best_epoch, best_err, best_file, pending)
         _log_epoch(log, row, total, best_epoch, best_err)
         epochs_this_run += 1
 
     done = len(history) - 1
+    kept_error = history[best_epoch].get("val_error_mm", float("nan"))
     result = {
         "completed": done >= total,
         "epochs_done": done,
         "best_epoch": best_epoch,
-        "best_val_error_mm": best_err,
+        "best_val_error_mm": kept_error,
+        "selection_score_mm": best_err,
         "history": _history_frame(history),
         "model_path": out_dir / "model.keras",
         "metadata_path": out_dir / "metadata.json",
@@ -700,7 +782,9 @@ def train(
         "seed": seed,
         "epochs": total,
         "best_epoch": best_epoch,
-        "best_val_error_mm": best_err,
+        "best_val_error_mm": kept_error,
+        "selection_window": window,
+        "selection_score_mm": best_err,
         "train_cases": [case_id_of(d) for d in case_dirs_train],
         "val_cases": [case_id_of(d) for d in (case_dirs_val or [])],
         "intensity": intensity,
@@ -708,7 +792,8 @@ def train(
     }
     _atomic_write_json(out_dir / "metadata.json", metadata)
     io.write_text_atomic(result["history"].to_csv(index=False), out_dir / "history.csv")
-    log.info("kept epoch %d (val_error_mm %.3f); wrote %s", best_epoch, best_err, out_dir)
+    log.info("kept epoch %d (val_error_mm %.3f, score over a %d-epoch window %.3f); wrote %s",
+             best_epoch, kept_error, window, best_err, out_dir)
     return result
 
 
