@@ -226,6 +226,8 @@ def main(argv=None) -> int:
     p.add_argument("--patch", type=int, default=16)
     p.add_argument("--level", type=int, default=1, help="level of single-scale methods")
     p.add_argument("--landmarks", type=int, default=2)
+    p.add_argument("--filters", type=int, nargs="+", default=[16, 32, 64, 128],
+                   help="U-Net filters per level (the default study: 8 16 32 64)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--timeout", type=float, default=1800.0, help="per method (s)")
@@ -243,7 +245,7 @@ def main(argv=None) -> int:
         if a.methods == list(METHODS):
             a.methods = ["multiscale_e2e_noise", "locnet_single"]
     grid = {"finest_shape": a.finest_shape, "finest_spacing_mm": a.spacing, "levels": a.levels}
-    cfg = {"patch": a.patch, "level": a.level}
+    cfg = {"patch": a.patch, "level": a.level, "unet": {"filters": list(a.filters)}}
     results = []
     for m in a.methods:
         r = run_child(m, cfg, grid, a.landmarks, a.warmup, a.steps, a.timeout, a.min_free_mib)
@@ -264,7 +266,7 @@ def main(argv=None) -> int:
     n0 = a.finest_shape
     header = (f"Grid {n0}^3 at {a.spacing} mm, {a.levels} levels, {a.patch}^3 patches, "
               f"{a.landmarks} landmarks, single-scale methods at level {a.level} "
-              f"({n0 // 2**a.level}^3); batch 1, U-Net filters 16/32/64/128; "
+              f"({n0 // 2**a.level}^3); batch 1, U-Net filters {'/'.join(map(str, a.filters))}; "
               f"{a.warmup} warm-up + {a.steps} timed steps. Machine: {machine()}.")
     report = header + "\n\n" + text + ("\n\n" + "\n".join(notes) if notes else "")
     print(report)

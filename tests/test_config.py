@@ -173,3 +173,16 @@ def test_intensity_block_is_checked():
     with pytest.raises(cfgmod.ConfigError, match=r"pyramid\.intensity\.percentiles: lower 99"):
         cfgmod.validate({"pyramid": {"intensity": {"mode": "percentile",
                                                    "percentiles": [99, 1]}}})
+
+
+def test_seeds_and_selection_window():
+    cfg = cfgmod.validate({})
+    assert cfg["training"]["seeds"] == 3 and cfg["training"]["selection_window"] == 5
+    assert cfgmod.load(ROOT / "config/tiny.yaml")["training"]["seeds"] == 2  # CI runs 2 seeds
+    with pytest.raises(cfgmod.ConfigError, match=r"training\.seeds"):
+        cfgmod.validate({"training": {"seeds": 0}})
+    with pytest.raises(cfgmod.ConfigError, match=r"training\.selection_window: 4 is even"):
+        cfgmod.validate({"training": {"selection_window": 4}})
+    # seeds are shared by all methods: a method block cannot set its own
+    with pytest.raises(cfgmod.ConfigError, match="seeds"):
+        cfgmod.validate({"methods": {"locnet_single": {"seeds": 5}}})

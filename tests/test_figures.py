@@ -321,3 +321,42 @@ def test_inference_overlay_20_landmarks(tmp_path):
     inference.write_overlay(res, path)
     img = mpimg.imread(path)
     assert img.shape[:2] == (round(2.6 * 20 * 72), round(7.5 * 72))
+
+
+def test_figures_show_the_seeds(tmp_path, drawn):
+    """Violins: one short bar per seed's mean, the diamond at the mean over seeds, landmarks
+    x seeds in the tick label; training curves: every seed's validation error and a dot at
+    each seed's kept epoch (the lowest val_score_mm, not the lowest single val_error_mm)."""
+    base = predictions(["locnet_single"], ["a", "b"], n_cases=12)["locnet_single"]
+    seeds = {s: base.assign(error_mm=base["error_mm"] + s) for s in range(3)}
+    pooled = metrics.pool_seeds(seeds)
+    assert_figure(figures.violin_errors({"locnet_single": pooled}, tmp_path / "v"))
+    fig = drawn[-1]
+    ax = fig.axes[0]
+    bars = [c for c in ax.collections if c.get_label() == "seed mean"]
+    assert len(bars) == 1
+    np.testing.assert_allclose(sorted(bars[0].get_offsets()[:, 1]),
+                               [seeds[s]["error_mm"].mean() for s in range(3)])
+    assert "× 3 seeds" in ax.get_xticklabels()[0].get_text()
+    diamond = [c for c in ax.collections if c.get_label() == "mean"][0]
+    assert diamond.get_offsets()[0, 1] == pytest.approx(np.mean(
+        [seeds[s]["error_mm"].mean() for s in range(3)]))
+
+    runs = []
+    for s in range(3):
+        h = _history(10, 0).assign(seed=s)
+        h["val_error_mm"] = [9, 8, 2, 8, 8, 5, 5, 5, 6, 7.0][: len(h)]
+        h["val_score_mm"] = h["val_error_mm"].rolling(5, center=True, min_periods=1).mean()
+        runs.append(h)
+    hist = {"locnet_single": pd.concat(runs, ignore_index=True)}
+    assert_figure(figures.training_curves(hist, tmp_path / "t"), figures.PAGE_WIDTH_IN)
+    fig = drawn[-1]
+    err_ax = [a for a in fig.axes if a.get_ylabel() == "Mean error (mm)"][0]
+    labels = [ln.get_label() for ln in err_ax.get_lines()]
+    assert {"validation, seed 0", "validation, seed 1", "validation, seed 2"} <= set(labels)
+    kept = [ln for ln in err_ax.get_lines() if ln.get_label() == "_kept"]
+    assert len(kept) == 3
+    h = runs[0]
+    want = h["epoch"].iloc[int(np.argmin(h["val_score_mm"].to_numpy()))]
+    assert all(ln.get_xdata()[0] == want for ln in kept)
+    assert want != h["epoch"].iloc[int(np.argmin(h["val_error_mm"].to_numpy()))]

@@ -323,3 +323,29 @@ def test_statistics_summary_labels_follow_config():
     assert "Loc-Net multi-scale, end to end + noise (4-0.5 mm)" in summary
     # outside the block: the bare names again
     assert "U-Net heatmap (1 mm)" not in stats.statistics_summary(table)
+
+
+def test_table1_over_seeds_known_answer():
+    def table(errors):
+        return pd.DataFrame({"case_id": ["c0", "c0", "c1", "c1"], "subset": "test",
+                             "landmark": ["a", "b", "a", "b"], "error_mm": errors})
+
+    pooled = metrics.pool_seeds({0: table([1.0, 3.0, 5.0, 7.0]), 1: table([2.0, 2.0, 2.0, 2.0]),
+                           2: table([3.0, 3.0, 3.0, np.nan])})
+    assert list(pooled.columns[:2]) == ["seed", "case_id"] and len(pooled) == 12
+    t = metrics.table1({"locnet_single": pooled}, subset="test")
+    row = t[t["scope"] == "all"].iloc[0]
+    assert row["n_seeds"] == 3 and row["seed_means_mm"] == "4.00, 2.00, 3.00"
+    assert row["mean_mm"] == pytest.approx(3.0)
+    assert row["seed_sd_mm"] == pytest.approx(1.0)
+    assert row["sd_mm"] == pytest.approx(np.mean([np.std([1, 3, 5, 7], ddof=1), 0.0, 0.0]))
+    assert row["n"] == 4  # per seed (the first seed's count)
+    md = metrics.table1_markdown(t)
+    assert "Between-seed sd" in md and "| 4.00, 2.00, 3.00 |" in md
+    # the seeds of a comparison must predict the same rows
+    with pytest.raises(ValueError, match="seed 1 predicts other"):
+        metrics.pool_seeds({0: table([1.0] * 4), 1: table([1.0] * 4).iloc[:3]})
+    # averaged over seeds: one row per (case, landmark); NaN where any seed is missing
+    avg = metrics.seed_mean_errors(pooled)
+    assert len(avg) == 4 and avg["n_seeds"].iloc[0] == 3
+    np.testing.assert_allclose(avg["error_mm"], [2.0, 8 / 3, 10 / 3, np.nan])

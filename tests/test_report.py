@@ -179,3 +179,24 @@ def test_readme_results_block_is_generated():
     refresh it with `bash scripts/update-readme-results.sh results` after the study."""
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     assert report.check_block(text) == []
+
+
+def test_page_with_seeds_reports_the_between_seed_spread(tmp_path):
+    t1 = _table1().assign(n_seeds=3, seed_sd_mm=[0.5, 0.5, 1.25, 1.25, 0.1, 0.1],
+                          seed_means_mm=["6.80, 7.22, 7.64"] * 2 + ["8.0, 9.05, 10.1"] * 2
+                          + ["12.4, 12.5, 12.6"] * 2)
+    # nested benchmark files, one per seed; seed 3 is an older run's and is not counted
+    for m in ("multiscale_e2e", "multiscale_e2e_noise"):
+        for s, sec in ((0, 60.0), (1, 62.0), (3, 999.0)):
+            (tmp_path / m).mkdir(exist_ok=True)
+            (tmp_path / m / f"seed{s}.tsv").write_text(f"s\th:m:s\tmax_rss\n{sec}\t0\t10.0\n")
+    t = report.training_times(tmp_path, seeds=[0, 1, 2])
+    assert list(t["runs"]) == [2, 2] and list(t["seconds"]) == [122.0, 122.0]
+    page = report.results_markdown(t1, _statistics(), training=t)
+    assert "Every method was trained 3 times" in page
+    assert "| Multi-scale, end-to-end | 7.22 ± 5.33 | 0.50 | 6.80, 7.22, 7.64 |" in page
+    # the widest seed spread is named with its measured span, against the gaps of the means
+    assert "the widest spread is Multi-scale, end-to-end + noise's, whose seeds' means span " \
+           "2.10 mm" in page
+    assert "1.83 to 3.45 mm apart" in page
+    assert "Multi-scale, end-to-end 2 min 2 s (2 seeds)" in page

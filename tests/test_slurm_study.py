@@ -29,10 +29,14 @@ LOCAL_RULES = {"table1", "statistics", "fig_violin", "fig_confidence", "fig_trai
 
 @pytest.mark.slurm
 def test_tiny_study_on_slurm(slurm_cluster, tiny_study, tmp_path):
+    # one training seed: this test is about the executor (the seed wildcard's jobs are
+    # tested locally), and CI's time is short; seed 0 is the same job as the local run's
+    one_seed = tmp_path / "one_seed.yaml"
+    one_seed.write_text("training:\n  seeds: 1\n")
     run = harness.run_snakemake_on_slurm(
         workdir=tmp_path,
         snakefile=ROOT / "Snakefile",
-        configfile=ROOT / "config" / "tiny.yaml",
+        configfile=[ROOT / "config" / "tiny.yaml", one_seed],
         extra_args=["--config", "results=results"],
         timeout=1500,
     )
@@ -45,26 +49,33 @@ def test_tiny_study_on_slurm(slurm_cluster, tiny_study, tmp_path):
     results = tmp_path / "results"
     for rule in GPU_RULES:
         jobs = run.jobs_of(rule)
-        assert len(jobs) == 6, (rule, len(jobs))
+        assert len(jobs) == 6, (rule, len(jobs))  # 6 methods x 1 seed
+        # each job's rule log (logs/<rule>/<method>/seed<s>.log) names its SLURM job
+        logs = {p: p.read_text() for p in (results / "logs" / rule).glob("*/seed*.log")}
+        assert len(logs) == len(jobs), sorted(logs)
         for job in jobs:
             record = subprocess.run(["scontrol", "-d", "show", "job", job.slurm_jobid],
                                     capture_output=True, text=True, timeout=30).stdout
             assert "JobState=COMPLETED" in record, record
             assert re.search(r"TresPer(Job|Node)=gres[:/]gpu[:=]1", record), record
-            method = job.wildcards.split("=")[-1].split("/")[-1] or job.wildcards
-            log = (results / "logs" / rule / f"{method}.log").read_text()
-            m = re.search(rf"SLURM job {job.slurm_jobid} on \S+: CUDA_VISIBLE_DEVICES=(\S+) "
-                          r"SLURM_GPUS_ON_NODE=(\d+)", log)
-            assert m, (rule, method, log[-2000:])
+            pattern = (rf"SLURM job {job.slurm_jobid} on \S+: CUDA_VISIBLE_DEVICES=(\S+) "
+                       r"SLURM_GPUS_ON_NODE=(\d+)")
+            found = [m for log in logs.values() if (m := re.search(pattern, log))]
+            assert len(found) == 1, (rule, job.slurm_jobid, job.wildcards)
+            m = found[0]
             assert m.group(1) != "none" and int(m.group(2)) == 1, m.group(0)
 
     # same study, same seeds, same thread count: the results equal the local run's
     for method in locnet.metrics.METHODS:
-        local = pd.read_csv(tiny_study / "predictions" / f"{method}.csv")
-        slurm = pd.read_csv(results / "predictions" / f"{method}.csv")
+        local = pd.read_csv(tiny_study / "predictions" / method / "seed0.csv")
+        slurm = pd.read_csv(results / "predictions" / method / "seed0.csv")
         assert list(local["case_id"]) == list(slurm["case_id"])
         np.testing.assert_allclose(slurm[["x", "y", "z"]], local[["x", "y", "z"]], atol=1e-3,
                                    err_msg=method)
-    t_local = pd.read_csv(tiny_study / "tables" / "table1.csv")
     t_slurm = pd.read_csv(results / "tables" / "table1.csv")
-    np.testing.assert_allclose(t_slurm["mean_mm"], t_local["mean_mm"], atol=1e-3)
+    assert set(t_slurm["n_seeds"]) == {1}
+    for method in locnet.metrics.METHODS:
+        local = pd.read_csv(tiny_study / "predictions" / method / "seed0.csv")
+        row = t_slurm[(t_slurm["scope"] == "all") & (t_slurm["method"] == method)].iloc[0]
+        assert row["mean_mm"] == pytest.approx(
+            local.loc[local["subset"] == "test", "error_mm"].mean(), abs=1e-3)

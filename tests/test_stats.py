@@ -355,3 +355,46 @@ def test_conformal_scale_restores_coverage_of_overconfident_sds():
     sel = st[st["test"] == "calibration_conformal"].set_index("quantity")["value"]
     assert sel["scale"] == pytest.approx(conf["scale"]) and sel["coverage"] == cov["coverage"]
     assert "Calibrated ellipsoids" in stats.statistics_summary(st)
+
+
+# --------------------------------------------------------------------------------------------
+# Seeds: comparisons on per-case errors averaged over the seeds
+# --------------------------------------------------------------------------------------------
+def test_seeds_are_averaged_per_case_before_the_paired_test():
+    from locnet.metrics import pool_seeds
+
+    rng = np.random.default_rng(3)
+    n = 12
+    base = rng.uniform(2, 8, (n, 2))
+    # the proposed method's two seeds scatter around base - 1; the other's around base
+    prop = {s: make_table(base - 1 + rng.normal(0, 0.8, (n, 2)), seed=s) for s in (0, 1)}
+    other = {s: make_table(base + rng.normal(0, 0.8, (n, 2)), seed=5 + s) for s in (0, 1)}
+    preds = {"multiscale_e2e_noise": pool_seeds(prop), "locnet_single": pool_seeds(other)}
+    table = stats.statistics_table(preds, n_boot=200, seed=1)
+    got = table[(table["test"] == "wilcoxon_holm")].set_index("quantity")["value"]
+    # the known answer: Wilcoxon on per-case means of the seed-averaged errors
+    a = np.mean([prop[s]["error_mm"].to_numpy().reshape(n, 2) for s in (0, 1)], axis=0)
+    b = np.mean([other[s]["error_mm"].to_numpy().reshape(n, 2) for s in (0, 1)], axis=0)
+    want = sps.wilcoxon(a.mean(axis=1), b.mean(axis=1))
+    assert got["n_cases"] == n and got["n_pairs"] == 2 * n  # not 2 seeds x 2 landmarks x n
+    assert got["p"] == pytest.approx(want.pvalue)
+    assert got["mean_diff_mm"] == pytest.approx((a.mean(axis=1) - b.mean(axis=1)).mean())
+    note = table.loc[table["test"] == "wilcoxon_holm", "note"].iloc[0]
+    assert "averaged over 2 training seeds" in note
+    boot = table[(table["test"] == "bootstrap_mean")
+                 & (table["comparison"] == "locnet_single")].set_index("quantity")["value"]
+    assert boot["mean_mm"] == pytest.approx(b.mean()) and boot["n"] == 2 * n
+
+
+def test_uncertainty_of_several_seeds_describes_the_deployed_model():
+    from locnet.metrics import pool_seeds
+
+    good = gaussian_noisy_table(40, sd_scale=1.0, seed=1)
+    bad = gaussian_noisy_table(40, sd_scale=0.3, seed=2)  # seed 1: over-confident
+    pred = pool_seeds({0: good, 1: bad})
+    table = stats.statistics_table({"multiscale_e2e_noise": pred}, n_boot=50)
+    cal = table[(table["test"] == "calibration") & (table["comparison"] == "multiscale_e2e_noise")]
+    cov = cal.set_index("quantity")["value"]
+    want = stats.calibration(good, "test")
+    assert cov["coverage"] == pytest.approx(want["coverage"]) and cov["n"] == 80
+    assert "deployed model (seed 0 of 2)" in cal["note"].iloc[0]

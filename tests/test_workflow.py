@@ -18,6 +18,7 @@ from conftest import run_snakemake
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = list(locnet.metrics.METHODS)  # Table 1's order
+SEEDS = [0, 1]  # config/tiny.yaml: training.seeds 2
 
 
 def test_cohort_tables(tiny_study):
@@ -55,13 +56,36 @@ def test_every_model_loads_and_predicts(tiny_study):
 
     case = tiny_study / "pyramid" / "case_0000"
     for method in METHODS:
-        model = keras.saving.load_model(tiny_study / "models" / method / "model.keras")
-        out = model(data.load_case_inputs(case, data.model_levels(model)), training=False)
-        pos = np.asarray(keras.ops.convert_to_numpy(out["position"]))
-        assert pos.shape == (1, 2, 3) and np.isfinite(pos).all(), method
-        hist = pd.read_csv(tiny_study / "models" / method / "history.csv")
-        assert list(hist["epoch"]) == [0, 1, 2], method  # row 0: untrained model
-        assert hist["val_error_mm"].notna().all(), method
+        first = None
+        for seed in SEEDS:
+            run = tiny_study / "models" / method / f"seed{seed}"
+            model = keras.saving.load_model(run / "model.keras")
+            out = model(data.load_case_inputs(case, data.model_levels(model)), training=False)
+            pos = np.asarray(keras.ops.convert_to_numpy(out["position"]))
+            assert pos.shape == (1, 2, 3) and np.isfinite(pos).all(), method
+            hist = pd.read_csv(run / "history.csv")
+            assert list(hist["epoch"]) == [0, 1, 2], method  # row 0: untrained model
+            assert hist["val_error_mm"].notna().all(), method
+            # every seed is its own training run: another seed, other weights
+            meta = pd.read_json(run / "metadata.json", typ="series")
+            if first is None:
+                first = (meta["seed"], [np.asarray(w) for w in model.get_weights()])
+            else:
+                assert meta["seed"] != first[0], method
+                assert any(not np.array_equal(a, np.asarray(b))
+                           for a, b in zip(first[1], model.get_weights())), method
+
+
+def test_seeds_are_separate_jobs_pooled_into_one_table(tiny_study):
+    for method in METHODS:
+        pooled = pd.read_csv(tiny_study / "predictions" / f"{method}.csv")
+        assert pooled.columns[0] == "seed" and sorted(set(pooled["seed"])) == SEEDS
+        for seed in SEEDS:
+            own = pd.read_csv(tiny_study / "predictions" / method / f"seed{seed}.csv")
+            part = pooled[pooled["seed"] == seed].drop(columns="seed").reset_index(drop=True)
+            pd.testing.assert_frame_equal(part, own, check_dtype=False)
+            assert (tiny_study / "logs" / "train" / method / f"seed{seed}.log").is_file()
+            assert (tiny_study / "benchmarks" / "train" / method / f"seed{seed}.tsv").is_file()
 
 
 def test_predictions_are_world_coordinates_with_errors(tiny_study):
@@ -69,7 +93,7 @@ def test_predictions_are_world_coordinates_with_errors(tiny_study):
     want = set(split.loc[split["subset"].isin(["val", "test"]), "case_id"])
     for method in METHODS:
         df = pd.read_csv(tiny_study / "predictions" / f"{method}.csv")
-        assert set(df["case_id"]) == want and len(df) == 2 * len(want)
+        assert set(df["case_id"]) == want and len(df) == 2 * len(want) * len(SEEDS)
         err = np.linalg.norm(
             df[["x", "y", "z"]].to_numpy() - df[["true_x", "true_y", "true_z"]].to_numpy(), axis=1
         )
@@ -88,11 +112,15 @@ def test_table1_matches_predictions(tiny_study):
     assert list(pooled["method"]) == METHODS  # the paper's order
     for method in METHODS:
         df = pd.read_csv(tiny_study / "predictions" / f"{method}.csv")
-        e = df.loc[df["subset"] == "test", "error_mm"]
+        test = df[df["subset"] == "test"]
+        per_seed = test.groupby("seed")["error_mm"]
         row = pooled[pooled["method"] == method].iloc[0]
-        assert row["mean_mm"] == pytest.approx(e.mean())
-        assert row["sd_mm"] == pytest.approx(e.std(ddof=1))
-        assert row["n"] == e.notna().sum()
+        # the mean over seeds of each seed's statistic; the between-seed sd of the means
+        assert row["n_seeds"] == len(SEEDS)
+        assert row["mean_mm"] == pytest.approx(per_seed.mean().mean())
+        assert row["sd_mm"] == pytest.approx(per_seed.std(ddof=1).mean())
+        assert row["seed_sd_mm"] == pytest.approx(per_seed.mean().std(ddof=1))
+        assert row["n"] == per_seed.count().iloc[0]
     assert (pooled["paper_mean_sd"].iloc[-1]) == "2.81 ± 2.37"
     assert "\\begin{tabular}" in (tiny_study / "tables" / "table1.tex").read_text()
 
@@ -124,13 +152,17 @@ def test_level_errors_follow_the_chains(tiny_study):
         test = df[df["subset"] == "test"]
         rows = pooled[pooled["method"] == method]
         assert list(rows["level"]) == [3, 2, 1, 0]
-        for r in rows.itertuples():
+        for r in rows.itertuples():  # seeds averaged (every seed has the same rows)
             assert r.mean_mm == pytest.approx(test[f"error_level{r.level}_mm"].mean())
-        # the predict log reports every level and warns where a finer level is worse
-        log = (tiny_study / "logs" / "predict" / f"{method}.log").read_text()
-        assert f"{method}: test mean error" in log and "after level 3" in log
-        worse = rows[rows["improves"] == False]  # noqa: E712
-        assert ("does not improve on level" in log) == (len(worse) > 0)
+        # each seed's predict log reports every level and warns where a finer level is worse
+        for seed in SEEDS:
+            log = (tiny_study / "logs" / "predict" / method / f"seed{seed}.log").read_text()
+            assert f"{method}: test mean error" in log and "after level 3" in log
+            own = pd.read_csv(tiny_study / "predictions" / method / f"seed{seed}.csv")
+            own = own[own["subset"] == "test"]
+            means = [own[f"error_level{lv}_mm"].mean() for lv in (3, 2, 1, 0)]
+            worse = any(b >= a for a, b in zip(means, means[1:]))
+            assert ("does not improve on level" in log) == worse, (method, seed)
     md = (tiny_study / "tables" / "level_errors.md").read_text()
     assert "## Warnings" in md and "## All landmarks (pooled)" in md
     single = pd.read_csv(tiny_study / "predictions" / "locnet_single.csv")
@@ -165,8 +197,10 @@ def test_quality_threshold_and_a_change_of_estimator(tiny_study, tmp_path):
 
     from locnet import quality
 
-    q = json.loads((tiny_study / "models" / "multiscale_e2e_noise" / "quality.json").read_text())
-    preds = pd.read_csv(tiny_study / "predictions" / "multiscale_e2e_noise.csv")
+    # the deployed model (seed 0) carries the threshold chosen on its own predictions
+    q = json.loads((tiny_study / "models" / "multiscale_e2e_noise" / "seed0" / "quality.json")
+                   .read_text())
+    preds = pd.read_csv(tiny_study / "predictions" / "multiscale_e2e_noise" / "seed0.csv")
     assert q["estimator"] == "exact"  # the config's, for inference to use the same
     assert q["threshold_mm3"] == pytest.approx(quality.choose_threshold(preds)["threshold_mm3"])
     # another estimator re-runs the noisy method's predictions and what depends on them only
@@ -179,7 +213,8 @@ def test_quality_threshold_and_a_change_of_estimator(tiny_study, tmp_path):
     out = run.stdout + run.stderr
     counts = {l.split()[0]: int(l.split()[1]) for l in out.splitlines()
               if len(l.split()) == 2 and l.split()[1].isdigit()}
-    assert counts.get("predict") == 1 and counts.get("quality_threshold") == 1, out[-3000:]
+    assert counts.get("predict") == len(SEEDS), out[-3000:]  # one job per seed
+    assert counts.get("quality_threshold") == 1 and counts.get("pool_predictions") == 1
     assert "train" not in counts and "pyramid" not in counts
 
 
@@ -188,7 +223,9 @@ def test_paper_config_plans(tmp_path):
                     "--configfile", str(ROOT / "config" / "paper.yaml"), timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     out = run.stdout + run.stderr
-    for rule, count in [("pyramid", 263), ("train", 6), ("predict", 6), ("synthetic_case", 263)]:
+    # 6 methods x 3 seeds (training.seeds' default): every training run is a job of its own
+    for rule, count in [("pyramid", 263), ("train", 18), ("predict", 18), ("synthetic_case", 263),
+                        ("pool_predictions", 6)]:
         line = next(l for l in out.splitlines() if l.split()[:1] == [rule])
         assert int(line.split()[1]) == count, line
 
@@ -379,7 +416,8 @@ def test_run_methods_selects_the_methods_and_configfiles_merge(tmp_path):
     run, out = plan("run_methods: [multiscale_e2e_noise, locnet_single]\n")
     assert run.returncode == 0, out[-3000:]
     counts = job_counts(out)
-    assert counts["train"] == 2 and counts["predict"] == 2, out[-3000:]
+    assert counts["train"] == 2 * len(SEEDS) and counts["predict"] == 2 * len(SEEDS), \
+        out[-3000:]
     methods = {l.split("method=")[1].split(",")[0].strip() for l in out.splitlines()
                if "method=" in l}
     assert methods == {"multiscale_e2e_noise", "locnet_single"}
@@ -388,7 +426,7 @@ def test_run_methods_selects_the_methods_and_configfiles_merge(tmp_path):
     # a configfile is merged over config.yaml: listing two method blocks keeps the other four
     run, out = plan("methods: {locnet_single: {level: 2}, multiscale_e2e: {patch: 4}}\n")
     assert run.returncode == 0, out[-3000:]
-    assert job_counts(out)["train"] == 6
+    assert job_counts(out)["train"] == 6 * len(SEEDS)
 
     run, out = plan("run_methods: [locnet_single, locnet_double]\n")
     assert run.returncode != 0 and "run_methods" in out and "locnet_double" in out, out[-3000:]

@@ -180,6 +180,10 @@ def _check_consistency(cfg: dict) -> None:
     if pct is not None and not pct[0] < pct[1]:
         problems.append(f"pyramid.intensity.percentiles: lower {pct[0]} must be below upper "
                         f"{pct[1]}; e.g. [0.5, 99.5]")
+    window = cfg["training"]["selection_window"]
+    if window % 2 == 0:
+        problems.append(f"training.selection_window: {window} is even; the window is centred "
+                        f"on the epoch, so use an odd number ({window - 1} or {window + 1})")
     cohort = cfg["cohort"]
     if cohort["source"] == "files":
         for key in ("manifest", "landmarks"):

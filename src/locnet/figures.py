@@ -35,6 +35,7 @@ from .metrics import (
     method_color,
     method_label,
     method_order,
+    seed_tables,
     select_subset,
 )
 from .stats import confidence_correlation, volumes_of
@@ -172,10 +173,12 @@ def _long_errors(predictions: Mapping[str, pd.DataFrame], subset: str | None) ->
     parts = []
     for m, df in predictions.items():
         df = select_subset(df, subset)
-        parts.append(pd.DataFrame({"method": m, "landmark": df["landmark"].astype(str).values,
+        seed = df["seed"].astype(int).values if "seed" in df.columns else 0
+        parts.append(pd.DataFrame({"method": m, "seed": seed,
+                                   "landmark": df["landmark"].astype(str).values,
                                    "error_mm": errors_of(df).values}))
     if not parts:
-        return pd.DataFrame(columns=["method", "landmark", "error_mm"])
+        return pd.DataFrame(columns=["method", "seed", "landmark", "error_mm"])
     long = pd.concat(parts, ignore_index=True)
     return long[np.isfinite(long["error_mm"].astype(float))]
 
@@ -195,6 +198,10 @@ def violin_errors(
     every landmark is a light dot; a white diamond marks the mean (the number of Table 1).
     With ``by_landmark`` the violins are split by landmark (hue). Missing landmarks are left
     out; tick labels give the number of annotated landmarks.
+
+    Several training seeds (column ``seed``): a violin holds every seed's errors, a short black
+    bar marks each seed's mean (its spread is Table 1's between-seed sd), the diamond is the
+    mean over seeds, and the tick label gives landmarks x seeds.
     """
     order = method_order(predictions)
     data = _long_errors({m: predictions[m] for m in order}, subset)
@@ -235,15 +242,22 @@ def violin_errors(
                            cut=0, inner="quart", density_norm="width", linewidth=0.6,
                            saturation=0.9)
             sns.stripplot(**common, color="0.15", size=1.2, alpha=0.3, jitter=0.15, zorder=5)
-            means = data.groupby("method")["error_mm"].mean()
+            seed_means = data.groupby(["method", "seed"])["error_mm"].mean()
+            if data.groupby("method")["seed"].nunique().max() > 1:
+                ax.scatter([order.index(m) for m, _ in seed_means.index], seed_means.values,
+                           marker="_", s=60, color="black", linewidth=0.9, zorder=9,
+                           label="seed mean")
+            means = seed_means.groupby(level="method").mean()
             pts = [(order.index(m), v) for m, v in means.items()]
         if pts:
             px, py = zip(*pts)
             ax.scatter(px, py, marker="D", s=10, color="white", edgecolor="black",
                        linewidth=0.6, zorder=10, label="mean")
-        counts = data.groupby("method").size()
+        counts = data.groupby(["method", "seed"]).size().groupby(level="method").max()
+        n_seeds = data.groupby("method")["seed"].nunique()
         ax.set_xticks(range(len(order)))
         ax.set_xticklabels([_wrap(method_label(m)) + f"\nn = {counts.get(m, 0)}"
+                            + (f" × {n_seeds[m]} seeds" if n_seeds.get(m, 1) > 1 else "")
                             for m in order])
         ax.set_xlabel("")
         ax.set_ylabel("Localisation error (mm)")
@@ -378,6 +392,67 @@ def _level_color(level: int, n_levels: int) -> tuple:
     return cmap(0.85 * level / max(n_levels - 1, 1))
 
 
+def _kept_epoch(h: pd.DataFrame) -> float | None:
+    """The epoch training kept: the lowest model-selection score (``val_score_mm``; epoch 0 by
+    its raw error, the fallback), else the lowest validation error; ties: the earliest."""
+    if not _has(h, "val_error_mm"):
+        return None
+    ep = (pd.to_numeric(h["epoch"], errors="coerce").to_numpy(float)
+          if "epoch" in h.columns else np.arange(1, len(h) + 1, dtype=float))
+    err = pd.to_numeric(h["val_error_mm"], errors="coerce").to_numpy(float)
+    score = err.copy()
+    if _has(h, "val_score_mm"):
+        score = pd.to_numeric(h["val_score_mm"], errors="coerce").to_numpy(float, copy=True)
+        score[ep == 0] = err[ep == 0]
+    if not np.isfinite(score).any():
+        return None
+    return float(ep[int(np.nanargmin(score))])
+
+
+def _history_lines(ax, kind: str, h: pd.DataFrame, method: str, n_levels: int, *, main: bool,
+                   seed: int | None, kept: float | None) -> list:
+    """The lines of one training run in one panel; ``main``: drawn in full and labelled."""
+    ep = (pd.to_numeric(h["epoch"], errors="coerce").to_numpy(float)
+          if "epoch" in h.columns else np.arange(1, len(h) + 1, dtype=float))
+    num = lambda col: pd.to_numeric(h[col], errors="coerce").to_numpy(float)  # noqa: E731
+    faint = {} if main else {"alpha": 0.35, "linewidth": 0.6}
+    tag = "" if main or seed is None else "_"  # matplotlib leaves '_' labels out of legends
+    drawn = []
+    if kind == "loss":
+        for col, ls in (("loss", "-"), ("val_loss", "--")):
+            if _has(h, col):
+                drawn += ax.plot(ep, num(col), ls, color="black",
+                                 **({"linewidth": 0.9} | faint),
+                                 label=tag + "total" + (" (val)" if ls == "--" else ""))
+        if main:
+            for kind_l, ls in (("train", "-"), ("val", "--")):
+                for lv, col in _levels(h, kind_l).items():
+                    drawn += ax.plot(ep, num(col), ls, linewidth=0.8,
+                                     color=_level_color(lv, n_levels),
+                                     label=f"level {lv}" + (" (val)" if kind_l == "val" else ""))
+    elif kind == "error":
+        name = "validation" if seed is None else f"validation, seed {seed}"
+        if _has(h, "val_error_mm"):
+            line = ax.plot(ep, num("val_error_mm"), color=method_color(method),
+                           **({"linewidth": 1.0} | ({"alpha": 0.45, "linewidth": 0.7}
+                                                     if not main else {})),
+                           label=name)
+            drawn += line
+            if kept is not None and seed is not None:
+                at = ep == kept
+                ax.plot(ep[at], num("val_error_mm")[at], "o", markersize=2.2,
+                        color=method_color(method), markeredgecolor="black",
+                        markeredgewidth=0.3, label="_kept")
+        if main and _has(h, "error_mm"):
+            drawn += ax.plot(ep, num("error_mm"), "--", color=method_color(method),
+                             alpha=0.7, label="training")
+    elif main:
+        for lv, col in _levels(h, "weight").items():
+            drawn += ax.plot(ep, num(col), color=_level_color(lv, n_levels),
+                             label=f"level {lv}")
+    return drawn
+
+
 def training_curves(
     histories: Mapping[str, pd.DataFrame],
     out_prefix: str | os.PathLike,
@@ -390,8 +465,13 @@ def training_curves(
       (solid) and ``val_loss_level{l}`` (dashed), one colour per level; log scale when all
       values are positive.
     * Validation error: ``val_error_mm`` (and the training ``error_mm`` if logged), with the
-      best epoch (the kept model) marked by a dotted line in every panel of the row.
+      kept epoch (lowest ``val_score_mm``, the model-selection score) marked by a dotted line
+      in every panel of the row.
     * Loss weights: the schedule ``weight_level{l}``.
+
+    Several training seeds (the runs one below the other with a ``seed`` column): the lowest
+    seed is drawn in full; the other seeds add their validation error (labelled per seed, a
+    dot at each seed's kept epoch) and faint total losses.
 
     The x axis is the ``epoch`` column (else the row number + 1). Missing columns are
     tolerated: a panel kind no method logged is dropped; an empty panel says "not logged".
@@ -415,28 +495,18 @@ def training_curves(
         fig = _new_figure(width_in, 0.35 + row_height_in * len(order))
         axes = np.atleast_2d(fig.subplots(len(order), len(kinds), squeeze=False))
         for r, m in enumerate(order):
-            h = histories[m].reset_index(drop=True)
-            ep = (pd.to_numeric(h["epoch"], errors="coerce").to_numpy(float)
-                  if "epoch" in h.columns else np.arange(1, len(h) + 1, dtype=float))
-            num = lambda col: pd.to_numeric(h[col], errors="coerce").to_numpy(float)  # noqa
-            best = None
-            if _has(h, "val_error_mm"):
-                v = num("val_error_mm")
-                best = ep[int(np.nanargmin(v))]
+            runs = seed_tables(histories[m])
+            first = min(runs)
+            kept = {sd: _kept_epoch(h.reset_index(drop=True)) for sd, h in runs.items()}
             for c, kind in enumerate(kinds):
                 ax = axes[r, c]
                 drawn = []
+                for sd, h in runs.items():
+                    # the lowest seed in full; the others' curves faint and unlabelled
+                    drawn += _history_lines(ax, kind, h.reset_index(drop=True), m, n_levels,
+                                            main=sd == first, seed=sd if len(runs) > 1 else None,
+                                            kept=kept[sd])
                 if kind == "loss":
-                    for col, ls in (("loss", "-"), ("val_loss", "--")):
-                        if _has(h, col):
-                            drawn += ax.plot(ep, num(col), ls, color="black", linewidth=0.9,
-                                             label="total" + (" (val)" if ls == "--" else ""))
-                    for kind_l, ls in (("train", "-"), ("val", "--")):
-                        for lv, col in _levels(h, kind_l).items():
-                            drawn += ax.plot(ep, num(col), ls, linewidth=0.8,
-                                             color=_level_color(lv, n_levels),
-                                             label=f"level {lv}"
-                                             + (" (val)" if kind_l == "val" else ""))
                     vals = np.concatenate([ln.get_ydata() for ln in drawn]) if drawn else []
                     vals = np.asarray(vals, float)
                     if drawn and np.all(vals[np.isfinite(vals)] > 0):
@@ -445,17 +515,8 @@ def training_curves(
                         _plain_log_axis(ax.yaxis)
                     ax.set_ylabel("Loss")
                 elif kind == "error":
-                    if _has(h, "val_error_mm"):
-                        drawn += ax.plot(ep, num("val_error_mm"), color=method_color(m),
-                                         label="validation")
-                    if _has(h, "error_mm"):
-                        drawn += ax.plot(ep, num("error_mm"), "--", color=method_color(m),
-                                         alpha=0.7, label="training")
                     ax.set_ylabel("Mean error (mm)")
                 else:
-                    for lv, col in _levels(h, "weight").items():
-                        drawn += ax.plot(ep, num(col), color=_level_color(lv, n_levels),
-                                         label=f"level {lv}")
                     ax.set_ylabel("Loss weight")
                     if drawn:
                         ax.set_ylim(-0.05, 1.05 * max(1.0, np.nanmax(
@@ -463,11 +524,13 @@ def training_curves(
                 if not drawn:
                     _empty_message(ax, "not logged")
                     continue
-                if best is not None:
-                    ax.axvline(best, color="0.5", linestyle=":", linewidth=0.7)
-                if len(drawn) > 1:
-                    ax.legend(frameon=False, fontsize=5, ncol=2 if len(drawn) > 4 else 1,
-                              handlelength=1.5, columnspacing=0.8, labelspacing=0.2)
+                if kept[first] is not None:
+                    ax.axvline(kept[first], color="0.5", linestyle=":", linewidth=0.7)
+                labelled = [ln for ln in drawn if not ln.get_label().startswith("_")]
+                if len(labelled) > 1:
+                    ax.legend(handles=labelled, frameon=False, fontsize=5,
+                              ncol=2 if len(labelled) > 4 else 1, handlelength=1.5,
+                              columnspacing=0.8, labelspacing=0.2)
                 if r == len(order) - 1:
                     ax.set_xlabel("Epoch")
                 ax.grid(linewidth=0.3, color="0.9")

@@ -46,8 +46,10 @@ def level_table(
     ``mean_mm``, ``sd_mm`` (ddof 1), ``median_mm`` of ``error_level{l}_mm``; ``change_mm``: the
     mean minus the coarser level's mean (negative = the level improved); ``improves``: whether
     the mean is below the coarser level's (empty on the coarsest level or without data).
+    Tables of several training seeds are averaged over the seeds per (case, landmark) first
+    (:func:`locnet.metrics.seed_mean_errors`); each seed's predict job logs its own warnings.
     """
-    chains = {m: df for m, df in predictions.items() if levels_of(df)}
+    chains = {m: metrics.seed_mean_errors(df) for m, df in predictions.items() if levels_of(df)}
     methods = metrics.method_order(chains)
     landmarks = list(landmarks) if landmarks is not None else metrics.landmark_order(chains)
     rows = []

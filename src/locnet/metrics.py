@@ -277,6 +277,82 @@ def landmark_order(predictions: Mapping[str, pd.DataFrame]) -> list[str]:
     return list(names)
 
 
+# ---------------------------------------------------------------------------------------------
+# Seeds: a pooled prediction table holds every training seed's rows (column ``seed``)
+# ---------------------------------------------------------------------------------------------
+
+SEED_COLUMN = "seed"
+_ROW_KEY = ["case_id", "subset", "landmark"]
+
+
+def pool_seeds(tables: Mapping[int, pd.DataFrame]) -> pd.DataFrame:
+    """One table of every seed's predictions, ``seed`` first, seeds in increasing order.
+
+    Every seed must predict the same (case, subset, landmark) rows: a difference means the
+    tables come from different splits or landmark sets, and is refused naming the seed.
+    """
+    if not tables:
+        raise ValueError("no prediction tables to pool")
+    parts, first_keys, first = [], None, None
+    for s in sorted(tables):
+        df = tables[s]
+        keys = set(map(tuple, df[_ROW_KEY].astype(str).to_numpy()))
+        if first_keys is None:
+            first_keys, first = keys, s
+        elif keys != first_keys:
+            raise ValueError(f"seed {s} predicts other (case, subset, landmark) rows than seed "
+                             f"{first}: {len(keys ^ first_keys)} rows differ")
+        parts.append(df.drop(columns=[SEED_COLUMN], errors="ignore")
+                     .assign(**{SEED_COLUMN: int(s)}))
+    out = pd.concat(parts, ignore_index=True)
+    return out[[SEED_COLUMN] + [c for c in out.columns if c != SEED_COLUMN]]
+
+
+def seed_tables(df: pd.DataFrame) -> dict[int, pd.DataFrame]:
+    """The rows of each seed (a table without a ``seed`` column is one seed, 0)."""
+    if SEED_COLUMN not in df.columns:
+        return {0: df}
+    return {int(s): g for s, g in df.groupby(SEED_COLUMN, sort=True)}
+
+
+def n_seeds(df: pd.DataFrame) -> int:
+    return len(seed_tables(df))
+
+
+def deployed_seed_rows(df: pd.DataFrame) -> tuple[int, pd.DataFrame]:
+    """``(seed, rows)`` of the lowest seed: the deployed model (the workflow's seed 0)."""
+    tables = seed_tables(df)
+    s = min(tables)
+    return s, tables[s]
+
+
+def _error_columns(df: pd.DataFrame) -> list[str]:
+    return [c for c in df.columns if c == "error_mm" or c == "det_error_mm"
+            or (c.startswith("error_level") and c.endswith("_mm"))]
+
+
+def seed_mean_errors(df: pd.DataFrame) -> pd.DataFrame:
+    """Errors averaged over the seeds, one row per (case, subset, landmark).
+
+    The statistical unit of a comparison is the case, and a method is its training recipe,
+    not one draw of it: a paired test compares per-case errors averaged over seeds. Keeps the
+    key columns and every error column (``error_mm``, ``det_error_mm``, ``error_level{l}_mm``);
+    a row is NaN where any seed's error is (a missing annotation is missing in all seeds).
+    A table of one seed (or without ``seed``) is returned as it is.
+    """
+    if SEED_COLUMN not in df.columns or df[SEED_COLUMN].nunique() <= 1:
+        return df
+    work = df.copy()
+    if "error_mm" not in work.columns:
+        work["error_mm"] = errors_of(work)
+    cols = _error_columns(work)
+    keys = [work[k].astype(str) for k in _ROW_KEY]
+    out = work[cols].groupby(keys, sort=False).mean()
+    out = out.mask(work[cols].isna().groupby(keys, sort=False).any()).reset_index()
+    out["n_seeds"] = int(df[SEED_COLUMN].nunique())
+    return out
+
+
 def error_summary(
     errors,
     thresholds: Sequence[float] = SUCCESS_THRESHOLDS_MM,
@@ -338,11 +414,17 @@ def table1(
     One row per scope x method: scope ``"all"`` (every landmark pooled) first, then each
     landmark (``landmarks`` or their order of first appearance); within a scope, methods in
     the paper's order (unknown methods last). ``n_cases`` counts cases with at least one
-    annotated landmark in the scope. Columns: ``method, label, scope, n_cases, n,
+    annotated landmark in the scope. Columns: ``method, label, scope, n_seeds, n_cases, n,
     n_missing, mean_mm, sd_mm, median_mm, p90_mm, max_mm, success_{t}mm..., failures_{f}mm,
-    failure_rate_{f}mm, mean_sd`` (``"2.81 ± 2.37"``) and ``paper_mean_sd`` (the paper's value,
-    on pooled rows of the paper's methods only; empty elsewhere). ``label`` is
-    :func:`method_label` with ``config`` (the spacings of this run's levels).
+    failure_rate_{f}mm, seed_sd_mm, seed_means_mm, mean_sd`` (``"2.81 ± 2.37"``) and
+    ``paper_mean_sd`` (the paper's value, on pooled rows of the paper's methods only; empty
+    elsewhere). ``label`` is :func:`method_label` with ``config`` (the spacings of this run's
+    levels).
+
+    Seeds (a ``seed`` column, :func:`pool_seeds`): every statistic is computed per seed and
+    the row gives its mean over the seeds; ``seed_sd_mm`` is the between-seed sd (ddof = 1)
+    of the mean error and ``seed_means_mm`` lists the seeds' mean errors. ``n``, ``n_cases``
+    and ``n_missing`` are per seed (every seed predicts the same rows).
     """
     methods = method_order(predictions)
     landmarks = list(landmarks) if landmarks is not None else landmark_order(predictions)
@@ -352,22 +434,34 @@ def table1(
             df = select_subset(predictions[m], subset)
             if scope != "all":
                 df = df[df["landmark"].astype(str) == scope]
-            err = errors_of(df)
-            s = error_summary(err, thresholds, failure_mm)
+            per_seed = []
+            for part in seed_tables(df).values():
+                err = errors_of(part)
+                summary = error_summary(err, thresholds, failure_mm)
+                summary["n_cases"] = (int(part.loc[err.notna(), "case_id"].nunique())
+                                      if "case_id" in part else np.nan)
+                per_seed.append(summary)
+            seed_means = [x["mean"] for x in per_seed]
+            s = {k: (per_seed[0][k] if k in ("n", "n_missing", "n_cases")
+                     else float(np.mean([x[k] for x in per_seed])))
+                 for k in per_seed[0]}
             info = METHODS.get(m)
             rows.append(
                 {
                     "method": m,
                     "label": method_label(m, config),
                     "scope": scope,
-                    "n_cases": (int(df.loc[err.notna(), "case_id"].nunique())
-                                if "case_id" in df else np.nan),
+                    "n_seeds": len(per_seed),
+                    "n_cases": s.pop("n_cases"),
                     "n": s.pop("n"),
                     "n_missing": s.pop("n_missing"),
                     **{
                         (f"{k}_mm" if k in ("mean", "sd", "median", "p90", "max") else k): v
                         for k, v in s.items()
                     },
+                    "seed_sd_mm": (float(np.std(seed_means, ddof=1)) if len(per_seed) > 1
+                                   else np.nan),
+                    "seed_means_mm": ", ".join(f"{v:.2f}" for v in seed_means),
                     "mean_sd": format_mean_sd(s["mean"], s["sd"]),
                     "paper_mean_sd": (
                         format_mean_sd(info.paper_mean_mm, info.paper_sd_mm)
@@ -389,8 +483,10 @@ def _num(v: float, digits: int = 2) -> str:
 
 def _display_columns(df: pd.DataFrame) -> list[tuple[str, str]]:
     """(column, header) pairs shown in the markdown / LaTeX tables, in order."""
-    cols = [("label", "Method"), ("n", "n"), ("mean_sd", "Mean ± sd (mm)"),
-            ("median_mm", "Median"), ("p90_mm", "P90"), ("max_mm", "Max")]
+    cols = [("label", "Method"), ("n", "n"), ("mean_sd", "Mean ± sd (mm)")]
+    if "n_seeds" in df.columns and (df["n_seeds"] > 1).any():
+        cols += [("seed_sd_mm", "Between-seed sd"), ("seed_means_mm", "Seed means")]
+    cols += [("median_mm", "Median"), ("p90_mm", "P90"), ("max_mm", "Max")]
     cols += [(c, f"≤{c[len('success_'):-2]} mm (%)") for c in df.columns
              if c.startswith("success_")]
     cols += [(c, f">{c[len('failures_'):-2]} mm") for c in df.columns
@@ -400,12 +496,16 @@ def _display_columns(df: pd.DataFrame) -> list[tuple[str, str]]:
 
 
 def _cell(col: str, v) -> str:
+    if col == "seed_means_mm":  # a list of numbers, already formatted
+        return "" if pd.isna(v) else str(v)
     if col.startswith("success_"):
         return _pct(float(v))
     if col.endswith("_mm"):
         return _num(float(v))
-    if col in ("n", "n_missing") or col.startswith("failures_"):
+    if col in ("n", "n_missing"):
         return "" if pd.isna(v) else str(int(v))
+    if col.startswith("failures_"):  # a mean over seeds may be fractional
+        return "" if pd.isna(v) else f"{float(v):g}"
     return "" if pd.isna(v) else str(v)
 
 
@@ -416,6 +516,8 @@ def table1_markdown(df: pd.DataFrame, subset: str | None = "test") -> str:
     lines.append(
         "Euclidean error in mm, mean ± sd (sd with ddof = 1); success = share of annotated "
         "landmarks within the threshold; missing (unannotated) landmarks are excluded. "
+        "With several training seeds every number is the mean over the seeds' values, "
+        "'Between-seed sd' is the sd of the seeds' mean errors and 'Seed means' lists them. "
         "A label gives the spacing of the pyramid level(s) the method reads in this run. "
         f"The last column is the paper's Table 1 ({PAPER_SETTING}: single-scale rows at "
         "1 mm, multi-scale 4-0.5 mm), not this run's data."

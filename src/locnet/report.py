@@ -125,12 +125,21 @@ def machine_facts() -> dict[str, object]:
             "system": f"{platform.system()} {platform.release()}"}
 
 
-def training_times(bench_dir: str | os.PathLike) -> pd.DataFrame:
-    """Wall time and peak memory of each training job from its Snakemake benchmark file
-    (``<bench_dir>/<method>.tsv``): columns ``method, seconds, max_rss_mb`` (mean over
-    repeats). Empty when there are none."""
+def training_times(bench_dir: str | os.PathLike,
+                   seeds: Sequence[int] | None = None) -> pd.DataFrame:
+    """Wall time and peak memory of the training jobs from their Snakemake benchmark files
+    (``<bench_dir>/<method>/seed<s>.tsv``, or ``<bench_dir>/<method>.tsv`` of one run):
+    columns ``method, runs, seconds`` (summed over the method's runs), ``max_rss_mb`` (the
+    largest). ``seeds``: count only these seeds' files (a results folder may hold files of
+    an earlier run with more seeds). Empty when there are none."""
     rows = []
-    for path in sorted(glob.glob(os.path.join(os.fspath(bench_dir), "*.tsv"))):
+    root = os.fspath(bench_dir)
+    paths = sorted(glob.glob(os.path.join(root, "*.tsv")) + glob.glob(os.path.join(root, "*", "seed*.tsv")))
+    wanted = None if seeds is None else {f"seed{int(s)}" for s in seeds}
+    for path in paths:
+        nested = Path(path).parent != Path(root)
+        if nested and wanted is not None and Path(path).stem not in wanted:
+            continue
         try:
             b = pd.read_csv(path, sep="\t")
         except (OSError, ValueError, pd.errors.EmptyDataError):
@@ -138,10 +147,16 @@ def training_times(bench_dir: str | os.PathLike) -> pd.DataFrame:
         if "s" not in b or not len(b):
             continue
         rss = pd.to_numeric(b["max_rss"], errors="coerce").mean() if "max_rss" in b else np.nan
-        rows.append({"method": Path(path).stem,
+        rows.append({"method": Path(path).parent.name if nested else Path(path).stem,
                      "seconds": float(pd.to_numeric(b["s"], errors="coerce").mean()),
                      "max_rss_mb": float(rss)})
-    return pd.DataFrame(rows, columns=["method", "seconds", "max_rss_mb"])
+    if not rows:
+        return pd.DataFrame(columns=["method", "runs", "seconds", "max_rss_mb"])
+    df = pd.DataFrame(rows)
+    out = df.groupby("method", sort=False).agg(runs=("seconds", "size"),
+                                               seconds=("seconds", "sum"),
+                                               max_rss_mb=("max_rss_mb", "max"))
+    return out.reset_index()
 
 
 # ---- formatting ---------------------------------------------------------------------------
@@ -261,6 +276,7 @@ def results_markdown(
         training = training.sort_values("method", key=lambda s: s.map(order.get), kind="stable")
     if training is not None and len(training):
         per = ", ".join(f"{label(r.method)} {_duration(r.seconds)}"
+                        + (f" ({int(r.runs)} seeds)" if getattr(r, "runs", 1) > 1 else "")
                         for r in training.itertuples(index=False))
         out.append(f"- Training time (benchmark files of the training jobs; a resumed job counts "
                    f"only its last run): {_duration(training['seconds'].sum())} in all; {per}.")
@@ -270,16 +286,31 @@ def results_markdown(
 
     n_cases = pooled["n_cases"].max() if "n_cases" in pooled and len(pooled) else float("nan")
     n_lm = pooled["n"].max() if len(pooled) else float("nan")
-    out += ["", f"### Test-set error ({_i(n_cases)} cases, {_i(n_lm)} landmarks, pooled)", "",
-            "Euclidean error in mm, mean ± sd over the annotated test landmarks "
-            "(`tables/table1.csv`). The last column is the paper's Table 1 (its own 54 CTA "
-            "test scans at 0.5 mm), for context: it is not measured by this run.", "",
-            "| Method | Mean ± sd (mm) | Median (mm) | Max (mm) | Paper: mean ± sd (mm) |",
-            "|:---|---:|---:|---:|---:|"]
+    seeds = int(pooled["n_seeds"].max()) if "n_seeds" in pooled and len(pooled) else 1
+    out += ["", f"### Test-set error ({_i(n_cases)} cases, {_i(n_lm)} landmarks, pooled)", ""]
+    if seeds > 1:
+        out += [f"Euclidean error in mm over the annotated test landmarks "
+                f"(`tables/table1.csv`). Every method was trained {seeds} times (seeds "
+                f"0-{seeds - 1}); each number is the mean over the seeds of that seed's value "
+                "(mean ± sd over landmarks), *between seeds* is the sd of the seeds' mean "
+                "errors. The last column is the paper's Table 1 (its own 54 CTA test scans at "
+                "0.5 mm), for context: it is not measured by this run.", "",
+                "| Method | Mean ± sd (mm) | Between seeds (sd) | Seed means (mm) "
+                "| Median (mm) | Max (mm) | Paper: mean ± sd (mm) |",
+                "|:---|---:|---:|---:|---:|---:|---:|"]
+    else:
+        out += ["Euclidean error in mm, mean ± sd over the annotated test landmarks "
+                "(`tables/table1.csv`). The last column is the paper's Table 1 (its own 54 CTA "
+                "test scans at 0.5 mm), for context: it is not measured by this run.", "",
+                "| Method | Mean ± sd (mm) | Median (mm) | Max (mm) | Paper: mean ± sd (mm) |",
+                "|:---|---:|---:|---:|---:|"]
     for r in pooled.itertuples(index=False):
         paper = r.paper_mean_sd if isinstance(r.paper_mean_sd, str) and r.paper_mean_sd else "—"
-        out.append(f"| {r.label} | {_mean_sd(r.mean_mm, r.sd_mm)} | {_f(r.median_mm)} | "
-                   f"{_f(r.max_mm)} | {paper} |")
+        seed_cells = (f" {_f(r.seed_sd_mm)} | {r.seed_means_mm} |" if seeds > 1 else "")
+        out.append(f"| {r.label} | {_mean_sd(r.mean_mm, r.sd_mm)} |{seed_cells} "
+                   f"{_f(r.median_mm)} | {_f(r.max_mm)} | {paper} |")
+    if seeds > 1:
+        out += ["", *_seed_lines(pooled)]
 
     if level_errors is not None and len(level_errors):
         out += ["", "### Error per pyramid level (`tables/level_errors.csv`)", ""]
@@ -360,6 +391,34 @@ def _uncertainty_lines(stats: pd.DataFrame, label) -> list[str]:
                      f"n = {_i(g('confidence_vs_error', 'n', cm))} cases); the paper reports "
                      "r = 0.608 on 54 cases.")
     return lines
+
+
+def _seed_lines(pooled: pd.DataFrame) -> list[str]:
+    """What the seeds show: how far one method moves between trainings, against the gaps
+    between methods."""
+    sd = pooled["seed_sd_mm"].astype(float)
+    ok = pooled[np.isfinite(sd)]
+    if not len(ok):
+        return []
+    spans = {}
+    for r in ok.itertuples(index=False):
+        vals = [float(v) for v in str(r.seed_means_mm).split(",") if v.strip()]
+        if len(vals) > 1:
+            spans[r.label] = max(vals) - min(vals)
+    widest = max(spans, key=spans.get) if spans else None
+    means = np.sort(pooled["mean_mm"].astype(float).dropna().to_numpy())
+    gaps = np.diff(means)
+    line = (f"Between seeds: the sd of a method's mean error is {_range(list(sd.dropna()), 2)} "
+            "mm")
+    if widest is not None:
+        line += (f"; the widest spread is {widest}'s, whose seeds' means span "
+                 f"{spans[widest]:.2f} mm")
+    if gaps.size:
+        line += (f". Neighbouring methods in the ranking of the means are {_range(list(gaps), 2)} "
+                 "mm apart: a gap smaller than the between-seed spread is not a ranking.")
+    else:
+        line += "."
+    return [line]
 
 
 def _range(values: Sequence[float], digits: int = 1) -> str:

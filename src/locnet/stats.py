@@ -17,6 +17,11 @@ Choices (see also the README):
   the test could detect with 80% power at the Holm family's strictest level ``alpha / m``:
   a paired t-test's detectable effect (statsmodels' ``TTestPower``) on ``n * 3 / pi`` cases
   (the Wilcoxon test's asymptotic relative efficiency), times the sd of the case differences.
+* Seeds: a method is a training recipe, not one trained model. Tables with several training
+  seeds (column ``seed``) are compared on errors averaged over the seeds per (case, landmark)
+  (:func:`locnet.metrics.seed_mean_errors`), then per case as above; the bootstrap CIs use the
+  same seed means. The uncertainty analyses (correlation, coverage, calibration) describe one
+  model: the deployed one, the lowest seed (the workflow's seed 0).
 * Bootstrap CIs resample *cases* with replacement (all landmarks of a drawn case come along),
   percentile intervals, seeded; the statistic is the pooled mean over annotated landmarks.
 * The confidence volume is correlated with the error as the paper did (Pearson on the volume),
@@ -46,6 +51,7 @@ from .io import write_text_atomic
 from .metrics import (
     PROPOSED_METHOD,
     chi2_radius_sq,
+    deployed_seed_rows,
     confidence_volume,
     errors_of,
     inside_ellipsoid,
@@ -53,6 +59,8 @@ from .metrics import (
     mahalanobis_sq,
     method_label,
     method_order,
+    n_seeds,
+    seed_mean_errors,
     select_subset,
 )
 
@@ -483,6 +491,16 @@ def statistics_table(
     a part that cannot be computed (method disabled, no sds) is one row with NaN and a note.
     """
     rows: list[dict] = []
+    seeds = {m: n_seeds(df) for m, df in predictions.items()}
+    # comparisons and CIs: per-(case, landmark) errors averaged over each method's seeds
+    all_seeds = predictions
+    predictions = {m: seed_mean_errors(df) for m, df in predictions.items()}
+
+    def seed_note(methods) -> str:
+        n = sorted({seeds[m] for m in methods if m in seeds})
+        if not n or n == [1]:
+            return ""
+        return "errors averaged over " + "/".join(map(str, n)) + " training seeds"
 
     def add(test, comparison, quantities: Mapping, note=""):
         for q, v in quantities.items():
@@ -495,7 +513,8 @@ def statistics_table(
         add("bootstrap_mean", r.method,
             {"n_cases": r.n_cases, "n": r.n, "mean_mm": r.mean_mm, "ci_low": r.ci_low,
              "ci_high": r.ci_high},
-            f"{int(n_boot)} case resamples, seed {seed}, percentile 95% CI")
+            "; ".join(x for x in (f"{int(n_boot)} case resamples, seed {seed}, percentile 95% "
+                                  "CI", seed_note([r.method])) if x))
 
     if proposed not in predictions:
         add("wilcoxon_holm", proposed, {"p_holm": np.nan},
@@ -507,6 +526,8 @@ def statistics_table(
         for r in wx.itertuples(index=False):
             note = ("per-case mean errors, differences proposed - other (mm); Holm over "
                     f"{int(wx['p'].notna().sum())} comparisons")
+            if seed_note([proposed, r.method]):
+                note += "; " + seed_note([proposed, r.method])
             if r.note:
                 note += f"; {r.note}"
             add("wilcoxon_holm", f"{proposed} vs {r.method}",
@@ -517,7 +538,11 @@ def statistics_table(
                  "mdd80_mm": r.mdd80_mm},
                 note)
 
-    pred = predictions.get(proposed)
+    pred = all_seeds.get(proposed)
+    unc_note = ""
+    if pred is not None and seeds.get(proposed, 1) > 1:
+        deployed, pred = deployed_seed_rows(pred)
+        unc_note = f"the deployed model (seed {deployed} of {seeds[proposed]})"
     has_unc = pred is not None and (
         "conf_volume_mm3" in pred.columns or {"sd_x", "sd_y", "sd_z"} <= set(pred.columns))
     if not has_unc:
@@ -526,10 +551,13 @@ def statistics_table(
         add("confidence_vs_error", proposed, {"pearson_r": np.nan}, why)
         add("calibration", proposed, {"coverage": np.nan}, why)
     else:
+        def add_unc(test, comparison, quantities, note=""):
+            add(test, comparison, quantities, "; ".join(x for x in (note, unc_note) if x))
+
         lms = list(landmarks) if landmarks is not None else landmark_order({proposed: pred})
         conf = conformal_scale(pred, "val", level)
         cov = calibrated_coverage(pred, conf["scale"], subset, level)
-        add("calibration_conformal", proposed,
+        add_unc("calibration_conformal", proposed,
             {"n_calibration": conf["n"], "scale": conf["scale"], **cov},
             "; ".join(x for x in (
                 f"split-conformal scale of the sds fitted on the validation landmarks, coverage "
@@ -537,7 +565,7 @@ def statistics_table(
                 "95% CI (landmarks counted as independent)", conf["note"]) if x))
         cm = confidence_correlation_case_means(pred, subset, level)
         note = cm.pop("note")
-        add("confidence_vs_error", f"{proposed} [case means]", cm, note)
+        add_unc("confidence_vs_error", f"{proposed} [case means]", cm, note)
         for lm in [None, *lms]:
             comp = proposed if lm is None else f"{proposed} [{lm}]"
             c = confidence_correlation(pred, subset, lm, level)
@@ -546,13 +574,13 @@ def statistics_table(
                 note = "; ".join(x for x in (note, "pooled over landmarks: p-values count the "
                                              "landmarks of a case as independent (description "
                                              "only)") if x)
-            add("confidence_vs_error", comp, c, note)
+            add_unc("confidence_vs_error", comp, c, note)
             cal = calibration(pred, subset, level, error_threshold_mm, lm)
             note, auroc_note = cal.pop("note"), cal.pop("auroc_note")
             thr = {q: cal.pop(q) for q in ("error_threshold_mm", "n_large_error",
                                            "n_small_error", "auroc")}
-            add("calibration", comp, cal, note)
-            add("calibration", comp, thr, auroc_note)
+            add_unc("calibration", comp, cal, note)
+            add_unc("calibration", comp, thr, auroc_note)
     return pd.DataFrame(rows, columns=_COLUMNS)
 
 

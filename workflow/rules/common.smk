@@ -41,6 +41,7 @@ LEVELS = list(range(config["pyramid"]["levels"]))
 wildcard_constraints:
     case=locnet.io.CASE_ID_PATTERN,
     level=r"\d+",
+    seed=r"\d+",
 
 
 def synthetic_case_ids():
@@ -141,7 +142,7 @@ def study_outputs():
     ]
     outs += all_pyramids()
     methods = enabled_methods()
-    outs += [f for m in methods for f in model_files(m)]
+    outs += [f for m in methods for s in SEEDS for f in model_files(m, s)]
     outs += prediction_tables()
     outs += [f"{RES}/tables/table1.{ext}" for ext in ("csv", "md", "tex")]
     outs += [f"{RES}/tables/statistics.{ext}" for ext in ("csv", "md")]
@@ -152,7 +153,7 @@ def study_outputs():
         outs += [f"{RES}/tables/level_errors.{ext}" for ext in ("csv", "md")]
     if "multiscale_e2e_noise" in methods:
         outs += [f"{RES}/figures/fig5_confidence_vs_error.{ext}" for ext in ("png", "pdf")]
-        outs += [f"{RES}/models/multiscale_e2e_noise/quality.json"]
+        outs += [f"{deployed_model_dir('multiscale_e2e_noise')}/quality.json"]
     if config["inference"]["manifest"]:
         outs += [f"{RES}/inference/{m}/landmarks.csv" for m in methods if m in NOISY_METHODS]
     if {"locnet_single", "heatmap_unet"} <= set(methods):
@@ -160,10 +161,14 @@ def study_outputs():
     return outs
 
 
-# ---- methods -------------------------------------------------------------------------------
+# ---- methods and seeds ---------------------------------------------------------------------
 METHOD_ORDER = list(locnet.metrics.METHODS)  # Table 1's order
 NOISY_METHODS = {"multiscale_e2e_noise"}
 TRAIN_KEYS = ("epochs", "learning_rate", "batch_size", "schedule")
+# Every method is trained once per seed, each a job of its own (wildcard {seed}). Seed 0's model
+# is the deployed one: rule infer, the quality threshold and the single-model figures use it.
+SEEDS = list(range(config["training"]["seeds"]))
+DEPLOYED_SEED = 0
 
 
 def enabled_methods():
@@ -182,7 +187,7 @@ def method_cfg(method):
 
 def train_cfg(method):
     """Training settings of a method: the shared training block, overridden by the method's."""
-    out = dict(config["training"])
+    out = {k: v for k, v in config["training"].items() if k != "seeds"}
     out.update({k: v for k, v in config["methods"][method].items() if k in TRAIN_KEYS})
     return out
 
@@ -203,7 +208,12 @@ def grid_cfg():
 
 
 def prediction_tables():
+    """The pooled prediction table of every method (all seeds, column `seed`)."""
     return [f"{RES}/predictions/{m}.csv" for m in enabled_methods()]
+
+
+def seed_prediction_tables(method):
+    return [f"{RES}/predictions/{method}/seed{s}.csv" for s in SEEDS]
 
 
 def multiscale_methods():
@@ -211,8 +221,17 @@ def multiscale_methods():
     return [m for m in enabled_methods() if m in locnet.config.MULTISCALE_METHODS]
 
 
-def model_files(method):
-    d = f"{RES}/models/{method}"
+def model_dir(method, seed):
+    return f"{RES}/models/{method}/seed{seed}"
+
+
+def deployed_model_dir(method):
+    """The model rule infer and the single-model figures use (seed 0)."""
+    return model_dir(method, DEPLOYED_SEED)
+
+
+def model_files(method, seed):
+    d = model_dir(method, seed)
     return [f"{d}/model.keras", f"{d}/metadata.json", f"{d}/history.csv"]
 
 
@@ -251,6 +270,9 @@ def study_summary():
     out["finest grid"] = f"{p['finest_shape']}^3 at {p['finest_spacing_mm']} mm"
     out["levels"] = p["levels"]
     out["epochs"] = config["training"]["epochs"]
+    out["seeds per method"] = config["training"]["seeds"]
+    out["model selection"] = (
+        f"{config['training']['selection_window']}-epoch centred window of the validation error")
     out["noise passes"] = config["evaluation"]["passes"]
     out["seed"] = config["seed"]
     return out

@@ -79,6 +79,7 @@ rule results_md:
         md=f"{RES}/tables/results.md",
     params:
         train_benchmarks=f"{RES}/benchmarks/train",
+        seeds=SEEDS,
         checkout=workflow.basedir,
         configfiles=lambda wc: results_configfiles(),
         config_args=lambda wc: results_config_args(),
@@ -115,9 +116,9 @@ rule fig_violin:
 
 
 rule fig_confidence:
-    """Fig. 5: 90% confidence volume against error for the noisy model."""
+    """Fig. 5: 90% confidence volume against error for the noisy model (the deployed seed)."""
     input:
-        predictions=f"{RES}/predictions/multiscale_e2e_noise.csv",
+        predictions=f"{RES}/predictions/multiscale_e2e_noise/seed{DEPLOYED_SEED}.csv",
     output:
         png=report(
             f"{RES}/figures/fig5_confidence_vs_error.png",
@@ -137,9 +138,11 @@ rule fig_confidence:
 
 
 rule fig_training_curves:
-    """Training curves: per-level losses, validation error, schedule weights."""
+    """Training curves of every seed: per-level losses, validation error, schedule weights."""
     input:
-        histories=lambda wc: [f"{RES}/models/{m}/history.csv" for m in enabled_methods()],
+        histories=lambda wc: [
+            f"{model_dir(m, s)}/history.csv" for m in enabled_methods() for s in SEEDS
+        ],
     output:
         png=report(
             f"{RES}/figures/training_curves.png",
@@ -148,7 +151,7 @@ rule fig_training_curves:
         ),
         pdf=f"{RES}/figures/training_curves.pdf",
     params:
-        methods=lambda wc: enabled_methods(),
+        runs=lambda wc: [(m, s) for m in enabled_methods() for s in SEEDS],
     log:
         f"{RES}/logs/fig_training_curves.log",
     localrule: True
@@ -159,11 +162,12 @@ rule fig_training_curves:
 
 
 rule fig_heatmaps:
-    """Fig. 3: one test case with the single-scale Loc-Net and heatmap U-Net output maps."""
+    """Fig. 3: one test case with the single-scale Loc-Net and heatmap U-Net output maps
+    (the deployed seed's models)."""
     input:
-        locnet=f"{RES}/models/locnet_single/model.keras",
-        heatmap=f"{RES}/models/heatmap_unet/model.keras",
-        predictions=f"{RES}/predictions/locnet_single.csv",
+        locnet=f"{deployed_model_dir('locnet_single')}/model.keras",
+        heatmap=f"{deployed_model_dir('heatmap_unet')}/model.keras",
+        predictions=f"{RES}/predictions/locnet_single/seed{DEPLOYED_SEED}.csv",
         pyramids=all_pyramids,
     output:
         png=report(

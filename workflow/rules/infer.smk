@@ -10,16 +10,16 @@ rule quality_threshold:
     at or below it, at least `target_fraction` have an error of at most `target_error_mm`.
     """
     input:
-        predictions=f"{RES}/predictions/{{method}}.csv",
-        settings=f"{RES}/predictions/{{method}}.json",
+        predictions=f"{RES}/predictions/{{method}}/seed{{seed}}.csv",
+        settings=f"{RES}/predictions/{{method}}/seed{{seed}}.json",
     output:
-        quality=f"{RES}/models/{{method}}/quality.json",
+        quality=f"{RES}/models/{{method}}/seed{{seed}}/quality.json",
     params:
         target_error_mm=config["inference"]["target_error_mm"],
         target_fraction=config["inference"]["target_fraction"],
         estimator=config["evaluation"]["estimator"],
     log:
-        f"{RES}/logs/quality_threshold/{{method}}.log",
+        f"{RES}/logs/quality_threshold/{{method}}/seed{{seed}}.log",
     localrule: True
     wildcard_constraints:
         method="|".join(sorted(NOISY_METHODS)),
@@ -30,11 +30,12 @@ rule quality_threshold:
 
 
 rule infer:
-    """Landmarks on the scans of `inference.manifest` with one trained method (`locnet predict`)."""
+    """Landmarks on the scans of `inference.manifest` with one trained method's deployed
+    model (seed 0), through `locnet predict`."""
     input:
-        model=f"{RES}/models/{{method}}/model.keras",
+        model=lambda wc: f"{deployed_model_dir(wc.method)}/model.keras",
         quality=lambda wc: (
-            [f"{RES}/models/{wc.method}/quality.json"] if wc.method in NOISY_METHODS else []
+            [f"{deployed_model_dir(wc.method)}/quality.json"] if wc.method in NOISY_METHODS else []
         ),
         manifest=config["inference"].get("manifest") or [],
     output:

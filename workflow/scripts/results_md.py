@@ -21,7 +21,7 @@ with job_logging(snakemake) as log:
         study=p.study,
         git=report.git_state(p.checkout),
         machine=report.machine_facts(),
-        training=report.training_times(p.train_benchmarks),
+        training=report.training_times(p.train_benchmarks, p.seeds),
     )
     io.write_text_atomic(page, snakemake.output.md)
     log.info("wrote %s", snakemake.output.md)
