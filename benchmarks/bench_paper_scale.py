@@ -13,8 +13,7 @@ Parts (each runs in its own child process, so memory and threads do not mix; pic
   of ``locnet_single`` at level 1 and level 2 (extrapolated to level 0, which does not fit),
   one child per model: ``VmHWM`` minus ``VmRSS`` after imports, and the TensorFlow allocator
   peak of the step;
-* ``loader``: random pyramid cases written by ``locnet.pyramid.write_level`` (and one in the
-  older ``[i, j, k]`` layout); seconds to deliver one case's levels as tensors (hot and, if
+* ``loader``: random pyramid cases written by ``locnet.pyramid.write_level``; seconds to deliver one case's levels as tensors (hot and, if
   ``drop_caches`` is writable, cold page cache) and training step time with the inputs from
   ``locnet.data.LandmarkDataset`` vs arrays already in memory, with and without readahead.
 
@@ -356,14 +355,13 @@ def child_memory(a):
     return out
 
 
-def write_case(root: Path, a, seed=0, layout="locnet"):
-    """One random case: ``layout="locnet"`` through ``locnet.pyramid.write_level`` (stored
-    ``[k, j, i]``, maps in C order), ``"ijk"`` as pyramids were first stored (Fortran maps)."""
-    import nibabel as nib
+def write_case(root: Path, a, seed=0):
+    """One random case through ``locnet.pyramid.write_level`` (stored ``[k, j, i]``, maps in
+    C order)."""
     import numpy as np
 
     from locnet.geometry import Grid
-    from locnet.io import write_json_atomic
+    from locnet.fileio import write_json_atomic
     from locnet.pyramid import write_level
 
     rng = np.random.default_rng(seed)
@@ -373,10 +371,7 @@ def write_case(root: Path, a, seed=0, layout="locnet"):
     for l in range(a["levels"]):
         n = a["finest"] // 2**l
         arr = rng.random((n, n, n), dtype=np.float32)
-        if layout == "locnet":
-            write_level(arr, grid, l, root)
-        else:
-            nib.save(nib.Nifti1Image(arr, grid.level_affine(l)), str(root / f"level{l}.nii"))
+        write_level(arr, grid, l, root)
     write_json_atomic(grid.to_dict(), root / "grid.json")
     return root
 
@@ -407,10 +402,9 @@ def child_loader(a):
         t = time.perf_counter()
         dirs = [write_case(tmp / f"case{c}", a, seed=c) for c in range(3)]
         res["write_s"] = (time.perf_counter() - t) / 3
-        old = write_case(tmp / "old0", a, seed=9, layout="ijk")
         res["case_mib"] = sum((dirs[0] / f"level{l}.nii").stat().st_size
                               for l in levels) / 2**20
-        table = pd.DataFrame([(d.name, n, *y["position"][0, k]) for d in dirs + [old]
+        table = pd.DataFrame([(d.name, n, *y["position"][0, k]) for d in dirs
                               for k, n in enumerate(names)],
                              columns=["case_id", "landmark", "x", "y", "z"])
 
@@ -422,12 +416,12 @@ def child_loader(a):
             x, _ = ds.case_batch(i)
             return {k: tf.convert_to_tensor(v) for k, v in x.items()}
 
-        new_ds, old_ds = dataset(dirs), dataset([old])
+        new_ds = dataset(dirs)
         res["cold_ok"] = drop_caches()
         t = time.perf_counter()
         deliver(new_ds)
         res["deliver_cold_s" if res["cold_ok"] else "deliver_first_s"] = time.perf_counter() - t
-        for key, ds in (("deliver_hot_s", new_ds), ("deliver_hot_ijk_s", old_ds)):
+        for key, ds in (("deliver_hot_s", new_ds),):
             hot = []
             for _ in range(a["repeat"]):
                 t = time.perf_counter()
@@ -439,10 +433,9 @@ def child_loader(a):
         x_mem = {k: np.array(v) for k, v in new_ds.case_batch(0)[0].items()}
         model.train_on_batch(x_mem, y)  # trace
         model.train_on_batch(x_mem, y)
-        times = {"mem": [], "mmap": [], "mmap_ijk": []}
+        times = {"mem": [], "mmap": []}
         for _ in range(a["steps"]):
-            for key, x in (("mem", lambda: x_mem), ("mmap", lambda: new_ds.case_batch(0)[0]),
-                           ("mmap_ijk", lambda: old_ds.case_batch(0)[0])):
+            for key, x in (("mem", lambda: x_mem), ("mmap", lambda: new_ds.case_batch(0)[0])):
                 t = time.perf_counter()
                 model.train_on_batch(x(), y)
                 times[key].append(time.perf_counter() - t)
@@ -662,12 +655,9 @@ def report(a, res):
         print(f"| deliver one case as tensors, {'cold' if ld['cold_ok'] else 'first'} cache "
               f"(drop_caches {'ok' if ld['cold_ok'] else 'not writable'}) | {_ms(cold)} "
               f"({ld['case_mib'] / cold:,.0f} MiB/s) |")
-        print(f"| deliver one case as tensors, hot cache: stored [k, j, i] (C-order maps) / "
-              f"stored [i, j, k] (Fortran maps) | {_ms(ld['deliver_hot_s'])} / "
-              f"{_ms(ld['deliver_hot_ijk_s'])} |")
+        print(f"| deliver one case as tensors, hot cache | {_ms(ld['deliver_hot_s'])} |")
         print(f"| training step, arrays in memory | {_ms(mem)} |")
         for key, label in (("step_mmap_s", "memory-mapped, hot cache, stored [k, j, i]"),
-                           ("step_mmap_ijk_s", "memory-mapped, hot cache, stored [i, j, k]"),
                            ("step_cold_no_readahead_s", "memory-mapped, cold cache, no readahead"),
                            ("step_cold_readahead_s", "memory-mapped, cold cache, readahead")):
             if key in ld:

@@ -36,8 +36,8 @@ import sys
 import time
 from pathlib import Path
 
-METHODS = ("heatmap_unet", "locnet_single", "patch_baseline", "multiscale_multistep",
-           "multiscale_e2e", "multiscale_e2e_noise")
+from locnet.methods import KEYS as METHODS  # every registered method, Table 1's order
+
 README = Path(__file__).resolve().parent / "README.md"
 SECTION = "## Training step time and memory"
 

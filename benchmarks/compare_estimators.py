@@ -37,13 +37,13 @@ METHOD = "multiscale_e2e_noise"
 
 
 def _timed_predictions(model, cases, subsets, landmarks_csv, landmarks, passes, seed, estimator):
-    from locnet import data, models, predict
+    from locnet import data, models, study_predict
 
     # one warm-up case compiles the stages; the timed run then covers every case
     inputs = data.load_case_inputs(cases[0], data.model_levels(model))
-    predict.predict_arrays(model, inputs, passes, seed, estimator=estimator)
+    study_predict.predict_arrays(model, inputs, passes, seed, estimator=estimator)
     t = time.perf_counter()
-    table = predict.predict_cases(model, cases, subsets, landmarks_csv, landmarks, passes=passes,
+    table = study_predict.predict_cases(model, cases, subsets, landmarks_csv, landmarks, passes=passes,
                                   seed=seed, progress=False, estimator=estimator)
     per_case = (time.perf_counter() - t) / len(cases)
     # noise-free forward alone, for the ratio
@@ -61,7 +61,7 @@ def compare(results: Path, passes: int, seed: int, threshold: float, out: Path,
     import scipy.stats as sps
 
     import locnet.models  # noqa: F401  (registers the custom layers)
-    from locnet import io, stats
+    from locnet import fileio, stats
     from locnet import split as splitmod
 
     model_path = results / "models" / METHOD / "model.keras"
@@ -81,7 +81,7 @@ def compare(results: Path, passes: int, seed: int, threshold: float, out: Path,
     for estimator in ("exact", "window"):
         table, per_case, forward = _timed_predictions(
             model, cases, subsets, landmarks_csv, landmarks, passes, seed, estimator)
-        io.write_csv_atomic(table, out / f"{METHOD}_{estimator}.csv")
+        fileio.write_csv_atomic(table, out / f"{METHOD}_{estimator}.csv")
         tables[estimator] = table
         # the chosen subsets together (default validation and test: both held out from
         # training; the default study has only 8 test cases)

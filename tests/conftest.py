@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import locnet  # noqa: F401  (before TensorFlow: it asks for the oneDNN kernels)
 import nibabel as nib
 import numpy as np
 import pytest

@@ -11,11 +11,12 @@ import sys
 from pathlib import Path
 
 import nibabel as nib
+import keras
 import numpy as np
 import pandas as pd
 import pytest
 
-from locnet import cli, geometry, inference, predict, pyramid, quality, seeds
+from locnet import cli, geometry, inference, pyramid, quality, seeds, study_predict
 from locnet import train as T
 from test_inference import GRID, LANDMARKS, make_model_dir, write_scans
 
@@ -236,9 +237,9 @@ def study(tmp_path_factory):
             table, model_dir, root / "state", seed=5)
     # the predict rule: its own seed, passes, confidence and estimator (config evaluation.*)
     seed, passes, confidence = seeds.derive(2020, "predict/multiscale_e2e_noise"), 5, 0.8
-    model, _ = T.load_trained(model_dir)
+    model = keras.saving.load_model(model_dir / "model.keras", compile=False)
     subsets = {"case_0132": "val", "case_0133": "test"}
-    preds = predict.predict_cases(model, dirs[2:], subsets, table, LANDMARKS, passes=passes,
+    preds = study_predict.predict_cases(model, dirs[2:], subsets, table, LANDMARKS, passes=passes,
                                   seed=seed, confidence=confidence, progress=False)
     csv = root / "predictions" / "multiscale_e2e_noise.csv"
     csv.parent.mkdir()

@@ -4,6 +4,7 @@ import pytest
 import yaml
 
 from locnet import config as cfgmod
+from locnet.methods import KEYS
 
 ROOT = cfgmod.SCHEMA_PATH.parents[2]
 
@@ -130,7 +131,7 @@ def test_size_defaults_are_the_models():
 
     assert cfgmod.DEFAULT_LEVEL == models.MODEL_DEFAULTS["level"]
     assert cfgmod.DEFAULT_PATCH == models.MODEL_DEFAULTS["patch"]
-    assert set(cfgmod.SINGLE_LEVEL_METHODS + cfgmod.MULTISCALE_METHODS) == set(models.METHODS)
+    assert set(cfgmod.SINGLE_LEVEL_METHODS + cfgmod.MULTISCALE_METHODS) == set(KEYS)
 
 
 @pytest.mark.parametrize("finest_shape,levels,filters,patch", [
@@ -147,7 +148,7 @@ def test_validation_accepts_exactly_the_configs_whose_models_build(finest_shape,
     raw = {"pyramid": {"finest_shape": finest_shape, "levels": levels},
            "unet": {"filters": filters},
            "methods": {m: ({"patch": patch} if m in cfgmod.MULTISCALE_METHODS else {})
-                       for m in models.METHODS}}
+                       for m in KEYS}}
     grid = {"finest_shape": finest_shape, "finest_spacing_mm": 2.0, "levels": levels}
     built = True
     for method in ("locnet_single", "patch_baseline", "multiscale_e2e"):
@@ -186,3 +187,32 @@ def test_seeds_and_selection_window():
     # seeds are shared by all methods: a method block cannot set its own
     with pytest.raises(cfgmod.ConfigError, match="seeds"):
         cfgmod.validate({"methods": {"locnet_single": {"seeds": 5}}})
+
+
+# ---- one source for the method list and for defaults -----------------------------------------
+def test_the_schema_lists_exactly_the_registered_methods():
+    props = cfgmod.load_schema()["properties"]
+    assert list(props["methods"]["properties"]) == list(KEYS)
+    assert props["run_methods"]["items"]["enum"] == list(KEYS)
+    assert cfgmod.validate({})["run_methods"] == list(KEYS)
+    with pytest.raises(cfgmod.ConfigError, match=r"run_methods"):
+        cfgmod.validate({"run_methods": ["no_such_method"]})
+    with pytest.raises(cfgmod.ConfigError, match=r"methods\.no_such_method"):
+        cfgmod.validate({"methods": {"no_such_method": {}}})
+
+
+def test_model_defaults_come_from_the_schema():
+    from locnet import models
+
+    schema = cfgmod.load_schema()
+    method = schema["definitions"]["method"]["properties"]
+    for key, value in models.MODEL_DEFAULTS.items():
+        if key == "unet":
+            unet = schema["definitions"]["unet"]["properties"]
+            assert value == {k: unet[k]["default"] for k in unet}
+        else:
+            assert value == method[key]["default"], key
+    # a validated config carries them in every method block
+    cfg = cfgmod.validate({})
+    for m in KEYS:
+        assert cfg["methods"][m]["patch"] == models.MODEL_DEFAULTS["patch"]

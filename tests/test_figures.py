@@ -304,7 +304,7 @@ def test_inference_overlay_20_landmarks(tmp_path):
         sd=np.full((20, 3), 1.5), conf_volume_mm3=np.full(20, 200.0),
         flags=["review"] * 12 + ["ok"] * 8, coverage=1.0, grid=grid,
         level0=rng.uniform(0, 1, (n, n, n)))
-    fig = inference.overlay_figure(res)
+    fig = figures.overlay_figure(res)
     try:
         FigureCanvasAgg(fig).draw()
         colours = {ln.get_color() for ax in fig.axes[::3] for ln in ax.get_lines()}
@@ -318,7 +318,7 @@ def test_inference_overlay_20_landmarks(tmp_path):
 
         plt.close(fig)
     path = tmp_path / "case_0500_overlay.png"
-    inference.write_overlay(res, path)
+    figures.write_overlay(res, path)
     img = mpimg.imread(path)
     assert img.shape[:2] == (round(2.6 * 20 * 72), round(7.5 * 72))
 

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from locnet import geometry, inference, metrics, phantom, predict, pyramid, quality
+from locnet import geometry, inference, metrics, phantom, pyramid, quality, study_predict
 from locnet.models import build_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -83,7 +83,7 @@ def test_same_predictions_as_the_study(setup, tmp_path, estimator):
         pyramid.build_pyramid(path, GRID, GRID["window_hu"], GRID["background_hu"],
                               tmp_path / case, case=case, threads=1)
         dirs.append(tmp_path / case)
-    study = predict.predict_cases(lm.model, dirs, {}, setup["table"], LANDMARKS,
+    study = study_predict.predict_cases(lm.model, dirs, {}, setup["table"], LANDMARKS,
                                   passes=PASSES, seed=seed, progress=False, estimator=estimator)
     truth = {(r.case_id, r.landmark): np.array([r.x, r.y, r.z])
              for r in setup["table"].itertuples()}
@@ -124,7 +124,7 @@ def test_predict_arrays_equals_case_prediction(setup, tmp_path):
     inputs, _, _ = inference.preprocess(np.asanyarray(img.dataobj), img.affine, lm.params,
                                         lm.levels)
     a = inference.predict_arrays(lm.model, inputs, passes=4, seed=5)
-    b = predict.case_prediction(lm.model, tmp_path / "c", passes=4, seed=5)
+    b = study_predict.case_prediction(lm.model, tmp_path / "c", passes=4, seed=5)
     for x, y in zip(a, b):
         np.testing.assert_allclose(x, y, atol=1e-5)
 

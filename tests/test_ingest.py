@@ -7,7 +7,7 @@ import pytest
 
 from locnet import geometry as geo
 from locnet.ingest import ingest
-from locnet.io import (InputError, atomic_write, load_volume, read_landmarks, read_manifest,
+from locnet.fileio import (InputError, atomic_write, load_volume, read_landmarks, read_manifest,
                        write_json_atomic, write_landmarks)
 
 NAMES = ["left_bifurcation", "right_bifurcation"]
@@ -195,12 +195,12 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
 
 
 def test_atomic_write_keeps_old_file_on_failure_and_cleans_up(tmp_path):
-    from locnet import io
+    from locnet import fileio
 
     target = tmp_path / "table.csv"
-    io.write_text_atomic("old\n", target)
+    fileio.write_text_atomic("old\n", target)
     with pytest.raises(RuntimeError):
-        with io.atomic_write(target) as tmp:
+        with fileio.atomic_write(target) as tmp:
             tmp.write_text("half a fi")
             raise RuntimeError("killed")
     assert target.read_text() == "old\n"
@@ -208,7 +208,7 @@ def test_atomic_write_keeps_old_file_on_failure_and_cleans_up(tmp_path):
     # what a SIGKILLed writer leaves behind is recognised and removed; other files are not
     (tmp_path / ".tmp-0123456789ab-table.csv").write_text("partial")
     (tmp_path / ".hidden-but-mine").write_text("keep")
-    removed = io.remove_stale_temporaries(tmp_path)
+    removed = fileio.remove_stale_temporaries(tmp_path)
     assert [p.name for p in removed] == [".tmp-0123456789ab-table.csv"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [".hidden-but-mine", "table.csv"]
 
@@ -323,7 +323,7 @@ def test_every_landmark_table_problem_is_listed_and_counted(tmp_path, write_nift
 @pytest.mark.parametrize("bad", ["p 001", "pé01", "..", ".hidden", "-rf", "a/b", "x" * 101])
 def test_case_ids_outside_the_allowed_pattern_are_refused(tmp_path, write_nifti, oblique_affine,
                                                           bad):
-    from locnet.io import CASE_ID_PATTERN
+    from locnet.fileio import CASE_ID_PATTERN
 
     make_cohort(tmp_path, write_nifti, oblique_affine)
     write_nifti(ct_like(), oblique_affine(), "images/odd.nii.gz")
@@ -411,8 +411,10 @@ def test_synthetic_cases_pass_every_check(tmp_path):
     from locnet.ingest import pyramid_checks
 
     cfg = yaml.safe_load((SCHEMA_PATH.parents[2] / "config" / "tiny.yaml").read_text())
-    out = phantom.write_cohort(3, cfg["synthetic"], tmp_path / "cohort", progress=False)
-    man, lm = ingest(out["manifest"], out["landmarks"], NAMES, "RAS",
+    for i in range(3):
+        phantom.write_case(i, cfg["synthetic"], tmp_path / "cohort")
+    manifest, landmarks = phantom.write_tables(3, cfg["synthetic"], tmp_path / "cohort")
+    man, lm = ingest(manifest, landmarks, NAMES, "RAS",
                      tmp_path / "data/manifest.csv", tmp_path / "data/landmarks.csv",
                      threads=2, **pyramid_checks(cfg["pyramid"]))
     assert len(man) == 3 and not lm[["x", "y", "z"]].isna().any().any()

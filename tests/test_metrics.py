@@ -14,8 +14,8 @@ import pytest
 from scipy import stats as sps
 
 from locnet import metrics
+from locnet.methods import KEYS as METHODS
 from locnet.metrics import (
-    METHODS,
     confidence_volume,
     error_summary,
     format_mean_sd,
@@ -209,11 +209,7 @@ def test_labels_of_the_shipped_configs_and_schema_defaults():
     paper = cfgmod.load("config/paper.yaml")
     assert metrics.method_label("heatmap_unet", paper) == "U-Net heatmap (1 mm)"
     assert metrics.method_label("multiscale_e2e_noise", paper).endswith("(4-0.5 mm)")
-    # a partial config takes the schema's defaults, which metrics keeps a copy of
-    props = cfgmod.load_schema()["properties"]["pyramid"]["properties"]
-    assert metrics._DEFAULT_FINEST_SPACING_MM == props["finest_spacing_mm"]["default"]
-    assert metrics._DEFAULT_LEVELS == props["levels"]["default"]
-    assert metrics._DEFAULT_METHOD_LEVEL == cfgmod.DEFAULT_LEVEL
+    # a partial config takes the schema's defaults
     assert metrics.method_labels(METHODS, {}) == metrics.method_labels(METHODS, default)
 
 

@@ -5,17 +5,16 @@ import numpy as np
 import pytest
 from keras import ops
 
+from locnet.geometry import Grid, grid_mm_to_voxel, voxel_to_grid_mm
 from locnet.layers import decode_heatmap
+from locnet.methods import KEYS as METHODS
 from locnet.models import (
-    METHODS,
     LocNet,
     MultiScaleLocNet,
     build_model,
-    mm_to_voxel,
+    build_unet,
     predict_passes,
     sample_shifts,
-    unet,
-    voxel_to_mm,
 )
 
 # finest 16^3 at 5 mm, 3 levels (16, 8, 4 voxels), 4^3 patches, a 2-level U-Net
@@ -69,39 +68,36 @@ def test_grid_mm_conversions_follow_the_pyramid_contract():
     s0 = 0.5
     # level-l voxel 0 is the mean of level-0 voxels 0 .. 2^l - 1
     for level in range(4):
-        np.testing.assert_allclose(voxel_to_mm(0.0, level, s0), s0 * (2**level - 1) / 2)
+        np.testing.assert_allclose(voxel_to_grid_mm(0.0, level, s0), s0 * (2**level - 1) / 2)
     v = np.array([3.25, 0.0, 17.5])
     for level in range(4):
-        g = voxel_to_mm(v, level, s0)
-        np.testing.assert_allclose(g, voxel_to_mm(2**level * v + (2**level - 1) / 2, 0, s0))
-        np.testing.assert_allclose(mm_to_voxel(g, level, s0), v)
+        g = voxel_to_grid_mm(v, level, s0)
+        np.testing.assert_allclose(g, voxel_to_grid_mm(2**level * v + (2**level - 1) / 2, 0, s0))
+        np.testing.assert_allclose(grid_mm_to_voxel(g, level, s0), v)
 
 
-def test_grid_mm_conversions_agree_with_locnet_geometry():
-    geometry = pytest.importorskip("locnet.geometry")
-    if not hasattr(geometry, "Grid"):
-        pytest.skip("locnet.geometry has no Grid")
-    grid = geometry.Grid(origin=(1.0, 2.0, 3.0), spacing=1.25, shape=32, levels=4)
+def test_grid_mm_conversions_agree_with_the_grid_methods():
+    grid = Grid(origin=(1.0, 2.0, 3.0), spacing=1.25, shape=32, levels=4)
     v = np.array([[3.25, 0.0, 7.5], [1.0, 2.0, 3.0]])
     for level in range(4):
         np.testing.assert_allclose(
-            voxel_to_mm(v, level, 1.25), grid.voxel_to_grid_mm(v, level), atol=1e-12
+            voxel_to_grid_mm(v, level, 1.25), grid.voxel_to_grid_mm(v, level), atol=1e-12
         )
 
 
 def test_unet_shapes_and_checks():
-    net = unet((8, 8, 8, 1), 3, filters=(4, 8, 16), out_activation="softplus")
+    net = build_unet((8, 8, 8, 1), 3, filters=(4, 8, 16), out_activation="softplus")
     assert net.output_shape == (None, 8, 8, 8, 3)
-    enc = unet((8, 8, 8, 1), 5, filters=(4, 8, 16), decoder=False)
+    enc = build_unet((8, 8, 8, 1), 5, filters=(4, 8, 16), decoder=False)
     assert enc.output_shape == (None, 2, 2, 2, 5)
-    tr = unet((8, 8, 8, 1), 2, filters=(4, 8), convs_per_level=2, dropout=0.1,
+    tr = build_unet((8, 8, 8, 1), 2, filters=(4, 8), convs_per_level=2, dropout=0.1,
               upsampling="transpose")
     assert tr.output_shape == (None, 8, 8, 8, 2)
     kinds = [type(layer).__name__ for layer in tr.layers]
     assert kinds.count("Conv3D") == 2 * 3 + 1  # 2 convs x (2 down + 1 up) + head
     assert kinds.count("Conv3DTranspose") == 1
     with pytest.raises(ValueError):
-        unet((10, 10, 10, 1), 1, filters=(4, 8, 16))
+        build_unet((10, 10, 10, 1), 1, filters=(4, 8, 16))
 
 
 def test_build_model_dispatch_and_config():
@@ -348,7 +344,7 @@ def test_patch_baseline_decoding_and_perfect_prediction_loss():
         None, :, :, :, None, :
     ]
     logits = np.full((1, 4, 4, 4, 2), -8.0, np.float32)
-    cells = np.floor((mm_to_voxel(pos, 1, 5.0) + 0.5) / 2).astype(int)
+    cells = np.floor((grid_mm_to_voxel(pos, 1, 5.0) + 0.5) / 2).astype(int)
     for k in range(2):
         logits[(0, *cells[0, k], k)] = 8.0
     disp = disp.astype(np.float32)
@@ -365,24 +361,6 @@ def test_patch_baseline_decoding_and_perfect_prediction_loss():
 # ----------------------------------------------------------------------------------------
 # Saving and test-time passes
 # ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("method", METHODS)
-def test_keras_file_round_trip(method, tmp_path):
-    model = _build(method)
-    model.loss_weights.assign(np.linspace(0.1, 0.9, len(model.loss_levels)).astype("float32"))
-    x = _tiny_inputs()
-    before = model(x)
-    path = tmp_path / f"{method}.keras"
-    model.save(path)
-    loaded = keras.saving.load_model(path)
-    assert type(loaded) is type(model)
-    after = loaded(x)
-    assert set(after) == set(before)
-    for key in before:
-        np.testing.assert_allclose(_np(after[key]), _np(before[key]), rtol=0, atol=1e-6)
-    np.testing.assert_allclose(_np(loaded.loss_weights), _np(model.loss_weights))
-    assert loaded.get_config() == model.get_config()
-
-
 def test_noise_only_moves_the_finest_level():
     model = _build("multiscale_e2e_noise")
     x = _tiny_inputs(1)

@@ -44,8 +44,17 @@ def fine_cases():
     return [phantom.build_case(i, FINE) for i in range(3)]
 
 
+def write_cohort(n_cases, cfg, out_dir, cases=None):
+    """The synthetic cohort as the workflow writes it: rule synthetic_case renders each case
+    (:func:`phantom.write_case`), rule synthetic_cohort writes the tables of all cases."""
+    for i in range(n_cases) if cases is None else cases:
+        phantom.write_case(i, cfg, out_dir)
+    manifest, landmarks = phantom.write_tables(n_cases, cfg, out_dir)
+    return {"manifest": manifest, "landmarks": landmarks}
+
+
 def test_case_is_deterministic_and_independent_of_cohort_size(tmp_path):
-    paths = phantom.write_cohort(3, COARSE, tmp_path, progress=False)
+    paths = write_cohort(3, COARSE, tmp_path)
     img_alone, lm_alone = phantom.make_case(1, COARSE)
     img_cohort = nib.load(str(tmp_path / "images" / "case_0001.nii.gz"))
     np.testing.assert_array_equal(_data(img_cohort), _data(img_alone))
@@ -66,8 +75,8 @@ def test_case_is_deterministic_and_independent_of_cohort_size(tmp_path):
     np.testing.assert_allclose([float(row[k]) for k in "xyz"], lm_alone["left_bifurcation"], atol=1e-5)
 
 
-def test_write_cohort_layout(tmp_path):
-    phantom.write_cohort(2, COARSE, tmp_path, progress=False)
+def test_cohort_layout(tmp_path):
+    write_cohort(2, COARSE, tmp_path)
     with open(tmp_path / "manifest.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert [r["case_id"] for r in rows] == ["case_0000", "case_0001"]
@@ -78,7 +87,7 @@ def test_write_cohort_layout(tmp_path):
     assert leftovers == []
     # a subset renders only those images but the tables list the whole cohort
     sub = tmp_path / "sub"
-    phantom.write_cohort(4, COARSE, sub, cases=[2], progress=False)
+    write_cohort(4, COARSE, sub, cases=[2])
     assert sorted(p.name for p in (sub / "images").iterdir()) == ["case_0002.nii.gz"]
     with open(sub / "manifest.csv") as fh:
         assert len(list(csv.DictReader(fh))) == 4

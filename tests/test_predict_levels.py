@@ -1,4 +1,4 @@
-"""Per-level predictions of the multi-scale chains (locnet.predict) and their table and
+"""Per-level predictions of the multi-scale chains (locnet.study_predict) and their table and
 warnings (locnet.level_errors).
 
 The chains are tiny and untrained (32^3 grid at 5 mm, 3 levels, 4^3 patches) on a random
@@ -13,9 +13,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from locnet import level_errors, predict, pyramid
+from locnet import level_errors, pyramid, study_predict
 from locnet.geometry import Grid
-from locnet.io import write_json_atomic
+from locnet.fileio import write_json_atomic
 from locnet.models import build_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -64,15 +64,15 @@ def test_level_columns_are_the_chain_outputs_in_world_mm(cases, method, cfg, pas
     dirs, table = cases
     model = chain(method, **cfg)
     subsets = {CASES[0]: "val", CASES[1]: "test"}
-    preds = predict.predict_cases(model, dirs, subsets, table, LANDMARKS, passes=passes, seed=4,
+    preds = study_predict.predict_cases(model, dirs, subsets, table, LANDMARKS, passes=passes, seed=4,
                                   progress=False)
     # existing columns first and unchanged, then the levels coarsest to finest
     level_cols = ["level2_x", "level2_y", "level2_z", "error_level2_mm",
                   "level1_x", "level1_y", "level1_z", "error_level1_mm",
                   "level0_x", "level0_y", "level0_z", "error_level0_mm"]
-    fixed = predict.COLUMNS + (predict.NOISE_COLUMNS if passes else [])
+    fixed = study_predict.COLUMNS + (study_predict.NOISE_COLUMNS if passes else [])
     assert list(preds.columns) == fixed + level_cols
-    assert predict.level_columns([0, 1, 2]) == level_cols
+    assert study_predict.level_columns([0, 1, 2]) == level_cols
     truth = {(r.case_id, r.landmark): np.array([r.x, r.y, r.z]) for r in table.itertuples()}
     for d in dirs:
         case = d.name
@@ -107,9 +107,9 @@ def test_single_scale_tables_have_no_level_columns(cases):
     keras.utils.set_random_seed(11)
     model = build_model("locnet_single", {"level": 2, "unet": {"filters": [4, 8]},
                                           "landmarks": LANDMARKS}, GRID)
-    preds = predict.predict_cases(model, dirs[:1], {}, table, LANDMARKS, progress=False)
-    assert list(preds.columns) == predict.COLUMNS
-    assert predict.chain_levels(model) == [] and level_errors.levels_of(preds) == []
+    preds = study_predict.predict_cases(model, dirs[:1], {}, table, LANDMARKS, progress=False)
+    assert list(preds.columns) == study_predict.COLUMNS
+    assert study_predict.chain_levels(model) == [] and level_errors.levels_of(preds) == []
 
 
 # ------------------------------------------------------------------------- the table, by hand

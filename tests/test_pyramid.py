@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from locnet import geometry as geo
-from locnet.io import InputError, load_volume, read_json
+from locnet.fileio import InputError, load_volume, read_json
 from locnet.pyramid import (apply_window, build_pyramid, downsample2, intensity_params,
                             load_level, read_grid, resample_to_grid, stored_affine, to_c_order)
 
@@ -199,7 +199,7 @@ def test_truncated_image_names_the_case(write_nifti, tmp_path):
                       WINDOW, BACKGROUND, tmp_path / "pyr", case="c9")
 
 
-def test_load_level_reads_the_older_layout_and_rejects_a_foreign_affine(write_nifti, tmp_path):
+def test_load_level_refuses_the_older_layout_and_a_foreign_affine(write_nifti, tmp_path):
     data = np.random.default_rng(2).integers(-1000, 1000, size=(14, 12, 10)).astype(np.int16)
     out = tmp_path / "pyr"
     grid = build_pyramid(write_nifti(data, np.diag([1.2, 1.0, 1.6, 1.0]), "c.nii.gz"),
@@ -208,13 +208,20 @@ def test_load_level_reads_the_older_layout_and_rejects_a_foreign_affine(write_ni
     want = [np.array(load_level(out, lv, mmap=False)[0]) for lv in range(2)]
     # rewrite level 1 as pyramids were first written: array [i, j, k], the grid affine as is
     nib.save(nib.Nifti1Image(want[1], grid.level_affine(1)), str(out / "level1.nii"))
-    old, _ = load_level(out, 1)
-    assert old.flags.f_contiguous and not old.flags.c_contiguous
-    np.testing.assert_array_equal(old, want[1])
+    for mmap in (True, False):
+        with pytest.raises(InputError) as info:
+            load_level(out, 1, mmap=mmap)
+        message = str(info.value)
+        assert str(out / "level1.nii") in message and "older [i, j, k] layout" in message
+        assert "re-run the pyramid rule" in message
+        assert f"delete {out}" in message and "--forcerun pyramid" in message
+    # the level left as written still loads
+    np.testing.assert_array_equal(load_level(out, 0)[0], want[0])
     # a level whose affine belongs to another grid is refused, naming the file
     nib.save(nib.Nifti1Image(want[0], np.diag([3.0, 3.0, 3.0, 1.0])), str(out / "level0.nii"))
-    with pytest.raises(InputError, match=r"level0\.nii.*affine"):
+    with pytest.raises(InputError, match=r"level0\.nii: its affine does not match") as info:
         load_level(out, 0)
+    assert "older" not in str(info.value)
 
 
 @pytest.mark.parametrize("threads", [1, 3])

@@ -1,9 +1,16 @@
-"""Loss-weight schedules: weights at 0, 25, 50, 75 and 100 % of training."""
+"""Loss-weight schedules: weights at 0, 25, 50, 75 and 100 % of training; multi-step phases."""
 
 import numpy as np
 import pytest
 
-from locnet.schedules import level_weights, multistep_level, training_fraction
+from locnet.schedules import (
+    Phases,
+    level_weights,
+    multistep_level,
+    multistep_phase,
+    phase_bounds,
+    training_fraction,
+)
 
 # 101 epochs: epochs 0, 25, 50, 75, 100 are exactly t = 0, .25, .5, .75, 1.
 LINEAR_4 = {  # index = level, 0 = finest
@@ -83,3 +90,24 @@ def test_bad_arguments():
         level_weights("linear", -1, 10, 4)
     with pytest.raises(ValueError):
         level_weights("linear", 0, 0, 4)
+
+
+def test_phase_bounds():
+    assert phase_bounds(8, 4) == [(0, 2), (2, 4), (4, 6), (6, 8)]
+    b = phase_bounds(10, 4)
+    assert b[0][0] == 0 and b[-1][1] == 10 and all(x[1] == y[0] for x, y in zip(b, b[1:]))
+    assert multistep_phase(0, 8, 4) == (0, 3) and multistep_phase(7, 8, 4) == (3, 0)
+    assert phase_bounds(2, 3)[-1] == (2, 2)  # too few epochs: an empty last phase
+
+
+def test_phases_of_a_run():
+    ms = Phases(8, 4, multistep=True)
+    assert ms.bounds == phase_bounds(8, 4) and not ms.has_empty_phase()
+    assert [ms.phase_of(e) for e in range(8)] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert [ms.trained_level(p) for p in range(4)] == [3, 2, 1, 0]
+    # history epochs are 1-based: epoch 3 is training epoch 2, the first of phase 1
+    assert ms.history_range(3) == ms.history_range(4) == (3, 4)
+    assert Phases(2, 3, multistep=True).has_empty_phase()
+    one = Phases(8, 4, multistep=False)
+    assert one.bounds == [(0, 8)] and one.phase_of(7) == 0 and one.trained_level(0) is None
+    assert one.history_range(1) == one.history_range(8) == (1, 8)

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import locnet.methods
 import locnet.metrics
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "slurm"))
@@ -66,7 +67,7 @@ def test_tiny_study_on_slurm(slurm_cluster, tiny_study, tmp_path):
             assert m.group(1) != "none" and int(m.group(2)) == 1, m.group(0)
 
     # same study, same seeds, same thread count: the results equal the local run's
-    for method in locnet.metrics.METHODS:
+    for method in locnet.methods.KEYS:
         local = pd.read_csv(tiny_study / "predictions" / method / "seed0.csv")
         slurm = pd.read_csv(results / "predictions" / method / "seed0.csv")
         assert list(local["case_id"]) == list(slurm["case_id"])
@@ -74,7 +75,7 @@ def test_tiny_study_on_slurm(slurm_cluster, tiny_study, tmp_path):
                                    err_msg=method)
     t_slurm = pd.read_csv(results / "tables" / "table1.csv")
     assert set(t_slurm["n_seeds"]) == {1}
-    for method in locnet.metrics.METHODS:
+    for method in locnet.methods.KEYS:
         local = pd.read_csv(tiny_study / "predictions" / method / "seed0.csv")
         row = t_slurm[(t_slurm["scope"] == "all") & (t_slurm["method"] == method)].iloc[0]
         assert row["mean_mm"] == pytest.approx(

@@ -1,4 +1,5 @@
-"""Tests of locnet.train: learning, best-model keeping, save/load, exact resume, multi-step.
+"""Tests of locnet.train (and its resume state, locnet.checkpoint): learning, best-model
+keeping, save/load, exact resume, multi-step.
 
 All tests train the real models of ``locnet.models`` at toy size (a 2-level 16^3 pyramid of
 10 cases with a bright blob per landmark, U-Nets of a few filters), so each run takes seconds.
@@ -14,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from locnet import checkpoint
 from locnet import train as T
 from locnet.data import LandmarkDataset, load_case_inputs
 from locnet.models import predict_position
@@ -49,6 +51,12 @@ def run(cohort, tmp_path, method="multiscale_e2e_noise", method_cfg=E2E_NOISE, e
 
 def history_without_time(path):
     return pd.read_csv(path).drop(columns=["time"])
+
+
+def load_kept(out_dir):
+    """The kept model of ``out_dir`` and its metadata (as inference reads them)."""
+    model = keras.models.load_model(out_dir / "model.keras", compile=False)
+    return model, json.loads((out_dir / "metadata.json").read_text())
 
 
 def saved_weights(out_dir):
@@ -97,7 +105,7 @@ def test_learns_keeps_best_and_round_trips(cohort, tmp_path):
     assert meta["levels"] == [0] and "keras" in meta["versions"]
     assert res["completed"] and res["best_epoch"] == meta["best_epoch"]
     # the saved model is the best epoch: its validation error is the recorded best
-    model, meta2 = T.load_trained(out)
+    model, meta2 = load_kept(out)
     assert meta2 == meta
     val = LandmarkDataset(cohort["val"], [0], cohort["table"], LANDMARKS, shuffle=False)
     T.reseed(model, 0, 0, "val")
@@ -110,7 +118,7 @@ def test_learns_keeps_best_and_round_trips(cohort, tmp_path):
     np.testing.assert_array_equal(predict_position(again, inputs), p1)
     assert p1.shape == (1, 2, 3)
     # a temporary file of a killed run is removed by the next run; none is left behind
-    (out / ".tmp-0123456789ab-history.csv").write_text("partial")  # as io.atomic_write names it
+    (out / ".tmp-0123456789ab-history.csv").write_text("partial")  # as fileio.atomic_write names it
     res = run(cohort, tmp_path, method="locnet_single",
               method_cfg={"level": 0, "unet": {"filters": [4, 8]}}, epochs=5)
     assert res["epochs_done"] == 5
@@ -191,13 +199,6 @@ def test_multistep_phases_freeze_and_resume_mid_phase(cohort, tmp_path):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
-def test_phase_bounds():
-    assert T.phase_bounds(8, 4) == [(0, 2), (2, 4), (4, 6), (6, 8)]
-    b = T.phase_bounds(10, 4)
-    assert b[0][0] == 0 and b[-1][1] == 10 and all(x[1] == y[0] for x, y in zip(b, b[1:]))
-    assert T.multistep_phase(0, 8, 4) == (0, 3) and T.multistep_phase(7, 8, 4) == (3, 0)
-
-
 def test_mean_error_masks_missing_landmarks():
     pred = np.array([[[0, 0, 0], [9, 9, 9]]], float)
     true = np.array([[[3, 4, 0], [0, 0, 0]]], float)
@@ -259,7 +260,7 @@ def test_smoothed_selection_keeps_the_weights_of_its_epoch(cohort, tmp_path):
     res = T.train(*args, tmp_path / "a" / "out", tmp_path / "a" / "state", 2)
     hist = res["history"]
     assert res["best_epoch"] == T.select_epoch(hist.val_error_mm.to_numpy(), 3)[0]
-    model, meta = T.load_trained(tmp_path / "a" / "out")
+    model, meta = load_kept(tmp_path / "a" / "out")
     val = LandmarkDataset(cohort["val"], [0], cohort["table"], LANDMARKS, shuffle=False)
     T.reseed(model, 0, 0, "val")
     assert T.validation_error(model, val) == pytest.approx(meta["best_val_error_mm"], rel=1e-5)
@@ -281,3 +282,40 @@ def test_selection_window_must_be_odd(cohort, tmp_path):
         T.train("locnet_single", {"level": 0, "unet": TINY_UNET},
                 {"epochs": 1, "selection_window": 4}, cohort["grid"], LANDMARKS,
                 cohort["train"], cohort["val"], cohort["table"], tmp_path / "o", tmp_path / "s", 1)
+
+
+# --------------------------------------------------------------------------------------------
+# resume state (locnet.checkpoint)
+# --------------------------------------------------------------------------------------------
+def test_resume_state_round_trip_and_refusals(tmp_path, caplog):
+    log = logging.getLogger("locnet.train")
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+    model.fit(np.ones((2, 2)), np.ones((2, 1)), verbose=0)  # builds the optimizer
+    fp = checkpoint.fingerprint(method="m", seed=1)
+    assert fp == checkpoint.fingerprint(seed=1, method="m") != checkpoint.fingerprint(seed=2)
+    assert checkpoint.load_state(tmp_path, fp, log) is None  # nothing saved yet
+    (tmp_path / "best-000000.npz").write_bytes(b"")
+    (tmp_path / "snap-000001.npz").write_bytes(b"")  # stale: the new state does not name it
+    (tmp_path / "snap-000002.npz").write_bytes(b"")
+    progress = checkpoint.Progress(epoch=2, phase=0, history=[{"epoch": 0, "loss": np.nan}],
+                                   best_epoch=0, best_score=np.nan, best_file="best-000000.npz",
+                                   pending=[2])
+    checkpoint.save_state(tmp_path, model, progress, fingerprint=fp, method="m", total_epochs=3)
+    assert sorted(p.name for p in tmp_path.glob("*.npz")) == [
+        "best-000000.npz", "ckpt-000002.npz", "snap-000002.npz"]
+    state = checkpoint.load_state(tmp_path, fp, log)
+    again = checkpoint.progress_from_state(state)
+    assert np.isnan(again.best_score) and np.isnan(again.history[0]["loss"])
+    assert (again.epoch, again.pending, again.best_file) == (2, [2], "best-000000.npz")
+    with np.load(tmp_path / state["checkpoint"]) as arrays:
+        assert any(k.startswith("optimizer/") for k in arrays.files)
+    # another configuration, a missing array, an unreadable file: start afresh, saying why
+    with caplog.at_level(logging.WARNING, logger="locnet.train"):
+        assert checkpoint.load_state(tmp_path, checkpoint.fingerprint(seed=2), log) is None
+        (tmp_path / "snap-000002.npz").unlink()
+        assert checkpoint.load_state(tmp_path, fp, log) is None
+        (tmp_path / "state.json").write_text("{")
+        assert checkpoint.load_state(tmp_path, fp, log) is None
+    assert ["another configuration" in caplog.text, "lacks ['snap-000002.npz']" in caplog.text,
+            "unreadable resume state" in caplog.text] == [True, True, True]

@@ -12,12 +12,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import locnet.methods
 import locnet.metrics
 
 from conftest import run_snakemake
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = list(locnet.metrics.METHODS)  # Table 1's order
+METHODS = list(locnet.methods.KEYS)  # Table 1's order
 SEEDS = [0, 1]  # config/tiny.yaml: training.seeds 2
 
 
@@ -356,7 +357,7 @@ def test_a_replaced_scan_rebuilds_its_pyramid_and_a_job_sweeps_its_stale_tempora
     assert counts.get("ingest") == 1 and counts.get("pyramid") == 4, run.stdout[-3000:]
     assert "reason: Updated input files: " + str(scan) in run.stdout + run.stderr
 
-    # temporaries of killed writers of this job's outputs (locnet.io.atomic_write names)
+    # temporaries of killed writers of this job's outputs (locnet.fileio.atomic_write names)
     stale = [res / "pyramid" / "p2" / ".tmp-0123456789ab-level0.nii",
              res / "pyramid" / "p2" / ".tmp-ba9876543210-grid.json",
              res / "data" / ".tmp-00000000beef-manifest.staged.csv"]
@@ -400,9 +401,9 @@ def test_a_failed_re_ingest_keeps_the_last_good_tables(files_study):
 
 
 def test_run_methods_selects_the_methods_and_configfiles_merge(tmp_path):
-    import yaml
+    import locnet.config
 
-    schema = yaml.safe_load((ROOT / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    schema = locnet.config.load_schema()  # the method list comes from the registry
     run_methods = schema["properties"]["run_methods"]
     assert run_methods["items"]["enum"] == METHODS and run_methods["default"] == METHODS
 
@@ -488,3 +489,51 @@ def test_results_page_numbers_are_table1s(tiny_study):
         if isinstance(r.paper_mean_sd, str) and r.paper_mean_sd:
             assert f"| {r.paper_mean_sd} |" in part  # the paper's, in its labelled column
     assert "`config/tiny.yaml`" in page and "### What this run can and cannot conclude" in page
+
+
+def test_snakemake_lint_is_clean(tmp_path):
+    """`snakemake --lint` finds nothing to complain about (log and benchmark files, script
+    paths, no absolute paths, mixed rules and functions...)."""
+    run = snakemake_in(ROOT, tmp_path, "--lint", timeout=300)
+    text = run.stdout + run.stderr
+    assert run.returncode == 0, text[-4000:]
+    assert "Congratulations, your workflow is in a good condition!" in text, text[-4000:]
+
+
+def test_rule_infer_gives_the_study_its_own_predictions(tiny_study, tmp_path):
+    """Rule infer (locnet.inference.predict_batch) on study scans named by their case ids
+    reproduces the study's predictions of those cases, writes markups and overlays, and
+    takes the noise seed and passes of the study (quality.json)."""
+    import json
+    import shutil
+
+    work = tmp_path / "work"
+    shutil.copytree(tiny_study.parent, work, symlinks=True)
+    res = work / "results"
+    method = locnet.methods.PROPOSED
+    split = pd.read_csv(res / "data" / "split.csv")
+    cases = sorted(split.loc[split["subset"] == "test", "case_id"])
+    images = {c: res / "synthetic" / "images" / f"{c}.nii.gz" for c in cases}
+    manifest = tmp_path / "new_scans.csv"
+    manifest.write_text("case_id,image\n" + "".join(f"{c},{p}\n" for c, p in images.items()))
+    overlay = tmp_path / "infer.yaml"
+    overlay.write_text(f"results: results\ninference: {{manifest: {manifest}}}\n")
+    run = run_snakemake(work, f"results/inference/{method}/landmarks.csv", "--cores", "2",
+                        "--resources", "gpu=1", "--configfile",
+                        str(ROOT / "config" / "tiny.yaml"), str(overlay))
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    out = res / "inference" / method
+    table = pd.read_csv(out / "landmarks.csv")
+    assert sorted(set(table["case_id"])) == cases and len(table) == 2 * len(cases)
+    doc = json.loads((out / "landmarks.json").read_text())
+    assert doc["seed_source"] == "quality.json" and not doc["failed"]
+    for c in cases:
+        assert json.loads((out / f"{c}.mrk.json").read_text())["markups"][0]["controlPoints"]
+        assert (out / f"{c}_overlay.png").stat().st_size > 1000
+    study = pd.read_csv(res / "predictions" / method / "seed0.csv")
+    merged = table.merge(study, on=["case_id", "landmark"])
+    assert len(merged) == len(table)
+    for a in "xyz":
+        np.testing.assert_allclose(merged[f"{a}_ras"], merged[a], atol=1e-3)
+    np.testing.assert_allclose(merged["conf_volume_mm3_x"], merged["conf_volume_mm3_y"],
+                               rtol=1e-3)

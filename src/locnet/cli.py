@@ -16,7 +16,6 @@ folder or an output folder that cannot be written (checked before any scan is co
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import tempfile
@@ -140,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _scan_list(args, parser) -> list[tuple[str, Path]]:
     from .inference import case_id_from_path
-    from .io import InputError, read_manifest
+    from .fileio import InputError, read_manifest
 
     items: list[tuple[str, Path]] = []
     if args.manifest:
@@ -159,15 +158,6 @@ def _scan_list(args, parser) -> list[tuple[str, Path]]:
                          "--manifest to name the cases")
         seen[case] = path
     return items
-
-
-def _json_value(v):
-    if isinstance(v, float) and math.isnan(v):
-        return None
-    if hasattr(v, "item"):
-        v = v.item()
-        return None if isinstance(v, float) and math.isnan(v) else v
-    return v
 
 
 def _out_problem(out: Path) -> str | None:
@@ -189,11 +179,9 @@ def _out_problem(out: Path) -> str | None:
 
 
 def predict_command(args, parser) -> int:
-    import pandas as pd
     from tqdm import tqdm
 
-    from . import inference, quality, slicer
-    from .io import write_csv_atomic, write_json_atomic
+    from . import inference
 
     scans = _scan_list(args, parser)
     out = Path(args.out)
@@ -206,112 +194,20 @@ def predict_command(args, parser) -> int:
     except (inference.ModelDirError, ValueError) as exc:
         print(f"locnet: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return EXIT_USAGE
-    threshold = args.threshold if args.threshold is not None else lm.threshold_mm3
-    passes = lm.default_passes if args.passes is None else args.passes
-    min_cov = inference.DEFAULT_MIN_COVERAGE if args.min_coverage is None else args.min_coverage
-    seed = args.seed if args.seed is not None else lm.study_seed
-    seed_source = ("--seed" if args.seed is not None else
-                   "quality.json" if seed is not None else "default")
-    seed = inference.DEFAULT_SEED if seed is None else seed
-    estimator = args.estimator or lm.estimator
-    if (lm.noisy and passes > 1 and args.threshold is None and threshold is not None
-            and estimator != lm.estimator):
-        print(f"locnet: warning: the quality threshold of {lm.model_dir / 'quality.json'} was "
-              f"chosen with the {lm.estimator!r} estimator, these passes use {estimator!r}: "
-              "their confidence volumes differ, so the flags may not mean what the threshold "
-              "promises", file=sys.stderr)
-    if lm.noisy and threshold is None and passes > 1 and not args.quiet:
-        print(f"locnet: note: no --threshold and no {lm.model_dir / 'quality.json'}: "
-              "the quality column stays empty", file=sys.stderr)
-    if lm.noisy and passes > 0 and seed_source == "default":
-        print(f"locnet: note: {lm.model_dir / 'quality.json'} records no noise seed of the "
-              f"study's predictions: using seed {seed}, so study scans will not get the "
-              "study's numbers exactly", file=sys.stderr)
-    if lm.intensity is None:
-        print(f"locnet: note: {lm.model_dir / 'metadata.json'} has no intensity summary of the "
-              "training cases (a model trained before it was recorded): scans are not "
-              "compared with the training cohort's intensities", file=sys.stderr)
-
-    rows, cases, failed = [], [], []
-    bar = tqdm(scans, desc="scans", unit="scan", disable=args.quiet, file=sys.stderr)
-    for case, path in bar:
-        bar.set_postfix_str(case, refresh=False)
-        try:
-            res = inference.predict_scan(lm, path, case, passes=passes, seed=seed,
-                                         threshold_mm3=threshold, min_coverage=min_cov,
-                                         threads=args.threads, estimator=estimator)
-            if res.intensity_outliers:
-                tqdm.write(f"{case}: warning: intensities atypical of the training cases: "
-                           f"{'; '.join(res.intensity_outliers)} ({path})", file=sys.stderr)
-            descriptions = []
-            for r in res.rows():
-                d = f"locnet {lm.method}"
-                if not math.isnan(r["conf_volume_mm3"]):
-                    d += (f"; sd {r['sd_x']:.2f},{r['sd_y']:.2f},{r['sd_z']:.2f} mm; 90% volume "
-                          f"{r['conf_volume_mm3']:.0f} mm3")
-                if r["quality"]:
-                    d += f"; quality {r['quality']}"
-                if r["intensity"] == inference.ATYPICAL:
-                    d += "; intensities atypical of the training cases"
-                descriptions.append(d)
-            slicer.write_markups(out / f"{case}.mrk.json", res.landmarks, res.world, descriptions)
-            if not args.no_overlay:
-                inference.write_overlay(res, out / f"{case}_overlay.png")
-        except inference.ScanError as exc:
-            failed.append({"case_id": case, "image": str(path), "reason": str(exc)})
-            tqdm.write(f"{case}: {exc}", file=sys.stderr)
-            continue
-        except Exception as exc:  # an unexpected failure must not stop the other scans
-            reason = " ".join(f"{type(exc).__name__}: {exc}".split())
-            failed.append({"case_id": case, "image": str(path), "reason": reason})
-            tqdm.write(f"{case}: {reason}", file=sys.stderr)
-            continue
-        case_rows = res.rows()
-        rows += case_rows
-        cases.append({
-            "case_id": case, "image": str(path), "field_of_view_coverage": res.coverage,
-            "grid_origin_ras_mm": list(res.grid.origin),
-            "intensity": {"flag": res.intensity_flag or None, "statistics": res.intensity,
-                          "outside_training_range": res.intensity_outliers},
-            "landmarks": {r["landmark"]: {k: _json_value(v) for k, v in r.items()
-                                          if k not in ("case_id", "image", "landmark")}
-                          for r in case_rows},
-        })
-    bar.close()
-
-    columns = ["case_id", "image", "landmark", "x_ras", "y_ras", "z_ras", "x_lps", "y_lps",
-               "z_lps", "i", "j", "k", "sd_x", "sd_y", "sd_z", "conf_volume_mm3",
-               "conf_volume_calibrated_mm3", "quality", "intensity"]
-    summary = lm.intensity
-    doc = {
-        "model": str(lm.model_dir), "method": lm.method, "landmarks": lm.landmarks,
-        "preprocessing": lm.params, "noisy": lm.noisy,
-        "passes": passes if lm.noisy else 0, "seed": seed, "seed_source": seed_source,
-        "sd_scale": lm.sd_scale,
-        "estimator": estimator if lm.noisy and passes > 0 else None,
-        "confidence": lm.confidence, "quality_threshold_mm3": threshold,
-        "min_coverage": min_cov,
-        "intensity_check": None if summary is None else {
-            "training": summary, "margin_robust_sd": quality.INTENSITY_MARGIN,
-            "min_robust_sd": quality.MIN_SPREAD,
-            "rule": "a statistic is atypical when it lies outside the training cases' "
-                    "[min, max] and more than margin_robust_sd robust sds (at least "
-                    "min_robust_sd) from their median"},
-        "coordinates": {"ras": "world RAS mm (x_ras, y_ras, z_ras)",
-                        "lps": "world LPS mm = RAS with x and y negated",
-                        "voxel": "fractional index (i, j, k) of the original scan, "
-                                 "world = affine @ [i, j, k, 1]",
-                        "markups": "OUT/{case}.mrk.json, LPS mm"},
-        "cases": cases, "failed": failed,
-    }
+    settings, notes = inference.batch_settings(
+        lm, passes=args.passes, seed=args.seed, estimator=args.estimator,
+        threshold_mm3=args.threshold, min_coverage=args.min_coverage, threads=args.threads,
+        overlays=not args.no_overlay, quiet=args.quiet)
+    for note in notes:
+        print(f"locnet: {note}", file=sys.stderr)
     try:
-        write_csv_atomic(pd.DataFrame(rows, columns=columns), out / "landmarks.csv", na_rep="")
-        write_json_atomic(doc, out / "landmarks.json")
+        doc = inference.predict_batch(lm, scans, out, settings, progress=not args.quiet,
+                                      report=lambda line: tqdm.write(line, file=sys.stderr))
     except OSError as exc:
         print(f"locnet: error: cannot write the results to {out}: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    if failed:
-        print(f"locnet: {len(failed)} of {len(scans)} scan(s) failed", file=sys.stderr)
+    if doc["failed"]:
+        print(f"locnet: {len(doc['failed'])} of {len(scans)} scan(s) failed", file=sys.stderr)
         return EXIT_SCAN_FAILED
     return EXIT_OK
 

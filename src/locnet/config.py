@@ -1,4 +1,4 @@
-"""Load and validate a study config against ``workflow/schemas/config.schema.yaml``.
+"""Load and validate a study config against the schema ``locnet/config.schema.yaml``.
 
 Validation fills defaults from the schema and stops on unknown keys or wrong types with a
 message that names each offending key path (``pyramid.finest_shape: ...``), so a typo never
@@ -11,12 +11,16 @@ problems are reported together, each naming the key to change and values that wo
 from __future__ import annotations
 
 import copy
+import functools
 from pathlib import Path
 
 import jsonschema
 import yaml
 
-SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+from locnet import methods as method_registry
+
+#: the config schema (JSON schema draft 7 in YAML), shipped inside the package
+SCHEMA_PATH = Path(__file__).resolve().with_name("config.schema.yaml")
 
 
 class ConfigError(ValueError):
@@ -38,8 +42,18 @@ def _default_filling_validator():
 
 
 def load_schema(path: str | Path = SCHEMA_PATH) -> dict:
+    """The config schema, with the method list of the registry (:mod:`locnet.methods`) filled
+    in: ``run_methods`` accepts (and defaults to) every registered method, and ``methods``
+    has one block of ``definitions.method`` per registered method."""
     with open(path) as fh:
-        return yaml.safe_load(fh)
+        schema = yaml.safe_load(fh)
+    props = schema["properties"]
+    keys = list(method_registry.KEYS)
+    props["run_methods"]["items"] = {"enum": keys}
+    props["run_methods"]["default"] = keys
+    props["methods"]["properties"] = {
+        k: {"$ref": "#/definitions/method", "default": {}} for k in keys}
+    return schema
 
 
 def _key_path(error: jsonschema.ValidationError) -> str:
@@ -67,13 +81,42 @@ def validate(config: dict, schema: dict | None = None) -> dict:
     return cfg
 
 
-#: the methods that read one whole pyramid level, and the multi-scale chains
-SINGLE_LEVEL_METHODS = ("heatmap_unet", "locnet_single", "patch_baseline")
-MULTISCALE_METHODS = ("multiscale_multistep", "multiscale_e2e", "multiscale_e2e_noise")
-#: the model defaults of the size keys (``locnet.models.MODEL_DEFAULTS``; kept equal by a test,
-#: here so that validating a config does not import the deep-learning backend)
-DEFAULT_LEVEL = 1
-DEFAULT_PATCH = 16
+#: the methods that read one whole pyramid level, and the multi-scale chains (from the registry)
+SINGLE_LEVEL_METHODS = method_registry.single_level()
+MULTISCALE_METHODS = method_registry.multiscale()
+
+
+@functools.lru_cache(maxsize=1)
+def _default_schema() -> dict:
+    return load_schema()
+
+
+def defaults(*path: str, schema: dict | None = None) -> dict:
+    """The schema's defaults of the object at ``path`` (``"training"``,
+    ``"definitions", "method"``): ``{key: default}`` for each property that has one. The
+    schema is the one source of every default; the code reads them from here."""
+    schema = _default_schema() if schema is None else schema
+    node = schema
+    for key in path:
+        node = node["properties"][key] if key in node.get("properties", {}) else node[key]
+    if "$ref" in node:
+        node = defaults(*node["$ref"].lstrip("#/").split("/"), schema=schema)
+        return node
+    return {k: copy.deepcopy(v["default"]) for k, v in node.get("properties", {}).items()
+            if "default" in v}
+
+
+def model_defaults() -> dict:
+    """The defaults of a method's model keys: ``definitions.method`` (without ``enabled``)
+    with the shared ``unet`` block's defaults under ``unet``."""
+    out = {k: v for k, v in defaults("definitions", "method").items() if k != "enabled"}
+    out["unet"] = defaults("definitions", "unet")
+    return out
+
+
+_MODEL_DEFAULTS = model_defaults()
+DEFAULT_LEVEL = _MODEL_DEFAULTS["level"]
+DEFAULT_PATCH = _MODEL_DEFAULTS["patch"]
 
 
 def _nearby(n: int, d: int, least: int) -> str:

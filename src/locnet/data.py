@@ -76,7 +76,7 @@ def load_case_inputs(
 def read_landmark_table(table) -> pd.DataFrame:
     """A landmark table (DataFrame or CSV path) with ``case_id`` as string."""
     if not isinstance(table, pd.DataFrame):
-        from locnet.io import read_landmarks
+        from locnet.fileio import read_landmarks
 
         table = read_landmarks(table)
     table = table.copy()

@@ -4,7 +4,7 @@ Every function draws one figure, saves it as ``{out_prefix}.png`` (300 dpi) and
 ``{out_prefix}.pdf`` (text kept as text), atomically, and returns ``[png_path, pdf_path]``.
 Figures are sized for a paper: 3.5 in wide for one column, 7 in for two columns, with 7 pt
 text. Methods always appear in Table 1's order, with the fixed colours of
-:data:`locnet.metrics.METHODS` and the labels of :func:`locnet.metrics.method_label` (inside
+:data:`locnet.methods.REGISTRY` and the labels of :func:`locnet.metrics.method_label` (inside
 ``with locnet.metrics.labels_from_config(config):`` they give the spacings of the run's
 levels). Any number of landmarks stays readable: up to 8 get the Okabe-Ito colours, more get
 20 distinct colours (tab20) and, beyond 20, distinct markers too. No pyplot state is used
@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 import textwrap
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib as mpl
@@ -28,8 +28,12 @@ import seaborn as sns
 from matplotlib import patheffects
 from matplotlib.figure import Figure
 
+from locnet.fileio import atomic_write
+
+from .methods import HEATMAP_FIGURE
 from .metrics import (
     PROPOSED_METHOD,
+    chi2_radius_sq,
     errors_of,
     landmark_order,
     method_color,
@@ -51,6 +55,8 @@ __all__ = [
     "confidence_vs_error",
     "training_curves",
     "heatmap_figure",
+    "overlay_figure",
+    "write_overlay",
 ]
 
 DPI = 300
@@ -116,21 +122,14 @@ def _legend_columns(n: int, width_in: float, longest: int, fontsize: float) -> i
 
 
 def save_figure(fig: Figure, out_prefix: str | os.PathLike) -> list[Path]:
-    """Save ``fig`` as ``{out_prefix}.png`` and ``.pdf`` via temporary files + ``os.replace``."""
+    """Save ``fig`` as ``{out_prefix}.png`` and ``.pdf``, each atomically
+    (:func:`locnet.fileio.atomic_write`)."""
     prefix = Path(out_prefix)
-    prefix.parent.mkdir(parents=True, exist_ok=True)
     paths = []
     for ext in ("png", "pdf"):
         path = prefix.with_name(f"{prefix.name}.{ext}")
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".{ext}", dir=path.parent)
-        os.close(fd)
-        try:
-            fig.savefig(tmp, format=ext, dpi=DPI)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with atomic_write(path) as tmp:
+            fig.savefig(tmp, format=ext, dpi=DPI)  # the format is not left to the file name
         paths.append(path)
     return paths
 
@@ -562,6 +561,180 @@ def _grid(affine_or_spacing, shape) -> tuple[np.ndarray, np.ndarray]:
     raise ValueError(f"affine_or_spacing must be a 4x4 affine or 1/3 spacings, got {a.shape}")
 
 
+_VIEWS = ("sagittal", "axial")
+#: edge letters of a slice (left, right, top, bottom): sagittal anterior (+y) on the left,
+#: axial the patient's right (+x) on the left (radiological)
+_EDGE_LETTERS = {"sagittal": ("A", "P", "S", "I"), "axial": ("R", "L", "A", "P")}
+
+
+def _as_3d(arr, what: str) -> np.ndarray:
+    """``arr`` as a float 3D array (a trailing axis of length 1 dropped)."""
+    a = np.asarray(arr, dtype=float)
+    if a.ndim == 4 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if a.ndim != 3:
+        raise ValueError(f"{what} must be 3D, got shape {a.shape}")
+    return a
+
+
+def _display_window(vol: np.ndarray) -> tuple[float, float]:
+    """The 1st-99.5th percentiles of the finite values (a range of at least 1)."""
+    finite = vol[np.isfinite(vol)]
+    window = tuple(np.percentile(finite, [1.0, 99.5])) if finite.size else (0.0, 1.0)
+    if window[1] <= window[0]:
+        window = (window[0], window[0] + 1.0)
+    return window
+
+
+@dataclass
+class _SliceFigure:
+    """What every panel of :func:`heatmap_figure` needs: the volume's grid (``sp``, ``org``),
+    the outer boundary of its field of view, the world point the slices pass through and the
+    overlays ``(title, map, spacing, origin)``."""
+
+    vol: np.ndarray
+    sp: np.ndarray
+    org: np.ndarray
+    lo_edge: np.ndarray
+    hi_edge: np.ndarray
+    truth: np.ndarray
+    pred: np.ndarray
+    c_w: np.ndarray
+    maps: list
+    window: tuple
+    crop_mm: float | None
+    map_alpha: float
+    width_in: float
+
+    def to_world(self, v):
+        return self.org + self.sp * v
+
+    def slab(self, arr, a_sp, a_org, view):
+        """2D slice (rows = vertical axis) and its extent, through world point c_w."""
+        ax_fix = 0 if view == "sagittal" else 2
+        idx = int(np.clip(np.round((self.c_w[ax_fix] - a_org[ax_fix]) / a_sp[ax_fix]), 0,
+                          arr.shape[ax_fix] - 1))
+        sl = arr[idx, :, :] if view == "sagittal" else arr[:, :, idx]
+        h, v = (1, 2) if view == "sagittal" else (0, 1)   # horizontal / vertical world axis
+        lo, hi = self.lo_edge, self.hi_edge
+        return sl.T, [lo[h], hi[h], lo[v], hi[v]], h, v
+
+    def height_ratios(self) -> list[float]:
+        """Height / width of each row's (cropped) slices."""
+        ratios = []
+        for view in _VIEWS:
+            _, ext, _, _ = self.slab(self.vol, self.sp, self.org, view)
+            wv, hv = ext[1] - ext[0], ext[3] - ext[2]
+            if self.crop_mm:
+                wv, hv = min(wv, 2 * self.crop_mm), min(hv, 2 * self.crop_mm)
+            ratios.append(hv / wv)
+        return ratios
+
+
+def _slice_figure(volume, affine_or_spacing, truth_vox, pred_vox, locnet_map, heatmap_map,
+                  window, crop_mm, map_alpha, width_in) -> _SliceFigure:
+    """Check the inputs of :func:`heatmap_figure` and work out the geometry of its panels."""
+    vol = _as_3d(volume, "volume")
+    sp, org = _grid(affine_or_spacing, vol.shape)
+    shape = np.array(vol.shape, dtype=float)
+    lo_edge = org - sp / 2.0                      # outer boundary of the field of view
+    hi_edge = org + sp * (shape - 0.5)
+    truth = np.asarray(truth_vox, dtype=float).reshape(3)
+    pred = np.asarray(pred_vox, dtype=float).reshape(3)
+    centre = truth if np.all(np.isfinite(truth)) else pred
+    if not np.all(np.isfinite(centre)):
+        raise ValueError("need a finite truth or prediction to choose the slices")
+    maps = []
+    locnet_method, heatmap_method = HEATMAP_FIGURE
+    for title, mp in ((method_label(locnet_method) + " map", locnet_map),
+                      (method_label(heatmap_method), heatmap_map)):
+        if mp is None:
+            continue
+        mp = _as_3d(mp, "output maps")
+        msp = (hi_edge - lo_edge) / np.array(mp.shape, dtype=float)
+        maps.append((title, mp, msp, lo_edge + msp / 2.0))
+    if window is None:
+        window = _display_window(vol)
+    return _SliceFigure(vol=vol, sp=sp, org=org, lo_edge=lo_edge, hi_edge=hi_edge, truth=truth,
+                        pred=pred, c_w=org + sp * centre, maps=maps, window=window,
+                        crop_mm=crop_mm, map_alpha=map_alpha, width_in=width_in)
+
+
+def _draw_overlay(ax, sf: _SliceFigure, c: int, r: int, view: str, ext) -> None:
+    """Column ``c``'s output map over the image, opacity growing with the value."""
+    title, mp, msp, morg = sf.maps[c - 1]
+    mimg, _, _, _ = sf.slab(mp, msp, morg, view)
+    mx = np.nanmax(mimg) if np.isfinite(mimg).any() else 0.0
+    norm = np.clip(np.nan_to_num(mimg) / mx, 0, 1) if mx > 0 else \
+        np.zeros_like(mimg)
+    rgba = mpl.colormaps["inferno"](norm)
+    rgba[..., 3] = sf.map_alpha * np.sqrt(norm)
+    ax.imshow(rgba, origin="lower", extent=ext, interpolation="nearest",
+              aspect="equal")
+    if r == 0:
+        ax.set_title(_fit_width(title, sf.width_in / (1 + len(sf.maps)) - 0.2, 7))
+
+
+def _draw_marks(ax, sf: _SliceFigure, h: int, v: int, halo) -> None:
+    """The truth (``+``, cyan) and the prediction (``x``, red), projected onto the slice."""
+    if np.all(np.isfinite(sf.truth)):
+        tw = sf.to_world(sf.truth)
+        ax.plot(tw[h], tw[v], "+", color="#00E5FF", markersize=7,
+                markeredgewidth=1.3, path_effects=halo)
+    if np.all(np.isfinite(sf.pred)):
+        pw = sf.to_world(sf.pred)
+        ax.plot(pw[h], pw[v], "x", color="#FF3030", markersize=5,
+                markeredgewidth=1.3, path_effects=halo)
+
+
+def _frame_slice(ax, sf: _SliceFigure, view: str, ext, h: int, v: int) -> None:
+    """Limits (cropped around the slice centre), no ticks, the edge letters."""
+    c_w, crop_mm = sf.c_w, sf.crop_mm
+    xl, yl = (ext[0], ext[1]), (ext[2], ext[3])
+    if crop_mm:
+        xl = (max(xl[0], c_w[h] - crop_mm), min(xl[1], c_w[h] + crop_mm))
+        yl = (max(yl[0], c_w[v] - crop_mm), min(yl[1], c_w[v] + crop_mm))
+    # sagittal: anterior (+y) on the left; axial: patient's right (+x) on the left
+    ax.set_xlim(xl[1], xl[0])
+    ax.set_ylim(*yl)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    left, right, top, bottom = _EDGE_LETTERS[view]
+    for s, (x, y, ha, va) in {left: (0.02, 0.5, "left", "center"),
+                              right: (0.98, 0.5, "right", "center"),
+                              top: (0.5, 0.98, "center", "top"),
+                              bottom: (0.5, 0.02, "center", "bottom")}.items():
+        ax.text(x, y, s, transform=ax.transAxes, ha=ha, va=va, color="white",
+                fontsize=6, fontweight="bold")
+
+
+def _draw_slice_panel(ax, sf: _SliceFigure, r: int, c: int, view: str, img, ext, h: int,
+                      v: int, halo) -> None:
+    """One panel: row ``r`` (``view``), column ``c`` (0: the image alone, else a map)."""
+    ax.imshow(img, cmap="gray", origin="lower", extent=ext, vmin=sf.window[0],
+              vmax=sf.window[1], interpolation="nearest", aspect="equal")
+    if c > 0:
+        _draw_overlay(ax, sf, c, r, view, ext)
+    elif r == 0:
+        ax.set_title("Image")
+    _draw_marks(ax, sf, h, v, halo)
+    _frame_slice(ax, sf, view, ext, h, v)
+    if c == 0:
+        ax.set_ylabel(view.capitalize())
+
+
+def _heatmap_heading(sf: _SliceFigure, landmark_name: str, case_id: str | None) -> str:
+    err = (float(np.linalg.norm(sf.sp * (sf.pred - sf.truth)))
+           if np.all(np.isfinite(sf.truth)) and np.all(np.isfinite(sf.pred)) else np.nan)
+    head = f"{landmark_name.replace('_', ' ')}"
+    if case_id is not None:
+        head = f"{case_id}: {head}"
+    if np.isfinite(err):
+        head += f", error {err:.2f} mm"
+    head += "  (+ truth, × prediction)"
+    return head
+
+
 def heatmap_figure(
     volume: np.ndarray,
     affine_or_spacing,
@@ -599,120 +772,108 @@ def heatmap_figure(
     ``window`` is the display range of ``volume`` (default: its 1st-99.5th percentiles);
     ``crop_mm`` zooms to +-crop_mm around the slice centre.
     """
-    vol = np.asarray(volume, dtype=float)
-    if vol.ndim == 4 and vol.shape[-1] == 1:
-        vol = vol[..., 0]
-    if vol.ndim != 3:
-        raise ValueError(f"volume must be 3D, got shape {vol.shape}")
-    sp, org = _grid(affine_or_spacing, vol.shape)
-    shape = np.array(vol.shape, dtype=float)
-    lo_edge = org - sp / 2.0                      # outer boundary of the field of view
-    hi_edge = org + sp * (shape - 0.5)
-    truth = np.asarray(truth_vox, dtype=float).reshape(3)
-    pred = np.asarray(pred_vox, dtype=float).reshape(3)
-    centre = truth if np.all(np.isfinite(truth)) else pred
-    if not np.all(np.isfinite(centre)):
-        raise ValueError("need a finite truth or prediction to choose the slices")
-    to_world = lambda v: org + sp * v  # noqa: E731
-    c_w = to_world(centre)
-    err = (float(np.linalg.norm(sp * (pred - truth)))
-           if np.all(np.isfinite(truth)) and np.all(np.isfinite(pred)) else np.nan)
-
-    maps = []
-    for title, mp in ((method_label("locnet_single") + " map", locnet_map),
-                      (method_label("heatmap_unet"), heatmap_map)):
-        if mp is None:
-            continue
-        mp = np.asarray(mp, dtype=float)
-        if mp.ndim == 4 and mp.shape[-1] == 1:
-            mp = mp[..., 0]
-        if mp.ndim != 3:
-            raise ValueError(f"output maps must be 3D, got shape {mp.shape}")
-        msp = (hi_edge - lo_edge) / np.array(mp.shape, dtype=float)
-        maps.append((title, mp, msp, lo_edge + msp / 2.0))
-
-    if window is None:
-        finite = vol[np.isfinite(vol)]
-        window = tuple(np.percentile(finite, [1.0, 99.5])) if finite.size else (0.0, 1.0)
-        if window[1] <= window[0]:
-            window = (window[0], window[0] + 1.0)
-
-    def slab(arr, a_sp, a_org, view):
-        """2D slice (rows = vertical axis) and its extent, through world point c_w."""
-        ax_fix = 0 if view == "sagittal" else 2
-        idx = int(np.clip(np.round((c_w[ax_fix] - a_org[ax_fix]) / a_sp[ax_fix]), 0,
-                          arr.shape[ax_fix] - 1))
-        sl = arr[idx, :, :] if view == "sagittal" else arr[:, :, idx]
-        h, v = (1, 2) if view == "sagittal" else (0, 1)   # horizontal / vertical world axis
-        return sl.T, [lo_edge[h], hi_edge[h], lo_edge[v], hi_edge[v]], h, v
-
-    views = ["sagittal", "axial"]
-    ncols = 1 + len(maps)
-    ratios = []
-    for view in views:
-        _, ext, _, _ = slab(vol, sp, org, view)
-        wv, hv = ext[1] - ext[0], ext[3] - ext[2]
-        if crop_mm:
-            wv, hv = min(wv, 2 * crop_mm), min(hv, 2 * crop_mm)
-        ratios.append(hv / wv)
+    sf = _slice_figure(volume, affine_or_spacing, truth_vox, pred_vox, locnet_map, heatmap_map,
+                       window, crop_mm, map_alpha, width_in)
+    ncols = 1 + len(sf.maps)
+    ratios = sf.height_ratios()
     height_in = width_in / ncols * sum(ratios) + 0.5
     halo = [patheffects.withStroke(linewidth=2.2, foreground="black")]
-    letters = {"sagittal": ("A", "P", "S", "I"), "axial": ("R", "L", "A", "P")}
-
     with mpl.rc_context({**_RC, "axes.spines.top": True, "axes.spines.right": True}):
         fig = _new_figure(width_in, height_in)
         axes = fig.subplots(2, ncols, squeeze=False, height_ratios=ratios)
-        for r, view in enumerate(views):
-            img, ext, h, v = slab(vol, sp, org, view)
+        for r, view in enumerate(_VIEWS):
+            img, ext, h, v = sf.slab(sf.vol, sf.sp, sf.org, view)
             for c in range(ncols):
-                ax = axes[r, c]
-                ax.imshow(img, cmap="gray", origin="lower", extent=ext, vmin=window[0],
-                          vmax=window[1], interpolation="nearest", aspect="equal")
-                if c > 0:
-                    title, mp, msp, morg = maps[c - 1]
-                    mimg, _, _, _ = slab(mp, msp, morg, view)
-                    mx = np.nanmax(mimg) if np.isfinite(mimg).any() else 0.0
-                    norm = np.clip(np.nan_to_num(mimg) / mx, 0, 1) if mx > 0 else \
-                        np.zeros_like(mimg)
-                    rgba = mpl.colormaps["inferno"](norm)
-                    rgba[..., 3] = map_alpha * np.sqrt(norm)
-                    ax.imshow(rgba, origin="lower", extent=ext, interpolation="nearest",
-                              aspect="equal")
-                    if r == 0:
-                        ax.set_title(_fit_width(title, width_in / ncols - 0.2, 7))
-                elif r == 0:
-                    ax.set_title("Image")
-                if np.all(np.isfinite(truth)):
-                    tw = to_world(truth)
-                    ax.plot(tw[h], tw[v], "+", color="#00E5FF", markersize=7,
-                            markeredgewidth=1.3, path_effects=halo)
-                if np.all(np.isfinite(pred)):
-                    pw = to_world(pred)
-                    ax.plot(pw[h], pw[v], "x", color="#FF3030", markersize=5,
-                            markeredgewidth=1.3, path_effects=halo)
-                xl, yl = (ext[0], ext[1]), (ext[2], ext[3])
-                if crop_mm:
-                    xl = (max(xl[0], c_w[h] - crop_mm), min(xl[1], c_w[h] + crop_mm))
-                    yl = (max(yl[0], c_w[v] - crop_mm), min(yl[1], c_w[v] + crop_mm))
-                # sagittal: anterior (+y) on the left; axial: patient's right (+x) on the left
-                ax.set_xlim(xl[1], xl[0])
-                ax.set_ylim(*yl)
-                ax.set_xticks([])
-                ax.set_yticks([])
-                left, right, top, bottom = letters[view]
-                for s, (x, y, ha, va) in {left: (0.02, 0.5, "left", "center"),
-                                          right: (0.98, 0.5, "right", "center"),
-                                          top: (0.5, 0.98, "center", "top"),
-                                          bottom: (0.5, 0.02, "center", "bottom")}.items():
-                    ax.text(x, y, s, transform=ax.transAxes, ha=ha, va=va, color="white",
-                            fontsize=6, fontweight="bold")
-                if c == 0:
-                    ax.set_ylabel(view.capitalize())
-        head = f"{landmark_name.replace('_', ' ')}"
-        if case_id is not None:
-            head = f"{case_id}: {head}"
-        if np.isfinite(err):
-            head += f", error {err:.2f} mm"
-        head += "  (+ truth, × prediction)"
-        fig.suptitle(_fit_width(head, width_in - 0.2, 7), fontsize=7)
+                _draw_slice_panel(axes[r, c], sf, r, c, view, img, ext, h, v, halo)
+        fig.suptitle(_fit_width(_heatmap_heading(sf, landmark_name, case_id), width_in - 0.2, 7),
+                     fontsize=7)
         return save_figure(fig, out_prefix)
+
+
+# ---------------------------------------------------------------------------------------------
+# Overlay of one new scan (locnet predict, rule infer)
+# ---------------------------------------------------------------------------------------------
+_OVERLAY_COLORS = ("#ff7f0e", "#1f9bff", "#2ca02c", "#d62728", "#9467bd", "#e377c2")
+
+
+def write_overlay(result, path, dpi: int = 72) -> None:
+    """Three orthogonal slices of the model's finest grid through each predicted landmark of
+    ``result`` (a :class:`locnet.inference.ScanResult`).
+
+    One row per landmark (axial, coronal, sagittal; radiological display: patient right on
+    the left), axes in world RAS mm with equal aspect; the point and, for noisy models, its
+    90% confidence ellipse (the axis-aligned ellipsoid ``chi2_3(0.90)`` Mahalanobis radius,
+    projected on the plane: semi-axes ``r * sd``) are drawn. Written atomically.
+    """
+    import matplotlib.pyplot as plt
+
+    fig = overlay_figure(result)
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    plt.close(fig)
+
+
+def overlay_figure(result):
+    """The figure of :func:`write_overlay` (a pyplot figure: close it when done).
+
+    Any number of landmarks stays readable: each row is 2.6 in high whatever their number;
+    more than 6 landmarks get 20 distinct colours (tab20); long names and the list of flagged
+    landmarks in the title are wrapped to the figure's width.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Ellipse
+
+    grid, vol = result.grid, np.asarray(result.level0)
+    s0, n = grid.spacing, grid.shape
+    o = np.asarray(grid.origin, dtype=np.float64)
+    lo, hi = o - s0 / 2.0, o + s0 * (n - 0.5)
+    r = float(np.sqrt(chi2_radius_sq(result.confidence)))
+    k_n = len(result.landmarks)
+    colors = (_OVERLAY_COLORS if k_n <= len(_OVERLAY_COLORS)
+              else [matplotlib.colors.to_hex(c) for c in matplotlib.colormaps["tab20"].colors])
+    fig, axes = plt.subplots(k_n, 3, figsize=(7.5, 2.6 * k_n), squeeze=False,
+                             layout="constrained")
+    # (name, horizontal axis, vertical axis, slicing axis)
+    planes = (("axial", 0, 1, 2), ("coronal", 0, 2, 1), ("sagittal", 1, 2, 0))
+    letters = {0: ("L", "R"), 1: ("P", "A"), 2: ("I", "S")}
+    for k, name in enumerate(result.landmarks):
+        p = result.world[k]
+        idx = np.clip(np.rint((p - o) / s0).astype(int), 0, n - 1)
+        color = colors[k % len(colors)]
+        for c, (pname, a, b, cut) in enumerate(planes):
+            ax = axes[k, c]
+            sl = np.take(vol, idx[cut], axis=cut)  # remaining axes in order (a, b)
+            ax.imshow(sl.T, cmap="gray", origin="lower", vmin=0.0, vmax=1.0,
+                      extent=(lo[a], hi[a], lo[b], hi[b]), interpolation="nearest")
+            if a == 0:
+                ax.invert_xaxis()  # radiological: patient right on the viewer's left
+            ax.set_aspect("equal")
+            ax.plot(p[a], p[b], "+", color=color, ms=10, mew=1.5)
+            if result.sd is not None and np.all(np.isfinite(result.sd[k])):
+                ax.add_patch(Ellipse((p[a], p[b]), 2 * r * result.sd[k, a],
+                                     2 * r * result.sd[k, b], fill=False, color=color, lw=1.2))
+            ax.set_title(textwrap.fill(f"{name}: {pname} {'xyz'[cut]}={p[cut]:.0f} mm", 38,
+                                       break_on_hyphens=False), fontsize=7)
+            ax.tick_params(labelsize=6)
+            ax.set_xlabel(f"{'xyz'[a]} (mm, {letters[a][1]}+)", fontsize=6)
+            ax.set_ylabel(f"{'xyz'[b]} (mm, {letters[b][1]}+)", fontsize=6)
+    # flags: a count per flag; the landmarks named for every flag but "ok"
+    flagged = [(n, f) for n, f in zip(result.landmarks, result.flags) if f]
+    head = str(result.case_id)
+    if result.sd is not None:
+        head += f"  ellipses: {100 * result.confidence:g}% confidence"
+    if flagged:
+        parts = []
+        for f in dict.fromkeys(f for _, f in flagged):
+            names = [n for n, g in flagged if g == f]
+            parts.append(f"{f}: {len(names)} of {k_n}"
+                         + ("" if f == "ok" else " (" + ", ".join(names) + ")"))
+        head += "\n" + "; ".join(parts)
+    fig.suptitle("\n".join(textwrap.fill(line, 100, break_on_hyphens=False)
+                           for line in head.split("\n")), fontsize=8)
+    return fig
+
+

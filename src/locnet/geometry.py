@@ -42,6 +42,8 @@ __all__ = [
     "scan_center",
     "scan_corners",
     "to_ras",
+    "grid_mm_to_voxel",
+    "voxel_to_grid_mm",
     "voxel_to_world",
     "world_to_voxel",
 ]
@@ -135,6 +137,24 @@ def inside_scan(affine: Any, shape: Sequence[int], pts: Any, tol_voxels: float =
 
 # --------------------------------------------------------------------------- pyramid grids
 
+def voxel_to_grid_mm(v: Any, level: int, finest_spacing_mm: float) -> Any:
+    """Level-``level`` voxel coordinate -> grid mm: ``s_l v + (s_l - s0) / 2``.
+
+    Plain arithmetic, so ``v`` may be a NumPy array or a backend tensor (the models call it
+    inside the graph); :meth:`Grid.voxel_to_grid_mm` is this rule for a grid's own spacing.
+    """
+    s0 = float(finest_spacing_mm)
+    s = s0 * 2**level
+    return v * s + (s - s0) / 2.0
+
+
+def grid_mm_to_voxel(g: Any, level: int, finest_spacing_mm: float) -> Any:
+    """Grid mm -> level-``level`` voxel coordinate (inverse of :func:`voxel_to_grid_mm`)."""
+    s0 = float(finest_spacing_mm)
+    s = s0 * 2**level
+    return (g - (s - s0) / 2.0) / s
+
+
 @dataclass(frozen=True)
 class Grid:
     """An isotropic, axis-aligned RAS multi-level grid (see module docstring).
@@ -221,11 +241,11 @@ class Grid:
 
     def grid_mm_to_voxel(self, g: Any, level: int) -> np.ndarray:
         """Grid mm -> fractional voxel coordinate of ``level``."""
-        return (_points(g) - self.level_offset_mm(level)) / self.level_spacing(level)
+        return grid_mm_to_voxel(_points(g), self._check_level(level), self.spacing)
 
     def voxel_to_grid_mm(self, v: Any, level: int) -> np.ndarray:
         """Fractional voxel coordinate of ``level`` -> grid mm ``s_l * v + (s_l - s0) / 2``."""
-        return _points(v) * self.level_spacing(level) + self.level_offset_mm(level)
+        return voxel_to_grid_mm(_points(v), self._check_level(level), self.spacing)
 
     def world_to_voxel(self, pts: Any, level: int) -> np.ndarray:
         """World RAS mm -> fractional voxel coordinate of ``level``."""

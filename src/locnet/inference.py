@@ -11,7 +11,7 @@ test cases:
    (:func:`~locnet.geometry.grid_for_scan`, :func:`~locnet.pyramid.resample_to_grid`,
    :func:`~locnet.pyramid.downsample2`), exactly as :func:`~locnet.pyramid.build_pyramid` does
    on disk;
-3. :func:`predict_arrays` is :func:`locnet.predict.case_prediction` on in-memory levels (noisy
+3. :func:`predict_arrays` is :func:`locnet.study_predict.case_prediction` on in-memory levels (noisy
    passes with the same per-case seed derivation, mean and sample sd over passes);
 4. grid millimetres go back to world RAS through the scan's grid, and to the original scan's
    (fractional) voxel indices through its affine.
@@ -30,16 +30,15 @@ numbers.
 from __future__ import annotations
 
 import math
-import textwrap
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from . import geometry, metrics, quality, seeds
-from . import predict as predict_module
-from .io import InputError, atomic_write, load_volume, read_json
+from . import geometry, metrics, quality, seeds, study_predict
+from .fileio import InputError, load_volume, read_json
 from .pyramid import downsample2, intensity_params, resample_to_grid, scan_window, to_c_order
 
 __all__ = [
@@ -52,6 +51,10 @@ __all__ = [
     "ModelDirError",
     "ScanError",
     "ScanResult",
+    "BATCH_COLUMNS",
+    "BatchSettings",
+    "batch_settings",
+    "predict_batch",
     "case_id_from_path",
     "field_of_view_coverage",
     "load_model_dir",
@@ -59,8 +62,6 @@ __all__ = [
     "predict_scan",
     "preprocess",
     "preprocessing_params",
-    "write_overlay",
-    "overlay_figure",
 ]
 
 #: confidence level of the ellipsoid when the model records none (quality.json "confidence")
@@ -189,7 +190,7 @@ def load_model_dir(model_dir: Any) -> LoadedModel:
     """
     import keras
 
-    from . import data, models, predict  # models also registers the custom layers
+    from . import data, models, study_predict  # models also registers the custom layers
 
     model_dir = Path(model_dir)
     if model_dir.is_file() and model_dir.name == "model.keras":
@@ -235,7 +236,7 @@ def load_model_dir(model_dir: Any) -> LoadedModel:
                             f"metadata.json {landmarks}")
     return LoadedModel(model=model, metadata=metadata, model_dir=model_dir, params=params,
                        landmarks=landmarks, levels=data.model_levels(model),
-                       noisy=predict.is_noisy(model),
+                       noisy=study_predict.is_noisy(model),
                        default_passes=_default_passes(metadata, qual),
                        quality=qual)
 
@@ -290,7 +291,7 @@ def field_of_view_coverage(grid: geometry.Grid, affine: Any, shape: Sequence[int
 # --------------------------------------------------------------------------- prediction
 
 #: the study's prediction on in-memory inputs (one implementation for the study and new scans)
-predict_arrays = predict_module.predict_arrays
+predict_arrays = study_predict.predict_arrays
 
 
 @dataclass
@@ -458,10 +459,7 @@ def predict_scan(lm: LoadedModel, path: Any, case_id: str | None = None, passes:
     sd = vol = None
     flags = [""] * len(lm.landmarks)
     if samples is not None:
-        sd = samples.std(axis=0, ddof=1) if samples.shape[0] > 1 else np.full(world.shape, np.nan)
-        vol = np.atleast_1d(metrics.confidence_volume(np.nan_to_num(sd, nan=0.0),
-                                                      level=conf))
-        vol = np.where(np.isnan(sd).any(axis=-1), np.nan, vol)
+        sd, vol = metrics.pass_uncertainty(samples, level=conf)
         # the flag compares the calibrated volume with the calibrated threshold when the
         # model has a conformal scale (the same decision as raw volume against raw threshold:
         # both are multiplied by sd_scale^3), else the raw ones
@@ -474,88 +472,180 @@ def predict_scan(lm: LoadedModel, path: Any, case_id: str | None = None, passes:
                       intensity_outliers=outliers, sd_scale=lm.sd_scale)
 
 
-# --------------------------------------------------------------------------- overlay
+# --------------------------------------------------------------------------- batches
 
-_COLORS = ("#ff7f0e", "#1f9bff", "#2ca02c", "#d62728", "#9467bd", "#e377c2")
+#: columns of ``OUT/landmarks.csv``
+BATCH_COLUMNS = ["case_id", "image", "landmark", "x_ras", "y_ras", "z_ras", "x_lps", "y_lps",
+                 "z_lps", "i", "j", "k", "sd_x", "sd_y", "sd_z", "conf_volume_mm3",
+                 "conf_volume_calibrated_mm3", "quality", "intensity"]
 
 
-def write_overlay(result: ScanResult, path: Any, dpi: int = 72) -> None:
-    """Three orthogonal slices of the model's finest grid through each predicted landmark.
+@dataclass(frozen=True)
+class BatchSettings:
+    """The settings of one batch of scans, resolved against the model folder."""
 
-    One row per landmark (axial, coronal, sagittal; radiological display: patient right on
-    the left), axes in world RAS mm with equal aspect; the point and, for noisy models, its
-    90% confidence ellipse (the axis-aligned ellipsoid ``chi2_3(0.90)`` Mahalanobis radius,
-    projected on the plane: semi-axes ``r * sd``) are drawn. Written atomically.
+    passes: int
+    seed: int
+    seed_source: str              # "--seed" (given), "quality.json" or "default"
+    estimator: str
+    threshold_mm3: float | None
+    min_coverage: float
+    threads: int | None = None
+    overlays: bool = True
+
+
+def batch_settings(lm: LoadedModel, passes: int | None = None, seed: int | None = None,
+                   estimator: str | None = None, threshold_mm3: float | None = None,
+                   min_coverage: float | None = None, threads: int | None = None,
+                   overlays: bool = True, quiet: bool = False) -> tuple[BatchSettings, list[str]]:
+    """Resolve the settings of a batch (``None``: the model folder's, else the defaults).
+
+    Returns the settings and the notes a user should read before the scans run, each a line
+    starting ``warning:`` or ``note:`` (``quiet`` drops the notes that only say a column will
+    stay empty)."""
+    qual_dir = lm.model_dir / "quality.json"
+    threshold = threshold_mm3 if threshold_mm3 is not None else lm.threshold_mm3
+    passes = lm.default_passes if passes is None else int(passes)
+    min_cov = DEFAULT_MIN_COVERAGE if min_coverage is None else float(min_coverage)
+    seed_source = "--seed" if seed is not None else "quality.json" if lm.study_seed is not None else "default"
+    seed = seed if seed is not None else lm.study_seed
+    seed = DEFAULT_SEED if seed is None else int(seed)
+    estimator = estimator or lm.estimator
+    notes = []
+    if (lm.noisy and passes > 1 and threshold_mm3 is None and threshold is not None
+            and estimator != lm.estimator):
+        notes.append(f"warning: the quality threshold of {qual_dir} was chosen with the "
+                     f"{lm.estimator!r} estimator, these passes use {estimator!r}: their "
+                     "confidence volumes differ, so the flags may not mean what the threshold "
+                     "promises")
+    if lm.noisy and threshold is None and passes > 1 and not quiet:
+        notes.append(f"note: no --threshold and no {qual_dir}: the quality column stays empty")
+    if lm.noisy and passes > 0 and seed_source == "default":
+        notes.append(f"note: {qual_dir} records no noise seed of the study's predictions: "
+                     f"using seed {seed}, so study scans will not get the study's numbers "
+                     "exactly")
+    if lm.intensity is None:
+        notes.append(f"note: {lm.model_dir / 'metadata.json'} has no intensity summary of the "
+                     "training cases (a model trained before it was recorded): scans are not "
+                     "compared with the training cohort's intensities")
+    settings = BatchSettings(passes=passes, seed=seed, seed_source=seed_source,
+                             estimator=estimator, threshold_mm3=threshold, min_coverage=min_cov,
+                             threads=threads, overlays=overlays)
+    return settings, notes
+
+
+def _json_value(v):
+    if isinstance(v, float) and math.isnan(v):
+        return None
+    if hasattr(v, "item"):
+        v = v.item()
+        return None if isinstance(v, float) and math.isnan(v) else v
+    return v
+
+
+def _markup_descriptions(lm: LoadedModel, rows: list[dict]) -> list[str]:
+    out = []
+    for r in rows:
+        d = f"locnet {lm.method}"
+        if not math.isnan(r["conf_volume_mm3"]):
+            d += (f"; sd {r['sd_x']:.2f},{r['sd_y']:.2f},{r['sd_z']:.2f} mm; 90% volume "
+                  f"{r['conf_volume_mm3']:.0f} mm3")
+        if r["quality"]:
+            d += f"; quality {r['quality']}"
+        if r["intensity"] == ATYPICAL:
+            d += "; intensities atypical of the training cases"
+        out.append(d)
+    return out
+
+
+def _case_record(res: ScanResult, path: Path, rows: list[dict]) -> dict:
+    return {
+        "case_id": res.case_id, "image": str(path), "field_of_view_coverage": res.coverage,
+        "grid_origin_ras_mm": list(res.grid.origin),
+        "intensity": {"flag": res.intensity_flag or None, "statistics": res.intensity,
+                      "outside_training_range": res.intensity_outliers},
+        "landmarks": {r["landmark"]: {k: _json_value(v) for k, v in r.items()
+                                      if k not in ("case_id", "image", "landmark")}
+                      for r in rows},
+    }
+
+
+def _batch_document(lm: LoadedModel, s: BatchSettings, cases: list, failed: list) -> dict:
+    summary = lm.intensity
+    return {
+        "model": str(lm.model_dir), "method": lm.method, "landmarks": lm.landmarks,
+        "preprocessing": lm.params, "noisy": lm.noisy,
+        "passes": s.passes if lm.noisy else 0, "seed": s.seed, "seed_source": s.seed_source,
+        "sd_scale": lm.sd_scale,
+        "estimator": s.estimator if lm.noisy and s.passes > 0 else None,
+        "confidence": lm.confidence, "quality_threshold_mm3": s.threshold_mm3,
+        "min_coverage": s.min_coverage,
+        "intensity_check": None if summary is None else {
+            "training": summary, "margin_robust_sd": quality.INTENSITY_MARGIN,
+            "min_robust_sd": quality.MIN_SPREAD,
+            "rule": "a statistic is atypical when it lies outside the training cases' "
+                    "[min, max] and more than margin_robust_sd robust sds (at least "
+                    "min_robust_sd) from their median"},
+        "coordinates": {"ras": "world RAS mm (x_ras, y_ras, z_ras)",
+                        "lps": "world LPS mm = RAS with x and y negated",
+                        "voxel": "fractional index (i, j, k) of the original scan, "
+                                 "world = affine @ [i, j, k, 1]",
+                        "markups": "OUT/{case}.mrk.json, LPS mm"},
+        "cases": cases, "failed": failed,
+    }
+
+
+def predict_batch(lm: LoadedModel, scans: Sequence[tuple[str, Any]], out: Any,
+                  settings: BatchSettings, progress: bool = True,
+                  report: Callable[[str], None] | None = None) -> dict:
+    """Predict every scan of ``scans`` (``(case_id, path)`` pairs) and write ``out``.
+
+    Per scan ``OUT/{case}.mrk.json`` (3D Slicer markups, LPS) and, with ``settings.overlays``,
+    ``OUT/{case}_overlay.png``; then ``OUT/landmarks.csv`` (:data:`BATCH_COLUMNS`) and
+    ``OUT/landmarks.json`` (settings, per-case records, failures). A scan that fails is
+    recorded under ``"failed"`` with its reason and the others go on. ``report`` receives one
+    line per failure or warning (``case: reason``). Returns the JSON document.
     """
-    import matplotlib.pyplot as plt
+    import pandas as pd
+    from tqdm import tqdm
 
-    fig = overlay_figure(result)
-    with atomic_write(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=dpi)
-    plt.close(fig)
+    from . import slicer
+    from .fileio import write_csv_atomic, write_json_atomic
 
+    out = Path(out)
+    say = report or (lambda line: None)
+    rows, cases, failed = [], [], []
+    bar = tqdm(scans, desc="scans", unit="scan", disable=not progress, file=sys.stderr)
+    for case, path in bar:
+        bar.set_postfix_str(case, refresh=False)
+        try:
+            res = predict_scan(lm, path, case, passes=settings.passes, seed=settings.seed,
+                               threshold_mm3=settings.threshold_mm3,
+                               min_coverage=settings.min_coverage, threads=settings.threads,
+                               estimator=settings.estimator)
+            if res.intensity_outliers:
+                say(f"{case}: warning: intensities atypical of the training cases: "
+                    f"{'; '.join(res.intensity_outliers)} ({path})")
+            case_rows = res.rows()
+            slicer.write_markups(out / f"{case}.mrk.json", res.landmarks, res.world,
+                                 _markup_descriptions(lm, case_rows))
+            if settings.overlays:
+                from .figures import write_overlay
 
-def overlay_figure(result: ScanResult):
-    """The figure of :func:`write_overlay` (a pyplot figure: close it when done).
-
-    Any number of landmarks stays readable: each row is 2.6 in high whatever their number;
-    more than 6 landmarks get 20 distinct colours (tab20); long names and the list of flagged
-    landmarks in the title are wrapped to the figure's width.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Ellipse
-
-    grid, vol = result.grid, np.asarray(result.level0)
-    s0, n = grid.spacing, grid.shape
-    o = np.asarray(grid.origin, dtype=np.float64)
-    lo, hi = o - s0 / 2.0, o + s0 * (n - 0.5)
-    r = math.sqrt(metrics.chi2_radius_sq(result.confidence))
-    k_n = len(result.landmarks)
-    colors = (_COLORS if k_n <= len(_COLORS)
-              else [matplotlib.colors.to_hex(c) for c in matplotlib.colormaps["tab20"].colors])
-    fig, axes = plt.subplots(k_n, 3, figsize=(7.5, 2.6 * k_n), squeeze=False,
-                             layout="constrained")
-    # (name, horizontal axis, vertical axis, slicing axis)
-    planes = (("axial", 0, 1, 2), ("coronal", 0, 2, 1), ("sagittal", 1, 2, 0))
-    letters = {0: ("L", "R"), 1: ("P", "A"), 2: ("I", "S")}
-    for k, name in enumerate(result.landmarks):
-        p = result.world[k]
-        idx = np.clip(np.rint((p - o) / s0).astype(int), 0, n - 1)
-        color = colors[k % len(colors)]
-        for c, (pname, a, b, cut) in enumerate(planes):
-            ax = axes[k, c]
-            sl = np.take(vol, idx[cut], axis=cut)  # remaining axes in order (a, b)
-            ax.imshow(sl.T, cmap="gray", origin="lower", vmin=0.0, vmax=1.0,
-                      extent=(lo[a], hi[a], lo[b], hi[b]), interpolation="nearest")
-            if a == 0:
-                ax.invert_xaxis()  # radiological: patient right on the viewer's left
-            ax.set_aspect("equal")
-            ax.plot(p[a], p[b], "+", color=color, ms=10, mew=1.5)
-            if result.sd is not None and np.all(np.isfinite(result.sd[k])):
-                ax.add_patch(Ellipse((p[a], p[b]), 2 * r * result.sd[k, a],
-                                     2 * r * result.sd[k, b], fill=False, color=color, lw=1.2))
-            ax.set_title(textwrap.fill(f"{name}: {pname} {'xyz'[cut]}={p[cut]:.0f} mm", 38,
-                                       break_on_hyphens=False), fontsize=7)
-            ax.tick_params(labelsize=6)
-            ax.set_xlabel(f"{'xyz'[a]} (mm, {letters[a][1]}+)", fontsize=6)
-            ax.set_ylabel(f"{'xyz'[b]} (mm, {letters[b][1]}+)", fontsize=6)
-    # flags: a count per flag; the landmarks named for every flag but "ok"
-    flagged = [(n, f) for n, f in zip(result.landmarks, result.flags) if f]
-    head = str(result.case_id)
-    if result.sd is not None:
-        head += f"  ellipses: {100 * result.confidence:g}% confidence"
-    if flagged:
-        parts = []
-        for f in dict.fromkeys(f for _, f in flagged):
-            names = [n for n, g in flagged if g == f]
-            parts.append(f"{f}: {len(names)} of {k_n}"
-                         + ("" if f == "ok" else " (" + ", ".join(names) + ")"))
-        head += "\n" + "; ".join(parts)
-    fig.suptitle("\n".join(textwrap.fill(line, 100, break_on_hyphens=False)
-                           for line in head.split("\n")), fontsize=8)
-    return fig
-
-
+                write_overlay(res, out / f"{case}_overlay.png")
+        except ScanError as exc:
+            failed.append({"case_id": case, "image": str(path), "reason": str(exc)})
+            say(f"{case}: {exc}")
+            continue
+        except Exception as exc:  # an unexpected failure must not stop the other scans
+            reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+            failed.append({"case_id": case, "image": str(path), "reason": reason})
+            say(f"{case}: {reason}")
+            continue
+        rows += case_rows
+        cases.append(_case_record(res, Path(path), case_rows))
+    bar.close()
+    doc = _batch_document(lm, settings, cases, failed)
+    write_csv_atomic(pd.DataFrame(rows, columns=BATCH_COLUMNS), out / "landmarks.csv", na_rep="")
+    write_json_atomic(doc, out / "landmarks.json")
+    return doc

@@ -12,10 +12,10 @@ checks every case and every landmark, and writes
 * ``data/landmarks.csv``: ``case_id,landmark,x,y,z`` in world **RAS** mm, one row per case and
   configured landmark (config order); a landmark without an annotation has empty x, y, z.
 
-All problems are collected and raised together as one :class:`locnet.io.InputError`, one line
+All problems are collected and raised together as one :class:`locnet.fileio.InputError`, one line
 per problem, each naming the case and the file, with their count in the first line:
 
-* manifest: empty file, case id not matching :data:`locnet.io.CASE_ID_PATTERN`, duplicate case
+* manifest: empty file, case id not matching :data:`locnet.fileio.CASE_ID_PATTERN`, duplicate case
   id, too few cases for the split (or not the configured split counts);
 * images (every scan is read in full, on ``threads`` threads): missing or unreadable file,
   truncated or unreadable voxel data, NaN or infinite voxels, not 3D, non-finite or singular
@@ -44,7 +44,7 @@ import numpy as np
 import pandas as pd
 
 from . import geometry
-from .io import (InputError, XYZ, case_id_problem, describe, load_volume, parse_landmark_table,
+from .fileio import (InputError, XYZ, case_id_problem, describe, load_volume, parse_landmark_table,
                  parse_manifest_table, read_volume_header, resolve_image, write_csv_atomic,
                  write_landmarks)
 

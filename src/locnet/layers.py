@@ -245,10 +245,6 @@ class CropResample(keras.layers.Layer):
     def call(self, volume, centres):
         return crop_resample(volume, centres, self.patch_size, self.background)
 
-    def to_volume(self, centres, q):
-        """Patch-voxel prediction ``q`` (B, M, 3) -> voxel coordinates of the volume."""
-        return patch_to_volume(centres, q, self.patch_size)
-
     def compute_output_shape(self, volume_shape, centres_shape):
         p = self.patch_size
         return (volume_shape[0], centres_shape[1], p, p, p, volume_shape[-1])

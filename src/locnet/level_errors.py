@@ -3,7 +3,7 @@
 A multi-scale prediction table (``predictions/{method}.csv``) holds, besides the final
 prediction, the world position and error after every level of the chain:
 ``level{l}_x, level{l}_y, level{l}_z, error_level{l}_mm``, coarsest level first
-(:func:`locnet.predict.level_columns`). :func:`level_table` summarises them per method, level
+(:func:`locnet.study_predict.level_columns`). :func:`level_table` summarises them per method, level
 and scope (``all`` landmarks pooled, then each landmark); :func:`level_warnings` names every
 method whose finer level ``l-1`` has a pooled mean error not below that of level ``l``.
 Tables without level columns (single-scale methods) are skipped. Missing (unannotated)
@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from locnet import metrics
-from locnet.io import write_text_atomic
+from locnet.fileio import write_text_atomic
 
 ERROR_COLUMN = re.compile(r"^error_level(\d+)_mm$")
 COLUMNS = ["method", "label", "scope", "level", "step", "n", "mean_mm", "sd_mm", "median_mm",

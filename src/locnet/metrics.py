@@ -26,18 +26,17 @@ import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from scipy import stats as _sps
 
-from locnet.io import write_text_atomic
+from locnet import config as _config
+from locnet.fileio import write_text_atomic
+from locnet.methods import PROPOSED, REGISTRY
 
 __all__ = [
-    "MethodInfo",
-    "METHODS",
     "PROPOSED_METHOD",
     "SUCCESS_THRESHOLDS_MM",
     "FAILURE_THRESHOLD_MM",
@@ -50,6 +49,7 @@ __all__ = [
     "method_color",
     "chi2_radius_sq",
     "confidence_volume",
+    "pass_uncertainty",
     "mahalanobis_sq",
     "inside_ellipsoid",
     "errors_of",
@@ -65,57 +65,29 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------------------------------
-# Methods of Table 1: order, labels, the paper's numbers, colours
+# Methods of Table 1 (locnet.methods.REGISTRY): order, labels, the paper's numbers, colours
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class MethodInfo:
-    key: str
-    label: str  # the method's name; :func:`method_label` adds the spacing of its level(s)
-    paper_mean_mm: float
-    paper_sd_mm: float
-    color: str
-    multiscale: bool = False  # a chain over every pyramid level (else: one level)
-
-
-# Table 1 of the paper, in its row order. Colours: a colour-blind-safe palette (Okabe-Ito),
-# fixed per method so that every figure shows a method in the same colour whatever subset of
-# methods a configuration enables. The proposed method gets the strongest colour.
-METHODS: dict[str, MethodInfo] = {
-    m.key: m
-    for m in (
-        MethodInfo("heatmap_unet", "U-Net heatmap", 6.45, 9.18, "#999999"),
-        MethodInfo("locnet_single", "Loc-Net single scale", 5.52, 5.69, "#E69F00"),
-        MethodInfo("patch_baseline", "Patch-based CNN, Noothout 2018", 4.35, 4.33, "#56B4E9"),
-        MethodInfo("multiscale_multistep", "Loc-Net multi-scale, multi-step", 3.72, 4.20,
-                   "#009E73", multiscale=True),
-        MethodInfo("multiscale_e2e", "Loc-Net multi-scale, end to end", 3.61, 3.17, "#0072B2",
-                   multiscale=True),
-        MethodInfo("multiscale_e2e_noise", "Loc-Net multi-scale, end to end + noise", 2.81,
-                   2.37, "#D55E00", multiscale=True),
-    )
-}
-PROPOSED_METHOD = "multiscale_e2e_noise"
+PROPOSED_METHOD = PROPOSED
 #: where the paper's Table 1 numbers come from (not this run's data): its own 54 test scans
 #: on a 448³ grid at 0.5 mm, so its single-scale rows read 1 mm and its chains 4-0.5 mm
 PAPER_SETTING = "neck CTA, 448³ at 0.5 mm"
 SUCCESS_THRESHOLDS_MM: tuple[float, ...] = (2.0, 2.5, 3.0, 4.0)
 FAILURE_THRESHOLD_MM = 10.0
 _EXTRA_COLORS = ("#CC79A7", "#F0E442", "#000000", "#8C564B", "#17BECF", "#BCBD22")
-# schema defaults (workflow/schemas/config.schema.yaml; a test keeps them equal), used for keys
-# a partial config leaves out
-_DEFAULT_FINEST_SPACING_MM = 1.25
-_DEFAULT_LEVELS = 4
-_DEFAULT_METHOD_LEVEL = 1
+# the schema's defaults, for the keys a partial config leaves out
+_DEFAULT_FINEST_SPACING_MM = _config.defaults("pyramid")["finest_spacing_mm"]
+_DEFAULT_LEVELS = _config.defaults("pyramid")["levels"]
+_DEFAULT_METHOD_LEVEL = _config.DEFAULT_LEVEL
 _LABEL_CONFIG: ContextVar[Mapping | None] = ContextVar("locnet_label_config", default=None)
 
 
 def method_order(methods: Iterable[str]) -> list[str]:
     """Sort method keys in Table 1's order; unknown methods follow, alphabetically."""
     methods = list(dict.fromkeys(methods))
-    known = [m for m in METHODS if m in methods]
-    unknown = sorted(m for m in methods if m not in METHODS)
+    known = [m for m in REGISTRY if m in methods]
+    unknown = sorted(m for m in methods if m not in REGISTRY)
     return known + unknown
 
 
@@ -137,7 +109,7 @@ def method_levels(method: str, config: Mapping) -> list[tuple[int, float]]:
     (``pyramid.levels - 1``) to the finest (0). Keys the config lacks take the schema defaults.
     Unknown methods read no level (empty list).
     """
-    info = METHODS.get(method)
+    info = REGISTRY.get(method)
     if info is None:
         return []
     pyr = config.get("pyramid") or {}
@@ -158,7 +130,7 @@ def method_label(method: str, config: Mapping | None = None) -> str:
     ``"Loc-Net multi-scale, end to end (10-1.25 mm)"`` for four levels. Without a config the
     label is the bare name (``"U-Net heatmap"``); a method not of the paper is its key.
     """
-    info = METHODS.get(method)
+    info = REGISTRY.get(method)
     if info is None:
         return method
     config = _LABEL_CONFIG.get() if config is None else config
@@ -176,7 +148,7 @@ def method_labels(methods: Iterable[str], config: Mapping | None = None) -> dict
 
 def method_color(method: str) -> str:
     """Fixed colour of a method (hex string); unknown methods get a stable extra colour."""
-    info = METHODS.get(method)
+    info = REGISTRY.get(method)
     if info:
         return info.color
     return _EXTRA_COLORS[sum(map(ord, method)) % len(_EXTRA_COLORS)]
@@ -213,6 +185,22 @@ def confidence_volume(sd_xyz, level: float = 0.90):
     const = 4.0 / 3.0 * math.pi * chi2_radius_sq(level) ** 1.5
     vol = const * np.prod(sd, axis=-1)
     return float(vol) if vol.ndim == 0 else vol
+
+
+def pass_uncertainty(samples, level: float = 0.90) -> tuple[np.ndarray, np.ndarray]:
+    """Uncertainty of a prediction from its noisy passes ``samples`` (n_passes, K, 3).
+
+    Returns the per-landmark sample sd (K, 3) (``ddof=1``; NaN with fewer than two passes)
+    and the volume (K,) of the ``level`` confidence ellipsoid (:func:`confidence_volume`),
+    NaN where an sd is. The study's predictions and inference on new scans both use it.
+    """
+    samples = np.asarray(samples, dtype=np.float64)
+    if samples.shape[0] > 1:
+        sd = samples.std(axis=0, ddof=1)
+    else:
+        sd = np.full(samples.shape[1:], np.nan)
+    vol = np.atleast_1d(confidence_volume(np.nan_to_num(sd, nan=0.0), level=level))
+    return sd, np.where(np.isnan(sd).any(axis=-1), np.nan, vol)
 
 
 def mahalanobis_sq(pred, truth, sd) -> np.ndarray:
@@ -445,7 +433,7 @@ def table1(
             s = {k: (per_seed[0][k] if k in ("n", "n_missing", "n_cases")
                      else float(np.mean([x[k] for x in per_seed])))
                  for k in per_seed[0]}
-            info = METHODS.get(m)
+            info = REGISTRY.get(m)
             rows.append(
                 {
                     "method": m,

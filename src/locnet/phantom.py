@@ -39,25 +39,24 @@ spacing range changes neither the anatomy nor the landmarks of a case.
 from __future__ import annotations
 
 import csv
-import io
 import itertools
 import os
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from io import StringIO
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Sequence
 
 import nibabel as nib
 import numpy as np
 from scipy.interpolate import CubicSpline
 from scipy.ndimage import gaussian_filter
 
-from .io import atomic_write, write_text_atomic
+from locnet.fileio import save_nifti_atomic, write_text_atomic
 
 LANDMARK_NAMES = ("left_bifurcation", "right_bifurcation")
 
 #: Keys of the ``synthetic:`` config block and their defaults. ``n_cases`` is not used here
-#: (it is an argument of :func:`write_cohort`) and is ignored if present.
+#: (it is an argument of :func:`write_tables`) and is ignored if present.
 DEFAULT_CONFIG: dict[str, Any] = {
     "seed": 7,
     "fov_mm": [160.0, 160.0, 160.0],
@@ -547,36 +546,72 @@ class Anatomy:
     params: dict                  # scalar facts (HU levels, heights...)
 
 
-def sample_anatomy(rng: np.random.Generator) -> Anatomy:
-    """Draw a random neck phantom (patient frame) from ``rng``."""
-    U = rng.uniform
-    p: dict[str, float] = {}
-    structures: list = []
-    centrelines: dict = {}
-    radii: dict = {}
+class _Parts:
+    """The structures of a phantom in paint order, with the centreline and radii of every
+    tube; veins wait in :attr:`veins` until they are put before the arteries."""
 
-    def tube(name, nodes, r, hu):
-        centrelines[name] = np.asarray(nodes, float)
-        radii[name] = np.broadcast_to(np.asarray(r, float), (len(nodes),)).copy()
-        structures.append(_Tube(name, nodes, r, hu))
+    def __init__(self):
+        self.structures: list = []
+        self.veins: list = []
+        self.centrelines: dict = {}
+        self.radii: dict = {}
 
-    # --- intensities
+    def tube(self, name, nodes, r, hu) -> None:
+        self.centrelines[name] = np.asarray(nodes, float)
+        self.radii[name] = np.broadcast_to(np.asarray(r, float), (len(nodes),)).copy()
+        self.structures.append(_Tube(name, nodes, r, hu))
+
+    def vein(self, tube: _Tube, r: float) -> None:
+        self.veins.append(tube)
+        self.centrelines[tube.name], self.radii[tube.name] = tube.nodes, np.full(len(tube.nodes), r)
+
+
+@dataclass
+class _Airway:
+    """The trachea (patient frame): centre ``(x, y + slope * clip(z, -80, 80))``, lumen
+    semi-axes ``ax``, ``ay`` and wall thickness ``wall``."""
+
+    x: float
+    y: float
+    slope: float
+    ax: float
+    ay: float
+    wall: float
+
+    def push_out(self, nodes, r):
+        """Push centreline nodes radially out of the airway (wall + radius + 1.5 mm)."""
+        nodes = np.array(nodes, float)
+        dx = nodes[:, 0] - self.x
+        dy = nodes[:, 1] - (self.y + self.slope * np.clip(nodes[:, 2], -80.0, 80.0))
+        rho = np.sqrt((dx / (self.ax + self.wall + r + 1.5)) ** 2
+                      + (dy / (self.ay + self.wall + r + 1.5)) ** 2)
+        scale = 1.0 / np.clip(rho, 1e-6, 1.0)
+        nodes[:, 0] = self.x + dx * scale
+        nodes[:, 1] += dy * (scale - 1.0)
+        return nodes
+
+
+def _sample_intensities(U) -> dict[str, float]:
+    """HU levels of contrast, veins, bone, fat and muscle (veins >= 80 HU below arteries)."""
     arterial = U(250.0, 500.0)
     jugular = U(100.0, min(200.0, arterial - 80.0))
     cortical = U(800.0, 1150.0)
     cancellous = U(250.0, 400.0)
     fat = U(-115.0, -85.0)
     muscle = U(35.0, 55.0)
-    p.update(arterial_hu=arterial, jugular_hu=jugular, cortical_hu=cortical,
-             cancellous_hu=cancellous, fat_hu=fat, muscle_hu=muscle)
+    return dict(arterial_hu=arterial, jugular_hu=jugular, cortical_hu=cortical,
+                cancellous_hu=cancellous, fat_hu=fat, muscle_hu=muscle)
 
-    # --- body
+
+def _sample_body(rng: np.random.Generator, fat: float, muscle: float) -> _Body:
+    """Neck outline, skin, fat and textured muscle."""
+    U = rng.uniform
     n_waves = 10
     dirs = rng.normal(size=(n_waves, 3))
     dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
     k = 2 * np.pi / U(6.0, 30.0, n_waves)
     waves = np.column_stack([dirs * k[:, None], U(0, 2 * np.pi, n_waves)])
-    body = _Body(
+    return _Body(
         a0=U(58.0, 68.0), b0=U(48.0, 55.0), yc=U(-3.0, 0.0),
         wobble_amp=U(0.0, 0.05), wobble_period=U(80.0, 160.0), wobble_phase=U(0, 2 * np.pi),
         harmonics=np.array([[2, U(0.0, 0.02), U(0, 2 * np.pi)], [3, U(0.0, 0.015), U(0, 2 * np.pi)]]),
@@ -584,11 +619,13 @@ def sample_anatomy(rng: np.random.Generator) -> Anatomy:
         fat_mm=U(4.0, 10.0), fat_asym=U(0.1, 0.4), skin_mm=U(1.2, 2.0), skin_hu=U(20.0, 50.0),
         fat_hu=fat, muscle_hu=muscle, texture_hu=U(4.0, 9.0), waves=waves,
         streak_level=U(1.7, 2.2))
-    structures.append(body)
 
-    # --- airway, oesophagus, thyroid
+
+def _sample_airway_organs(U, parts: _Parts) -> _Airway:
+    """Trachea (wall and air), oesophagus behind it and the thyroid lobes and isthmus."""
     tr_x, tr_y, tr_slope = U(-2.0, 2.0), U(22.0, 27.0), U(0.0, 0.08)
     tr_ax, tr_ay, tr_wall = U(8.0, 10.0), U(6.5, 8.5), U(1.5, 2.5)
+    structures = parts.structures
     structures.append(_EllipticCylinder(tr_x, tr_y, tr_slope, tr_ax + tr_wall, tr_ay + tr_wall,
                                         U(60.0, 110.0)))
     structures.append(_EllipticCylinder(tr_x, tr_y, tr_slope, tr_ax, tr_ay, U(-1000.0, -990.0)))
@@ -602,143 +639,162 @@ def sample_anatomy(rng: np.random.Generator) -> Anatomy:
                                      [th_ax, th_ay, th_az], th_hu))
     structures.append(_Ellipsoid([tr_x, tr_y + tr_ay + tr_wall + 2.5, th_z - 5.0],
                                  [th_x, 3.0, 6.0], th_hu))
+    return _Airway(tr_x, tr_y, tr_slope, tr_ax, tr_ay, tr_wall)
 
-    # --- spine
-    spine = _Spine(
+
+def _sample_spine(U, cortical: float, cancellous: float) -> _Spine:
+    return _Spine(
         y0=U(-6.0, -2.0), lordosis=U(0.0, 4.0), period=U(15.0, 18.0), z0=U(0.0, 18.0),
         disc_mm=U(3.5, 5.0), ax=U(9.0, 11.0), ay=U(7.0, 8.5), cortex_mm=U(1.2, 2.0),
         canal_ax=U(10.0, 12.0), canal_ay=U(6.0, 7.0), arch_mm=U(3.0, 4.5),
         spinous_len=U(9.0, 14.0), spinous_r=U(2.5, 3.5), transverse_x=U(22.0, 25.0),
         transverse_r=U(2.8, 3.5), cortical_hu=cortical, cancellous_hu=cancellous,
         posterior_hu=cortical * U(0.75, 0.95), disc_hu=U(70.0, 100.0), csf_hu=U(15.0, 35.0))
-    structures.append(spine)
 
-    # --- bifurcation heights: left and right 5-25 mm apart
-    mid, diff = U(-12.0, 12.0), U(5.0, 25.0) * rng.choice([-1.0, 1.0])
-    z_bif = {"right": mid + diff / 2, "left": mid - diff / 2}
-    p.update(z_bifurcation_right=z_bif["right"], z_bifurcation_left=z_bif["left"])
 
-    # --- hyoid bone, above both bifurcations
-    z_h, y_h = max(z_bif.values()) + U(18.0, 28.0), tr_y + U(8.0, 13.0)
+def _sample_hyoid(U, parts: _Parts, z_top: float, airway: _Airway, cortical: float) -> None:
+    """The hyoid bone, above both bifurcations (``z_top``: the higher one)."""
+    z_h, y_h = z_top + U(18.0, 28.0), airway.y + U(8.0, 13.0)
     xh, dh = U(12.0, 15.0), U(12.0, 18.0)
     t = np.linspace(-1.0, 1.0, 17)
     hyoid = np.column_stack([xh * np.sin(t * np.pi / 2), y_h - dh * (1 - np.cos(t * np.pi / 2)),
                              z_h + 3.0 * t ** 2])
-    tube("hyoid", hyoid, 3.0 - 1.0 * np.abs(t), cortical * U(0.6, 0.85))
+    parts.tube("hyoid", hyoid, 3.0 - 1.0 * np.abs(t), cortical * U(0.6, 0.85))
 
-    def out_of_airway(nodes, r):
-        """Push centreline nodes radially out of the airway (wall + radius + 1.5 mm)."""
-        nodes = np.array(nodes, float)
-        dx = nodes[:, 0] - tr_x
-        dy = nodes[:, 1] - (tr_y + tr_slope * np.clip(nodes[:, 2], -80.0, 80.0))
-        rho = np.sqrt((dx / (tr_ax + tr_wall + r + 1.5)) ** 2 + (dy / (tr_ay + tr_wall + r + 1.5)) ** 2)
-        scale = 1.0 / np.clip(rho, 1e-6, 1.0)
-        nodes[:, 0] = tr_x + dx * scale
-        nodes[:, 1] += dy * (scale - 1.0)
-        return nodes
 
-    # --- vessels per side (s = +1 right, -1 left)
-    bifurcations = {}
-    art_in = {}
+def _carotid_branch(U, parts: _Parts, B, zb: float, airway: _Airway, arterial: float,
+                    theta_deg, direction, r0, r1, bulb_r, name, wander):
+    """A branch of the carotid bifurcation ``B``: a straight diverging segment, then a smooth
+    curve up to the top."""
+    tan = np.tan(np.deg2rad(theta_deg))
+    dz = U(13.0, 18.0)
+    slope = tan * direction
+    P1 = B + np.array([slope[0] * dz, slope[1] * dz, dz])
+    straight = _line(B, P1, 2.0)
+    z2, z3 = P1[2] + 25.0, P1[2] + 60.0
+    x2 = P1[:2] + slope * 25.0 * U(0.3, 0.6)
+    x3 = x2 + U(-wander, wander, 2)
+    x4 = x3 + U(-wander, wander, 2)
+    up = _z_path([P1[2], z2, z3, _Z_END], [P1[0], x2[0], x3[0], x4[0]],
+                 [P1[1], x2[1], x3[1], x4[1]], P1[2], _Z_END, start_slope=tuple(slope))
+    nodes = airway.push_out(np.vstack([straight, up[1:]]), r0)
+    h = nodes[:, 2] - zb
+    r = r1 + (r0 - r1) * np.clip(1.0 - h / 60.0, 0.0, 1.0)
+    r = np.maximum(r, bulb_r + (r - bulb_r) * np.clip(h / 10.0, 0.0, 1.0))
+    parts.tube(name, nodes, r, arterial)
+    return nodes
+
+
+def _sample_eca_branches(U, parts: _Parts, eca, zb: float, s: float, side_name: str,
+                         airway: _Airway, arterial: float) -> None:
+    """Superior thyroid (just above the split, antero-medially down) and facial (higher up,
+    antero-medially up) arteries from the external carotid ``eca``."""
+    gamma = np.deg2rad(U(10.0, 40.0))
+    am = np.array([-s * np.sin(gamma), np.cos(gamma)])
+    o = np.zeros(3)
+    o[2] = zb + U(2.0, 5.0)
+    o[:2] = _centre_at(eca, np.array([o[2]]))[0]
+    ctrl = [o, o + np.r_[am * 10.0, -4.0], o + np.r_[am * 16.0, -18.0], o + np.r_[am * 18.0, -45.0]]
+    ctrl = np.array(ctrl)
+    sta = airway.push_out(_z_path(ctrl[:, 2], ctrl[:, 0], ctrl[:, 1], o[2], o[2] - 45.0, 2.0), 1.3)
+    parts.tube(f"sup_thyroid_{side_name}", sta, U(0.9, 1.3), arterial)
+    o = np.zeros(3)
+    o[2] = zb + U(22.0, 30.0)
+    o[:2] = _centre_at(eca, np.array([o[2]]))[0]
+    ctrl = np.array([o, o + np.r_[am * 8.0, 4.0], o + np.r_[am * 16.0, 14.0], o + np.r_[am * 20.0, 35.0]])
+    fa = airway.push_out(_z_path(ctrl[:, 2], ctrl[:, 0], ctrl[:, 1], o[2], o[2] + 35.0, 2.0), 1.5)
+    parts.tube(f"facial_{side_name}", fa, U(1.1, 1.5), arterial)
+
+
+def _sample_side_arteries(U, parts: _Parts, side_name: str, s: float, zb: float,
+                          airway: _Airway, spine: _Spine, arterial: float, p: dict):
+    """The arteries of one side (``s`` = +1 right, -1 left) with the carotid bifurcation at
+    height ``zb``; returns the bifurcation and ``(cca, ica, r_cca, r_ica)`` for the veins."""
+    B = np.array([s * U(23.0, 29.0), U(10.0, 16.0), zb])
+    r_cca, r_ica, r_eca = U(3.2, 3.9), U(2.5, 3.0), U(2.0, 2.5)
+    p[f"r_cca_{side_name}"] = r_cca
+    # common carotid: from below, vertical at the bifurcation
+    cca = _z_path([-_Z_END, zb - 70, zb - 35, zb],
+                  [B[0] - s * U(0, 4), B[0] - s * U(0, 3) + U(-2, 2), B[0] + U(-1.5, 1.5), B[0]],
+                  [B[1] + U(-4, 4), B[1] + U(-3, 3), B[1] + U(-1.5, 1.5), B[1]],
+                  -_Z_END, zb, end_slope=(0.0, 0.0))
+    parts.tube(f"cca_{side_name}", cca, r_cca, arterial)
+    # internal carotid: postero-lateral; external carotid: antero-medial
+    alpha = np.deg2rad(U(30.0, 60.0))
+    beta = np.deg2rad(U(15.0, 45.0))
+    ica = _carotid_branch(U, parts, B, zb, airway, arterial,
+                          U(20.0, 35.0), np.array([s * np.cos(alpha), -np.sin(alpha)]),
+                          r_ica, r_ica * 0.9, r_cca * U(1.0, 1.15), f"ica_{side_name}", 3.0)
+    eca = _carotid_branch(U, parts, B, zb, airway, arterial,
+                          U(22.0, 40.0), np.array([-s * np.sin(beta), np.cos(beta)]),
+                          r_eca, r_eca * 0.7, r_eca, f"eca_{side_name}", 4.0)
+    _sample_eca_branches(U, parts, eca, zb, s, side_name, airway, arterial)
+    # vertebral artery, in the transverse foramina
+    zc = np.linspace(-_Z_END, _Z_END, 14)
+    xva = s * U(14.5, 16.5) + U(-1.0, 1.0, zc.size)
+    yva = spine.centre_y(zc) + U(-1.0, 0.5) + U(-0.7, 0.7, zc.size)
+    va = _z_path(zc, xva, yva, -_Z_END, _Z_END, 4.0)
+    parts.tube(f"vertebral_{side_name}", va, U(1.6, 2.3), arterial * U(0.93, 1.0))
+    return B, (cca, ica, r_cca, r_ica)
+
+
+def _sample_side_veins(U, parts: _Parts, side_name: str, s: float, zb: float, arteries,
+                       body: _Body, jugular: float) -> None:
+    """Internal jugular (beside the carotids ``arteries`` = ``(cca, ica, r_cca, r_ica)``) and
+    external jugular (in the subcutaneous fat, crossing obliquely) veins of one side."""
+    cca, ica, r_cca, r_ica = arteries
+    r_j = U(5.5, 8.0) if s > 0 else U(4.5, 7.0)
+    zc = np.arange(-_Z_END, _Z_END + 1e-6, 20.0)
+    below = zc <= zb
+    centre = np.where(below[:, None], _centre_at(cca, zc), _centre_at(ica, zc))
+    r_art = np.where(below, r_cca, r_ica * 1.15)
+    psi = np.deg2rad(U(0.0, 40.0) + U(-8.0, 8.0, zc.size))
+    dist = r_art + r_j + U(1.5, 4.0) + U(0.0, 1.5, zc.size)
+    xj = centre[:, 0] + s * np.cos(psi) * dist
+    yj = centre[:, 1] + np.sin(psi) * dist
+    ijv = _z_path(zc, xj, yj, -_Z_END, _Z_END, 4.0)
+    parts.vein(_Tube(f"ijv_{side_name}", ijv, r_j, jugular * U(0.93, 1.07)), r_j)
+    r_e = min(U(1.5, 2.5), 0.5 * (body.fat_mm - 1.0))
+    zc = np.linspace(-_Z_END, _Z_END, 12)
+    th = np.deg2rad(np.interp(zc, [-150, 150], [-U(10, 30), U(10, 30)]))
+    a, b = body.axes(zc)
+    depth = body.skin_mm + 0.5 * body.fat_mm
+    xe = s * (a * np.cos(th) - depth)
+    ye = body.yc + (b - depth) * np.sin(th)
+    ejv = _z_path(zc, xe, ye, -_Z_END, _Z_END, 5.0)
+    parts.vein(_Tube(f"ejv_{side_name}", ejv, r_e, jugular * U(0.6, 0.9)), r_e)
+
+
+def sample_anatomy(rng: np.random.Generator) -> Anatomy:
+    """Draw a random neck phantom (patient frame) from ``rng``."""
+    U = rng.uniform
+    parts = _Parts()
+    p: dict[str, float] = _sample_intensities(U)
+    body = _sample_body(rng, p["fat_hu"], p["muscle_hu"])
+    parts.structures.append(body)
+    airway = _sample_airway_organs(U, parts)
+    spine = _sample_spine(U, p["cortical_hu"], p["cancellous_hu"])
+    parts.structures.append(spine)
+    # bifurcation heights: left and right 5-25 mm apart
+    mid, diff = U(-12.0, 12.0), U(5.0, 25.0) * rng.choice([-1.0, 1.0])
+    z_bif = {"right": mid + diff / 2, "left": mid - diff / 2}
+    p.update(z_bifurcation_right=z_bif["right"], z_bifurcation_left=z_bif["left"])
+    _sample_hyoid(U, parts, max(z_bif.values()), airway, p["cortical_hu"])
+    bifurcations, arteries = {}, {}
     for side_name, s in (("right", 1.0), ("left", -1.0)):
-        zb = z_bif[side_name]
-        B = np.array([s * U(23.0, 29.0), U(10.0, 16.0), zb])
-        bifurcations[f"{side_name}_bifurcation"] = B
-        r_cca, r_ica, r_eca = U(3.2, 3.9), U(2.5, 3.0), U(2.0, 2.5)
-        p[f"r_cca_{side_name}"] = r_cca
-        # common carotid: from below, vertical at the bifurcation
-        cca = _z_path([-_Z_END, zb - 70, zb - 35, zb],
-                      [B[0] - s * U(0, 4), B[0] - s * U(0, 3) + U(-2, 2), B[0] + U(-1.5, 1.5), B[0]],
-                      [B[1] + U(-4, 4), B[1] + U(-3, 3), B[1] + U(-1.5, 1.5), B[1]],
-                      -_Z_END, zb, end_slope=(0.0, 0.0))
-        tube(f"cca_{side_name}", cca, r_cca, arterial)
-
-        def branch(theta_deg, direction, r0, r1, bulb_r, name, wander):
-            """Straight diverging segment from B, then a smooth curve up to the top."""
-            tan = np.tan(np.deg2rad(theta_deg))
-            dz = U(13.0, 18.0)
-            slope = tan * direction
-            P1 = B + np.array([slope[0] * dz, slope[1] * dz, dz])
-            straight = _line(B, P1, 2.0)
-            z2, z3 = P1[2] + 25.0, P1[2] + 60.0
-            x2 = P1[:2] + slope * 25.0 * U(0.3, 0.6)
-            x3 = x2 + U(-wander, wander, 2)
-            x4 = x3 + U(-wander, wander, 2)
-            up = _z_path([P1[2], z2, z3, _Z_END], [P1[0], x2[0], x3[0], x4[0]],
-                         [P1[1], x2[1], x3[1], x4[1]], P1[2], _Z_END, start_slope=tuple(slope))
-            nodes = out_of_airway(np.vstack([straight, up[1:]]), r0)
-            h = nodes[:, 2] - zb
-            r = r1 + (r0 - r1) * np.clip(1.0 - h / 60.0, 0.0, 1.0)
-            r = np.maximum(r, bulb_r + (r - bulb_r) * np.clip(h / 10.0, 0.0, 1.0))
-            tube(name, nodes, r, arterial)
-            return nodes
-
-        # internal carotid: postero-lateral; external carotid: antero-medial
-        alpha = np.deg2rad(U(30.0, 60.0))
-        beta = np.deg2rad(U(15.0, 45.0))
-        ica = branch(U(20.0, 35.0), np.array([s * np.cos(alpha), -np.sin(alpha)]),
-                     r_ica, r_ica * 0.9, r_cca * U(1.0, 1.15), f"ica_{side_name}", 3.0)
-        eca = branch(U(22.0, 40.0), np.array([-s * np.sin(beta), np.cos(beta)]),
-                     r_eca, r_eca * 0.7, r_eca, f"eca_{side_name}", 4.0)
-        # superior thyroid artery: from the ECA just above the split, antero-medially down
-        gamma = np.deg2rad(U(10.0, 40.0))
-        am = np.array([-s * np.sin(gamma), np.cos(gamma)])
-        o = np.zeros(3)
-        o[2] = zb + U(2.0, 5.0)
-        o[:2] = _centre_at(eca, np.array([o[2]]))[0]
-        ctrl = [o, o + np.r_[am * 10.0, -4.0], o + np.r_[am * 16.0, -18.0], o + np.r_[am * 18.0, -45.0]]
-        ctrl = np.array(ctrl)
-        sta = out_of_airway(_z_path(ctrl[:, 2], ctrl[:, 0], ctrl[:, 1], o[2], o[2] - 45.0, 2.0), 1.3)
-        tube(f"sup_thyroid_{side_name}", sta, U(0.9, 1.3), arterial)
-        # facial artery: from the ECA higher up, antero-medially up
-        o = np.zeros(3)
-        o[2] = zb + U(22.0, 30.0)
-        o[:2] = _centre_at(eca, np.array([o[2]]))[0]
-        ctrl = np.array([o, o + np.r_[am * 8.0, 4.0], o + np.r_[am * 16.0, 14.0], o + np.r_[am * 20.0, 35.0]])
-        fa = out_of_airway(_z_path(ctrl[:, 2], ctrl[:, 0], ctrl[:, 1], o[2], o[2] + 35.0, 2.0), 1.5)
-        tube(f"facial_{side_name}", fa, U(1.1, 1.5), arterial)
-        # vertebral artery, in the transverse foramina
-        zc = np.linspace(-_Z_END, _Z_END, 14)
-        xva = s * U(14.5, 16.5) + U(-1.0, 1.0, zc.size)
-        yva = spine.centre_y(zc) + U(-1.0, 0.5) + U(-0.7, 0.7, zc.size)
-        va = _z_path(zc, xva, yva, -_Z_END, _Z_END, 4.0)
-        tube(f"vertebral_{side_name}", va, U(1.6, 2.3), arterial * U(0.93, 1.0))
-        art_in[side_name] = (cca, ica, r_cca, r_ica)
-
-    # --- veins (painted before the arteries so that arteries win where they touch)
-    veins = []
+        bifurcations[f"{side_name}_bifurcation"], arteries[side_name] = _sample_side_arteries(
+            U, parts, side_name, s, z_bif[side_name], airway, spine, p["arterial_hu"], p)
+    # veins, painted before the arteries so that arteries win where they touch
     for side_name, s in (("right", 1.0), ("left", -1.0)):
-        cca, ica, r_cca, r_ica = art_in[side_name]
-        zb = z_bif[side_name]
-        r_j = U(5.5, 8.0) if s > 0 else U(4.5, 7.0)
-        zc = np.arange(-_Z_END, _Z_END + 1e-6, 20.0)
-        below = zc <= zb
-        centre = np.where(below[:, None], _centre_at(cca, zc), _centre_at(ica, zc))
-        r_art = np.where(below, r_cca, r_ica * 1.15)
-        psi = np.deg2rad(U(0.0, 40.0) + U(-8.0, 8.0, zc.size))
-        dist = r_art + r_j + U(1.5, 4.0) + U(0.0, 1.5, zc.size)
-        xj = centre[:, 0] + s * np.cos(psi) * dist
-        yj = centre[:, 1] + np.sin(psi) * dist
-        ijv = _z_path(zc, xj, yj, -_Z_END, _Z_END, 4.0)
-        veins.append(_Tube(f"ijv_{side_name}", ijv, r_j, jugular * U(0.93, 1.07)))
-        centrelines[f"ijv_{side_name}"], radii[f"ijv_{side_name}"] = ijv, np.full(len(ijv), r_j)
-        # external jugular in the subcutaneous fat, crossing obliquely
-        r_e = min(U(1.5, 2.5), 0.5 * (body.fat_mm - 1.0))
-        zc = np.linspace(-_Z_END, _Z_END, 12)
-        th = np.deg2rad(np.interp(zc, [-150, 150], [-U(10, 30), U(10, 30)]))
-        a, b = body.axes(zc)
-        depth = body.skin_mm + 0.5 * body.fat_mm
-        xe = s * (a * np.cos(th) - depth)
-        ye = body.yc + (b - depth) * np.sin(th)
-        ejv = _z_path(zc, xe, ye, -_Z_END, _Z_END, 5.0)
-        veins.append(_Tube(f"ejv_{side_name}", ejv, r_e, jugular * U(0.6, 0.9)))
-        centrelines[f"ejv_{side_name}"], radii[f"ejv_{side_name}"] = ejv, np.full(len(ejv), r_e)
-
+        _sample_side_veins(U, parts, side_name, s, z_bif[side_name], arteries[side_name], body,
+                           p["jugular_hu"])
     # paint order: tissues, bones, veins, arteries
+    structures = parts.structures
     first_artery = next(i for i, st in enumerate(structures)
                         if isinstance(st, _Tube) and st.name != "hyoid")
-    structures[first_artery:first_artery] = veins
-    return Anatomy(structures, {k: bifurcations[k] for k in LANDMARK_NAMES}, centrelines, radii, p)
+    structures[first_artery:first_artery] = parts.veins
+    return Anatomy(structures, {k: bifurcations[k] for k in LANDMARK_NAMES}, parts.centrelines,
+                   parts.radii, p)
 
 
 # --------------------------------------------------------------------------- cases
@@ -945,11 +1001,6 @@ def case_landmarks(index: int, cfg: dict | None) -> dict[str, np.ndarray]:
 # --------------------------------------------------------------------------- files
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    # the temporary naming of locnet.io, so a job's start sweeps what a killed run left
-    write_text_atomic(text, path)
-
-
 def image_relpath(index: int) -> str:
     """Image path of case ``index`` relative to the cohort folder (the manifest's folder)."""
     return f"images/{case_id(index)}.nii.gz"
@@ -959,8 +1010,7 @@ def write_case(index: int, cfg: dict | None, out_dir: str | os.PathLike) -> Path
     """Render case ``index`` and write ``out_dir/images/case_XXXX.nii.gz`` atomically."""
     path = Path(out_dir) / image_relpath(index)
     img, _ = make_case(index, cfg)
-    with atomic_write(path) as tmp:
-        nib.save(img, str(tmp))
+    save_nifti_atomic(img, path)
     return path
 
 
@@ -968,7 +1018,7 @@ def write_tables(n_cases: int, cfg: dict | None, out_dir: str | os.PathLike) -> 
     """Write ``manifest.csv`` (case_id,image; image relative to the manifest's folder) and
     ``landmarks.csv`` (case_id,landmark,x,y,z in world RAS mm) for cases 0..n_cases-1."""
     out = Path(out_dir)
-    man, lms = io.StringIO(), io.StringIO()
+    man, lms = StringIO(), StringIO()
     wm, wl = csv.writer(man, lineterminator="\n"), csv.writer(lms, lineterminator="\n")
     wm.writerow(["case_id", "image"])
     wl.writerow(["case_id", "landmark", "x", "y", "z"])
@@ -976,43 +1026,13 @@ def write_tables(n_cases: int, cfg: dict | None, out_dir: str | os.PathLike) -> 
         wm.writerow([case_id(i), image_relpath(i)])
         for name, xyz in case_landmarks(i, cfg).items():
             wl.writerow([case_id(i), name] + [f"{v:.6f}" for v in xyz])
-    _write_text_atomic(out / "manifest.csv", man.getvalue())
-    _write_text_atomic(out / "landmarks.csv", lms.getvalue())
+    write_text_atomic(man.getvalue(), out / "manifest.csv")
+    write_text_atomic(lms.getvalue(), out / "landmarks.csv")
     return out / "manifest.csv", out / "landmarks.csv"
-
-
-def write_cohort(n_cases: int, cfg: dict | None, out_dir: str | os.PathLike,
-                 cases: Iterable[int] | None = None, progress: bool = True,
-                 workers: int = 1) -> dict[str, Path]:
-    """Write the synthetic cohort under ``out_dir``.
-
-    Images of ``cases`` (default: all of 0..n_cases-1) go to ``out_dir/images/``; the
-    manifest and landmark tables always describe the whole cohort of ``n_cases`` cases
-    (landmarks need no rendering), so a workflow may render cases in separate jobs with
-    :func:`write_case` and call :func:`write_tables` once.
-    """
-    out = Path(out_dir)
-    todo = list(range(int(n_cases))) if cases is None else [int(i) for i in cases]
-    bar: Callable = lambda it, **kw: it  # noqa: E731
-    if progress:
-        try:
-            from tqdm.auto import tqdm as bar  # type: ignore[no-redef]
-        except ImportError:  # pragma: no cover
-            pass
-    if workers > 1 and len(todo) > 1:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            futures = [pool.submit(write_case, i, cfg, out) for i in todo]
-            for f in bar(futures, total=len(futures), desc="synthetic cases", unit="case"):
-                f.result()
-    else:
-        for i in bar(todo, desc="synthetic cases", unit="case"):
-            write_case(i, cfg, out)
-    manifest, landmarks = write_tables(n_cases, cfg, out)
-    return {"manifest": manifest, "landmarks": landmarks, "images": out / "images"}
 
 
 __all__ = [
     "LANDMARK_NAMES", "DEFAULT_CONFIG", "Anatomy", "PhantomCase", "resolve_config", "case_id",
     "image_relpath", "sample_anatomy", "build_case", "make_case", "case_landmarks",
-    "render_canonical", "write_case", "write_tables", "write_cohort",
+    "render_canonical", "write_case", "write_tables",
 ]

@@ -23,12 +23,12 @@ order (:func:`load_level` returns ``data.T``, a view), which is the order the de
 backends want. A file stored ``[i, j, k]`` maps in Fortran order, and every training step then
 pays a strided 360 MiB transpose per paper-scale case (1.1-2.2 s on one core, measured); the
 reversed layout pays one blocked transpose of level 0 per case at build time (0.2 s, see
-:func:`to_c_order`). :func:`load_level` also reads levels stored ``[i, j, k]`` (written before
-this layout), telling the two apart by the affine. The resampling
-pulls every level-0 voxel through ``inv(native_affine) @ level0_affine`` with
-``scipy.ndimage.affine_transform`` (order 1, no prefilter), in slabs of level-0 planes run on a
-thread pool (scipy releases the GIL), writing straight into the output array: peak memory is
-the native volume in its stored type plus level 0 plus level 1.
+:func:`to_c_order`). :func:`load_level` refuses a level stored ``[i, j, k]`` (pyramids written
+before this layout): re-run the pyramid rule for it. The resampling pulls every level-0 voxel
+through ``inv(native_affine) @ level0_affine`` with ``scipy.ndimage.affine_transform`` (order 1,
+no prefilter), in slabs of level-0 planes run on a thread pool (scipy releases the GIL), writing
+straight into the output array: peak memory is the native volume in its stored type plus
+level 0 plus level 1.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .geometry import Grid, grid_for_scan
-from .io import InputError, load_volume, read_json, save_nifti_atomic, write_json_atomic
+from .fileio import InputError, load_volume, read_json, save_nifti_atomic, write_json_atomic
 
 __all__ = [
     "build_pyramid",
@@ -137,7 +137,7 @@ def scan_window(data: np.ndarray, intensity: Mapping[str, Any] | None,
     ``percentile``: the scan's own ``percentiles`` (e.g. 0.5 and 99.5, over all its voxels)
     are the window, and the low one is the background, so the outside of the scan is 0 after
     normalisation. A scan whose two percentiles coincide (constant) is refused
-    (:class:`~locnet.io.InputError`).
+    (:class:`~locnet.fileio.InputError`).
     """
     params = intensity_params(intensity)
     if params["mode"] == "ct_window":
@@ -383,9 +383,11 @@ def load_level(case_dir: Any, level: int, mmap: bool = True) -> tuple[np.ndarray
 
     With ``mmap`` the array is a copy-on-write ``np.memmap`` of the file: nothing is read until
     used, and in-place changes never reach the file. Without it the level is read into memory.
-    A level stored ``[k, j, i]`` (this module's layout) comes back as a C-contiguous view; one
-    stored ``[i, j, k]`` (older pyramids) as it is, Fortran-ordered. The file's affine must be
-    the grid's level affine in one of those two layouts.
+    The file is stored ``[k, j, i]`` (this module's layout) and comes back as a C-contiguous
+    view; its affine must be the grid's level affine with its axis columns reversed
+    (:func:`stored_affine`). A level stored ``[i, j, k]`` with the grid's affine as is (older
+    pyramids) is refused, saying to re-run the pyramid rule, and so is an affine of another
+    grid (:class:`~locnet.fileio.InputError`, naming the file).
     """
     import nibabel as nib
 
@@ -399,11 +401,15 @@ def load_level(case_dir: Any, level: int, mmap: bool = True) -> tuple[np.ndarray
         raise InputError(f"pyramid level file {path} is unreadable "
                          f"({type(exc).__name__}: {exc})") from exc
     want = grid.level_affine(level)
-    if np.allclose(img.affine, stored_affine(want), atol=1e-3):
-        arr = arr.T
-    elif not np.allclose(img.affine, want, atol=1e-3):
+    if not np.allclose(img.affine, stored_affine(want), atol=1e-3):
+        if np.allclose(img.affine, want, atol=1e-3):
+            raise InputError(
+                f"pyramid level file {path} is stored in the older [i, j, k] layout, which is "
+                f"no longer read: re-run the pyramid rule (delete {case_dir} or run snakemake "
+                "with --forcerun pyramid)")
         raise InputError(f"pyramid level file {path}: its affine does not match "
                          f"{case_dir / 'grid.json'} (stale pyramid?)")
+    arr = arr.T
     if arr.shape != grid.level_shape(level) or arr.dtype != np.float32:
         raise InputError(f"pyramid level file {path}: shape {arr.shape} dtype {arr.dtype}, "
                          f"expected {grid.level_shape(level)} float32 (stale pyramid?)")

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .io import read_json, write_json_atomic
+from .fileio import read_json, write_json_atomic
 
 __all__ = ["OK", "REVIEW", "choose_threshold", "add_calibration", "flag", "read_quality", "write_quality",
            "QUALITY_FILE", "INTENSITY_MARGIN", "intensity_outliers", "intensity_stats",

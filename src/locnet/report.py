@@ -243,11 +243,31 @@ def results_markdown(
     pooled = table1[table1["scope"] == "all"]
     labels = dict(zip(table1["method"], table1["label"]))
     label = lambda m: labels.get(m, m)  # noqa: E731
-    git = dict(git or {})
-    machine = dict(machine or {})
     date = date or _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
     out = ["### How this run was made", ""]
+    out += _run_lines(configfiles, config_args, study, dict(git or {}), dict(machine or {}),
+                      training, labels, label, date)
+    out += _error_table_lines(pooled)
+    if level_errors is not None and len(level_errors):
+        out += ["", "### Error per pyramid level (`tables/level_errors.csv`)", ""]
+        out += _level_errors_table(level_errors)
+    comps, test_lines = _paired_test_lines(statistics, label)
+    out += test_lines
+
+    out += ["", "### Uncertainty of the noisy method", ""]
+    unc = _uncertainty_lines(statistics, label)
+    out += unc or ["Not computed: no calibration rows in statistics.csv."]
+
+    out += ["", "### What this run can and cannot conclude", ""]
+    out += _conclusions(pooled, statistics, comps, label, alpha)
+    return _page("\n".join(out))
+
+
+def _run_lines(configfiles, config_args, study, git, machine, training, labels, label,
+               date) -> list[str]:
+    """The bullets of "How this run was made": config, commit, machine, training time, date."""
+    out = []
     cfg = ", ".join(f"`{c}`" for c in configfiles) or "unknown"
     if config_args:
         cfg += "; command-line `--config " + " ".join(config_args) + "`"
@@ -283,11 +303,15 @@ def results_markdown(
     else:
         out.append("- Training time: no benchmark files of the training jobs found.")
     out.append(f"- Written: {date}.")
+    return out
 
+
+def _error_table_lines(pooled: pd.DataFrame) -> list[str]:
+    """The test-set error table, with the seed columns when there are several seeds."""
     n_cases = pooled["n_cases"].max() if "n_cases" in pooled and len(pooled) else float("nan")
     n_lm = pooled["n"].max() if len(pooled) else float("nan")
     seeds = int(pooled["n_seeds"].max()) if "n_seeds" in pooled and len(pooled) else 1
-    out += ["", f"### Test-set error ({_i(n_cases)} cases, {_i(n_lm)} landmarks, pooled)", ""]
+    out = ["", f"### Test-set error ({_i(n_cases)} cases, {_i(n_lm)} landmarks, pooled)", ""]
     if seeds > 1:
         out += [f"Euclidean error in mm over the annotated test landmarks "
                 f"(`tables/table1.csv`). Every method was trained {seeds} times (seeds "
@@ -312,14 +336,15 @@ def results_markdown(
     if seeds > 1:
         out += ["", *_seed_lines(pooled)]
 
-    if level_errors is not None and len(level_errors):
-        out += ["", "### Error per pyramid level (`tables/level_errors.csv`)", ""]
-        out += _level_errors_table(level_errors)
+    return out
 
+
+def _paired_test_lines(statistics: pd.DataFrame, label) -> tuple[list[str], list[str]]:
+    """The compared pairs and the "Paired tests" section (Wilcoxon, Holm, detectable)."""
     wx = statistics[statistics["test"] == "wilcoxon_holm"]
     comps = [c for c in dict.fromkeys(wx["comparison"]) if " vs " in c]
     proposed = comps[0].split(" vs ")[0] if comps else None
-    out += ["", "### Paired tests", ""]
+    out = ["", "### Paired tests", ""]
     if comps:
         out += [f"Wilcoxon signed-rank on per-case mean errors, {label(proposed)} minus the "
                 "other method (negative: the proposed method is better), Holm-corrected over "
@@ -339,13 +364,7 @@ def results_markdown(
         note = wx["note"].iloc[0] if len(wx) else "no wilcoxon_holm rows in statistics.csv"
         out.append(f"Not computed: {note}.")
 
-    out += ["", "### Uncertainty of the noisy method", ""]
-    unc = _uncertainty_lines(statistics, label)
-    out += unc or ["Not computed: no calibration rows in statistics.csv."]
-
-    out += ["", "### What this run can and cannot conclude", ""]
-    out += _conclusions(pooled, statistics, comps, label, alpha)
-    return _page("\n".join(out))
+    return comps, out
 
 
 def _i(v) -> str:
@@ -575,7 +594,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{readme}: {err}", file=sys.stderr)
         return 1
     if new != text:
-        from .io import write_text_atomic
+        from .fileio import write_text_atomic
 
         write_text_atomic(new, readme)
         print(f"{readme}: results block updated from {args.page or 'the pending text'}")

@@ -12,7 +12,7 @@ the rule's log file as well as on stderr, so a failed job explains itself in one
 At its start a job also logs where its ``locnet`` was imported from (the workflow puts the
 checkout's ``src/`` first on every job's path) and deletes the temporaries that a killed
 earlier run of the same job left beside its outputs
-(:func:`locnet.io.remove_stale_temporaries_of`).
+(:func:`locnet.fileio.remove_stale_temporaries_of`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import time
 
 import locnet
 
-from . import io
+from . import fileio
 
 
 @contextlib.contextmanager
@@ -53,7 +53,7 @@ def job_logging(smk=None, log_path: str | None = None, name: str = "locnet"):
         log.info("rule %s started (wildcards: %s)", rule, dict(getattr(smk, "wildcards", {})))
         log.info("locnet %s from %s", locnet.__version__, os.path.dirname(locnet.__file__))
     outputs = [str(f) for f in getattr(smk, "output", [])]
-    for f in io.remove_stale_temporaries_of(*outputs):
+    for f in fileio.remove_stale_temporaries_of(*outputs):
         log.info("removed %s, left by a killed run of this job", f)
     if os.environ.get("SLURM_JOB_ID"):
         # where a cluster job ran and which GPU SLURM gave it: the first thing to look at

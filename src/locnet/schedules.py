@@ -31,8 +31,15 @@ Kinds
 
 ``multistep`` (the multi-step baseline)
     ``L`` equal phases, one-hot: phase ``p = floor(L * epoch / total_epochs)`` trains level
-    ``L - 1 - p`` (coarse to fine). :func:`multistep_level` gives the active level; the
-    training code freezes the finished (coarser) levels.
+    ``L - 1 - p`` (coarse to fine). :func:`multistep_level` gives the active level.
+
+Phases
+------
+A run of the multi-step method is trained in those ``L`` phases, one level at a time
+(:func:`multistep_phase`, :func:`phase_bounds`); every other method in one phase.
+:class:`Phases` says, for the training code, which phase an epoch belongs to, which level
+sub-network a phase trains (the others are frozen) and where a phase's model-selection window
+is clipped.
 """
 
 from __future__ import annotations
@@ -41,7 +48,15 @@ import math
 
 import numpy as np
 
-__all__ = ["SCHEDULES", "level_weights", "multistep_level", "training_fraction"]
+__all__ = [
+    "SCHEDULES",
+    "Phases",
+    "level_weights",
+    "multistep_level",
+    "multistep_phase",
+    "phase_bounds",
+    "training_fraction",
+]
 
 SCHEDULES = ("linear", "step", "multistep")
 
@@ -121,3 +136,59 @@ def level_weights(kind: str, epoch: int, total_epochs: int, n_levels: int) -> np
     else:
         raise ValueError(f"unknown schedule {kind!r}; choose one of {SCHEDULES}")
     return np.asarray(w, dtype=np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# phases of the multi-step training
+# --------------------------------------------------------------------------------------------
+def multistep_phase(epoch: int, total_epochs: int, n_levels: int) -> tuple[int, int]:
+    """``(phase, level)`` of ``epoch`` in multi-step training: phase 0 trains the coarsest level
+    ``n_levels - 1``, the last phase level 0 (:func:`multistep_level`: ``n_levels`` equal
+    phases, phase ``floor(n_levels * epoch / total_epochs)``)."""
+    level = int(multistep_level(epoch, total_epochs, n_levels))
+    return n_levels - 1 - level, level
+
+
+def phase_bounds(total_epochs: int, n_levels: int) -> list[tuple[int, int]]:
+    """Epoch ranges ``[start, end)`` of the multi-step phases (coarse to fine)."""
+    bounds = [[None, None] for _ in range(n_levels)]
+    for e in range(total_epochs):
+        p, _ = multistep_phase(e, total_epochs, n_levels)
+        if bounds[p][0] is None:
+            bounds[p][0] = e
+        bounds[p][1] = e + 1
+    return [(a, b) if a is not None else (total_epochs, total_epochs) for a, b in bounds]
+
+
+class Phases:
+    """The training phases of a run of ``total_epochs`` epochs over ``n_levels`` loss levels.
+
+    ``multistep``: one phase per level, coarse to fine (:func:`phase_bounds`); otherwise a
+    single phase ``0`` of all epochs. Epochs are 0-based training epochs unless said otherwise.
+    """
+
+    def __init__(self, total_epochs: int, n_levels: int, multistep: bool):
+        self.total_epochs = total_epochs
+        self.n_levels = n_levels
+        self.multistep = multistep
+        #: ``[start, end)`` epochs of each phase
+        self.bounds = (phase_bounds(total_epochs, n_levels) if multistep
+                       else [(0, total_epochs)])
+
+    def phase_of(self, epoch: int) -> int:
+        """The phase of training epoch ``epoch``."""
+        return multistep_phase(epoch, self.total_epochs, self.n_levels)[0] if self.multistep else 0
+
+    def history_range(self, epoch: int) -> tuple[int, int]:
+        """First and last history epoch (1-based) of the phase of history epoch ``epoch``."""
+        a, b = self.bounds[self.phase_of(epoch - 1)]
+        return a + 1, b
+
+    def trained_level(self, phase: int) -> int | None:
+        """The level whose sub-network ``phase`` trains, the others frozen (``None``: all
+        levels are trained)."""
+        return self.n_levels - 1 - phase if self.multistep else None
+
+    def has_empty_phase(self) -> bool:
+        """Whether some phase gets no epoch (fewer epochs than phases)."""
+        return any(a == b for a, b in self.bounds)

@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .geometry import ras_lps
-from .io import write_json_atomic
+from .fileio import write_json_atomic
 
 __all__ = ["MARKUPS_SCHEMA", "markups_document", "read_markups_ras", "write_markups"]
 

@@ -17,7 +17,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from .io import InputError, write_csv_atomic
+from .fileio import InputError, write_csv_atomic
 
 __all__ = ["SUBSETS", "SplitExistsError", "make_split", "read_split", "split_sizes",
            "write_split"]

@@ -47,7 +47,7 @@ from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.power import TTestPower
 from statsmodels.stats.proportion import proportion_confint
 
-from .io import write_text_atomic
+from .fileio import write_text_atomic
 from .metrics import (
     PROPOSED_METHOD,
     chi2_radius_sq,

@@ -30,7 +30,7 @@ optimizer variables) and ``best-{epoch}.npz`` (the model variables of the best e
 ``state.json`` is the commit point: it is renamed into place after the arrays it names, so a
 kill at any moment leaves either the old or the new consistent state. A re-run with the same
 configuration logs ``resuming from epoch N`` and continues; a different configuration
-(fingerprint) starts afresh.
+(fingerprint) starts afresh. :mod:`locnet.checkpoint` reads and writes these files.
 
 A resumed run equals an uninterrupted one (same seed, CPU): the case order of epoch ``e``
 depends only on ``(seed, e)``, and at the start of every epoch (and before every validation)
@@ -42,108 +42,44 @@ from one epoch to the next other than what the checkpoint holds.
 Trained in ``L`` phases, coarse to fine, one per level sub-network ``model.level_nets[l]``
 (indexed by pyramid level, 0 = finest, like ``model.loss_weights``). The epochs are split evenly
 as ``locnet.schedules.multistep_level`` says: phase ``p = floor(L * epoch / E)`` trains level
-``l = L - 1 - p``. In that phase only ``level_nets[l]`` is trainable and the loss weights are
-one-hot at ``l`` (schedule ``multistep``). Each phase is compiled afresh with a new Adam
-optimizer (the trainable variables change); a run resumed mid-phase restores that phase's
-optimizer state; one resumed at a phase boundary starts the new phase's optimizer afresh, as an
-uninterrupted run does.
+``l = L - 1 - p`` (:class:`locnet.schedules.Phases`). In that phase only ``level_nets[l]`` is
+trainable and the loss weights are one-hot at ``l`` (schedule ``multistep``). Each phase is
+compiled afresh with a new Adam optimizer (the trainable variables change); a run resumed
+mid-phase restores that phase's optimizer state; one resumed at a phase boundary starts the
+new phase's optimizer afresh, as an uninterrupted run does.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import math
 import platform
 import random
-import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
-import pandas as pd
 
-from locnet import io, seeds
+from locnet import checkpoint, fileio, seeds
+from locnet.checkpoint import restore_snapshot
+from locnet.config import defaults as schema_defaults
 from locnet.data import LandmarkDataset, case_id_of, model_levels, read_landmark_table
+from locnet.methods import REGISTRY
 from locnet.models import predict_position
+from locnet.schedules import Phases, level_weights
 
-STATE_VERSION = 2  # 2: smoothed model selection (best_score, pending snapshots)
-MULTISTEP = "multiscale_multistep"
-_LEVEL_METRIC = re.compile(r"^loss_level(\d+)$")
-
-DEFAULT_TRAIN_CFG = {
-    "epochs": 500,  # paper
-    "learning_rate": 5e-4,  # paper (Adam)
-    "batch_size": 1,  # paper
-    "schedule": "linear",  # per-level loss weights over the epochs (locnet.schedules)
-    "cache_cases": 2,  # open memory maps kept per dataset (LRU)
-    "jit_compile": "auto",  # passed to model.compile
-    "deterministic": False,  # tf op determinism (GPU); CPU runs are deterministic anyway
-    "selection_window": 5,  # epochs of the centred window of the model-selection score
-}
+#: the training settings and their defaults: the config schema's ``training`` block, their one
+#: source (``seeds`` is the workflow's: one job per seed)
+DEFAULT_TRAIN_CFG = {k: v for k, v in schema_defaults("training").items() if k != "seeds"}
+#: open memory maps kept per dataset (LRU)
+CACHE_CASES = 2
 
 
 # --------------------------------------------------------------------------------------------
-# small helpers
+# model selection
 # --------------------------------------------------------------------------------------------
-def _atomic_write_json(path: Path, obj) -> None:
-    io.write_json_atomic(_jsonable(obj), path)
-
-
-def _atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    with io.atomic_write(path) as tmp:  # the temporary name ends in .npz, so savez keeps it
-        np.savez(tmp, **arrays)
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
-def _history_frame(rows: list[dict]) -> pd.DataFrame:
-    """History rows as a DataFrame with a stable column order."""
-    df = pd.DataFrame(rows)
-    if df.empty:
-        return df
-    cols = list(df.columns)
-
-    def key(c):
-        if c == "epoch":
-            return (0, 0, c)
-        if c == "phase":
-            return (1, 0, c)
-        if c == "loss":
-            return (2, 0, c)
-        m = _LEVEL_METRIC.match(c)
-        if m:
-            return (3, int(m.group(1)), c)
-        if c.startswith("weight_"):
-            m = re.match(r"^weight_level(\d+)$", c)
-            return (5, int(m.group(1)) if m else 0, c)
-        if c == "val_error_mm":
-            return (6, 0, c)
-        if c == "val_score_mm":
-            return (6, 1, c)
-        if c == "time":
-            return (7, 0, c)
-        return (4, 0, c)
-
-    return df[sorted(cols, key=key)]
-
-
 def _is_better(value: float, best: float) -> bool:
     """Strictly lower validation error; NaN never wins, anything beats NaN."""
     if value is None or not np.isfinite(value):
@@ -340,27 +276,6 @@ class _Recorder(keras.callbacks.Callback):
 # --------------------------------------------------------------------------------------------
 # phases (multiscale_multistep)
 # --------------------------------------------------------------------------------------------
-def multistep_phase(epoch: int, total_epochs: int, n_levels: int) -> tuple[int, int]:
-    """``(phase, level)`` of ``epoch`` in multi-step training: phase 0 trains the coarsest level
-    ``n_levels - 1``, the last phase level 0 (``locnet.schedules.multistep_level``: ``n_levels``
-    equal phases, phase ``floor(n_levels * epoch / total_epochs)``)."""
-    from locnet.schedules import multistep_level
-
-    level = int(multistep_level(epoch, total_epochs, n_levels))
-    return n_levels - 1 - level, level
-
-
-def phase_bounds(total_epochs: int, n_levels: int) -> list[tuple[int, int]]:
-    """Epoch ranges ``[start, end)`` of the multi-step phases (coarse to fine)."""
-    bounds = [[None, None] for _ in range(n_levels)]
-    for e in range(total_epochs):
-        p, _ = multistep_phase(e, total_epochs, n_levels)
-        if bounds[p][0] is None:
-            bounds[p][0] = e
-        bounds[p][1] = e + 1
-    return [(a, b) if a is not None else (total_epochs, total_epochs) for a, b in bounds]
-
-
 def _level_net_items(model) -> list[tuple[int, object]]:
     nets = getattr(model, "level_nets", None)
     if nets is None:
@@ -378,35 +293,7 @@ def _set_trainable_level(model, level: int | None) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# model state <-> arrays
-# --------------------------------------------------------------------------------------------
-def _var_arrays(variables, prefix: str) -> dict[str, np.ndarray]:
-    return {f"{prefix}{i:05d}": np.asarray(v.numpy()) for i, v in
-            enumerate(variables)}
-
-
-def _assign_arrays(variables, arrays, prefix: str, what: str) -> None:
-    keys = sorted(k for k in arrays.files if k.startswith(prefix))
-    if len(keys) != len(variables):
-        raise ValueError(f"checkpoint has {len(keys)} {what} variables, the model {len(variables)}")
-    for v, k in zip(variables, keys):
-        a = arrays[k]
-        if tuple(a.shape) != tuple(v.shape):
-            raise ValueError(f"checkpoint {what} variable {v.path}: shape {a.shape} != {v.shape}")
-        v.assign(a)
-
-
-def model_snapshot(model) -> dict[str, np.ndarray]:
-    """All model variables (weights, non-trainable state, seed states) as arrays."""
-    return _var_arrays(model.variables, "model/")
-
-
-def restore_snapshot(model, arrays) -> None:
-    _assign_arrays(model.variables, arrays, "model/", "model")
-
-
-# --------------------------------------------------------------------------------------------
-# training
+# training: helpers
 # --------------------------------------------------------------------------------------------
 def _default_build(method, method_cfg, grid):
     from locnet.models import build_model
@@ -430,16 +317,8 @@ def _weight_names(model, levels: list[int]) -> list[str]:
     return [f"level{i}" for i in range(n)]
 
 
-def _compile(model, learning_rate: float, train_cfg: dict) -> None:
-    model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
-        jit_compile=train_cfg.get("jit_compile", "auto"),
-    )
-
-
-def _fingerprint(**parts) -> str:
-    text = json.dumps(_jsonable(parts), sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+def _compile(model, learning_rate: float) -> None:
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate=learning_rate))
 
 
 def _log_epoch(log, row: dict, total: int, best_epoch: int, best_err: float) -> None:
@@ -447,7 +326,7 @@ def _log_epoch(log, row: dict, total: int, best_epoch: int, best_err: float) -> 
     if "phase" in row:
         parts.append(f"phase {row['phase']}")
     for k, v in row.items():
-        if k == "loss" or _LEVEL_METRIC.match(k):
+        if k == "loss" or checkpoint.LEVEL_METRIC.match(k):
             parts.append(f"{k} {v:.4g}")
     parts.append(f"val_error_mm {row.get('val_error_mm', float('nan')):.3f}")
     parts.append(f"(kept so far: epoch {best_epoch}, score {best_err:.3f})")
@@ -468,6 +347,334 @@ def _intensity_summary(case_dirs, grid, log) -> dict | None:
         return None
 
 
+# --------------------------------------------------------------------------------------------
+# training: set-up
+# --------------------------------------------------------------------------------------------
+@dataclass
+class _Run:
+    """What one call of :func:`train` fixes before its first epoch."""
+
+    method: str
+    method_cfg: dict
+    cfg: dict  # the training config, defaults filled in
+    grid: dict
+    landmarks: list
+    case_dirs_train: Any
+    case_dirs_val: Any
+    out_dir: Path
+    state_dir: Path
+    seed: int
+    log: logging.Logger
+    total: int  # epochs
+    lr: float
+    window: int  # epochs of the model-selection window
+    schedule_kind: str
+    intensity: dict | None
+    model: Any
+    levels: list
+    weight_names: list
+    phases: Phases
+    train_ds: LandmarkDataset
+    val_ds: LandmarkDataset | None
+    fingerprint: str = ""
+
+
+def _build_model(method, method_cfg, grid, landmarks, seed, build_fn):
+    """The freshly initialised model (initialisation seeded from ``seed``)."""
+    keras.utils.set_random_seed(seeds.derive(seed, "init"))
+    # the model builder takes the landmark names from its config block (K = len(landmarks))
+    model = build_fn(method, {**method_cfg, "landmarks": landmarks}, grid)
+    if not hasattr(model, "loss_weights") or not hasattr(model.loss_weights, "assign"):
+        raise TypeError(f"{method}: the model has no `loss_weights` variable")
+    return model
+
+
+def _training_phases(method, model, total: int, n_levels: int, log) -> Phases:
+    """The phases of the run: one per level for a multi-phase method, else one."""
+    multistep = method in REGISTRY and REGISTRY[method].multiphase
+    if multistep and not _level_net_items(model):
+        raise TypeError(f"{method}: the model exposes no `level_nets`")
+    phases = Phases(total, n_levels, multistep)
+    if multistep and phases.has_empty_phase():
+        log.warning("%d epochs do not give every one of %d phases an epoch", total, n_levels)
+    return phases
+
+
+def _datasets(case_dirs_train, case_dirs_val, levels, landmark_table, landmarks, cfg, seed, log):
+    """The training dataset (shuffled per epoch) and the validation dataset (or ``None``)."""
+    table = read_landmark_table(landmark_table)
+    train_ds = LandmarkDataset(
+        case_dirs_train, levels, table, landmarks, batch_size=int(cfg["batch_size"]),
+        shuffle=True, seed=seeds.derive(seed, "data"), cache_size=CACHE_CASES,
+    )
+    val_ds = None
+    if case_dirs_val:
+        val_ds = LandmarkDataset(
+            case_dirs_val, levels, table, landmarks, batch_size=1, shuffle=False,
+            cache_size=CACHE_CASES,
+        )
+    else:
+        log.warning("no validation cases: every epoch's model counts as best (the last is kept)")
+    return train_ds, val_ds
+
+
+def _set_up(method, method_cfg, train_cfg, grid, landmarks, case_dirs_train, case_dirs_val,
+            landmark_table, out_dir, state_dir, seed, log, build_fn) -> _Run:
+    """Check the arguments, prepare the folders, build the model and the datasets."""
+    log = log or logging.getLogger("locnet.train")
+    cfg = {**DEFAULT_TRAIN_CFG, **(train_cfg or {})}
+    method_cfg = dict(method_cfg or {})
+    total = int(cfg["epochs"])
+    lr = float(cfg["learning_rate"])
+    window = int(cfg["selection_window"])
+    if window < 1 or window % 2 == 0:
+        raise ValueError(f"{method}: selection_window must be an odd number >= 1, got {window}")
+    seed = int(seed)
+    out_dir, state_dir = Path(out_dir), Path(state_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    landmarks = list(landmarks)
+    fileio.remove_stale_temporaries(out_dir, state_dir)
+
+    # the training cases' intensities, for inference's check of new scans
+    intensity = _intensity_summary(case_dirs_train, grid, log)
+    model = _build_model(method, method_cfg, grid, landmarks, seed, build_fn or _default_build)
+    levels = model_levels(model)
+    weight_names = _weight_names(model, levels)
+    phases = _training_phases(method, model, total, len(weight_names), log)
+    schedule_kind = "multistep" if phases.multistep else method_cfg.get("schedule",
+                                                                         cfg["schedule"])
+    train_ds, val_ds = _datasets(case_dirs_train, case_dirs_val, levels, landmark_table,
+                                 landmarks, cfg, seed, log)
+    if not model.built:
+        # one eager forward pass creates every variable of a lazily built model, so that the
+        # variable list is complete and in the same order for a fresh and for a resumed run
+        model(train_ds.case_batch(0)[0], training=False)
+    run = _Run(method=method, method_cfg=method_cfg, cfg=cfg, grid=grid, landmarks=landmarks,
+               case_dirs_train=case_dirs_train, case_dirs_val=case_dirs_val, out_dir=out_dir,
+               state_dir=state_dir, seed=seed, log=log, total=total,
+               lr=lr, window=window, schedule_kind=schedule_kind,
+               intensity=intensity, model=model, levels=levels, weight_names=weight_names,
+               phases=phases, train_ds=train_ds, val_ds=val_ds)
+    run.fingerprint = checkpoint.fingerprint(
+        method=method, method_cfg=method_cfg,
+        train_cfg=cfg,
+        grid=grid, landmarks=landmarks, seed=seed, levels=levels,
+        variables=[[list(v.shape), str(v.dtype)] for v in model.variables],
+        train=[case_id_of(d) for d in case_dirs_train],
+        val=[case_id_of(d) for d in (case_dirs_val or [])],
+    )
+    return run
+
+
+# --------------------------------------------------------------------------------------------
+# training: start or resume
+# --------------------------------------------------------------------------------------------
+def _enter_phase(run: _Run, phase: int) -> None:
+    """Make only the level sub-network of ``phase`` trainable and compile afresh."""
+    _set_trainable_level(run.model, run.phases.trained_level(phase))
+    _compile(run.model, run.lr)
+
+
+def _save_state(run: _Run, progress: checkpoint.Progress) -> None:
+    checkpoint.save_state(run.state_dir, run.model, progress, fingerprint=run.fingerprint,
+                          method=run.method, total_epochs=run.total)
+
+
+def _start_afresh(run: _Run) -> checkpoint.Progress:
+    """Epoch 0: validate the untrained model, keep it as the fallback, commit the state."""
+    _enter_phase(run, 0)
+    run.log.info("training %s: %d epochs, %d train / %d val cases, levels %s, lr %g, seed %d",
+                 run.method, run.total, len(run.train_ds.case_dirs),
+                 0 if run.val_ds is None else len(run.val_ds.case_dirs), run.levels, run.lr,
+                 run.seed)
+    t0 = time.perf_counter()
+    reseed(run.model, run.seed, 0, "val")
+    err0 = validation_error(run.model, run.val_ds) if run.val_ds is not None else float("nan")
+    row0 = {"epoch": 0}
+    if run.phases.multistep:
+        row0["phase"] = float("nan")
+    row0.update({"loss": float("nan"), "val_error_mm": err0,
+                 "time": time.perf_counter() - t0})
+    # the fallback: the untrained model, its raw error; pending: epochs whose selection
+    # window is not complete yet
+    progress = checkpoint.Progress(epoch=0, phase=0, history=[row0], best_epoch=0,
+                                   best_score=err0, best_file="best-000000.npz", pending=[])
+    checkpoint.save_snapshot(run.model, run.state_dir / progress.best_file)
+    _save_state(run, progress)
+    run.log.info("epoch 0 (untrained): val_error_mm %.3f", err0)
+    return progress
+
+
+def _start_or_resume(run: _Run) -> tuple[checkpoint.Progress, int]:
+    """The progress to continue from and the phase the model is compiled for."""
+    state = checkpoint.load_state(run.state_dir, run.fingerprint, run.log)
+    if state is None:
+        return _start_afresh(run), 0
+    progress = checkpoint.progress_from_state(state)
+    start = progress.epoch
+    run.log.info("resuming from epoch %d of %d (state in %s)", start, run.total, run.state_dir)
+    phase = run.phases.phase_of(start) if start < run.total else progress.phase
+    # a run resumed at a phase boundary starts the new phase's optimizer afresh
+    checkpoint.restore_checkpoint(run.model, run.state_dir, state,
+                                  lambda: _enter_phase(run, phase),
+                                  with_optimizer=start < run.total and progress.phase == phase)
+    return progress, phase
+
+
+# --------------------------------------------------------------------------------------------
+# training: epochs
+# --------------------------------------------------------------------------------------------
+def _builtin_callbacks(run: _Run) -> list:
+    """Loss-weight schedule, validation error and the recorder of the logs (last)."""
+    kind, total, n_levels = run.schedule_kind, run.total, len(run.weight_names)
+
+    def loss_weights_for(epoch: int) -> np.ndarray:
+        return np.asarray(level_weights(kind, epoch, total, n_levels), dtype=np.float32)
+
+    model, seed = run.model, run.seed
+    return [LossWeightSchedule(loss_weights_for, run.weight_names),
+            ValidationError(run.val_ds, before=lambda e: reseed(model, seed, e, "val")),
+            _Recorder()]
+
+
+def _fit_epoch(run: _Run, epoch: int, phase: int, builtin: list, callbacks) -> dict:
+    """Train epoch ``epoch`` (0-based); returns its history row."""
+    recorder = builtin[-1]
+    t0 = time.perf_counter()
+    reseed(run.model, run.seed, epoch, "train")
+    run.train_ds.set_epoch(epoch)
+    recorder.logs = None
+    run.model.fit(
+        run.train_ds, initial_epoch=epoch, epochs=epoch + 1, shuffle=False, verbose=0,
+        callbacks=builtin + list(callbacks or []),
+    )
+    if recorder.logs is None:
+        raise RuntimeError(f"epoch {epoch + 1} did not complete")
+    row = {"epoch": epoch + 1}
+    if run.phases.multistep:
+        row["phase"] = phase
+    row.update({k: float(v) for k, v in recorder.logs.items()
+                if isinstance(v, (int, float, np.number))})
+    row["time"] = time.perf_counter() - t0
+    return row
+
+
+def _update_selection(run: _Run, progress: checkpoint.Progress, done_epoch: int) -> None:
+    """Score every pending epoch whose selection window is now complete; keep the best."""
+    progress.pending.append(done_epoch)
+    val = [r.get("val_error_mm", float("nan")) for r in progress.history]
+    for c in list(progress.pending):
+        phase_range = run.phases.history_range(c)
+        if selection_range(c, run.window, phase_range)[1] > done_epoch:
+            continue  # its window reaches beyond the epochs done
+        progress.pending.remove(c)
+        score = selection_score(val, c, run.window, phase_range)
+        progress.history[c]["val_score_mm"] = score
+        if _is_better(score, progress.best_score):
+            progress.best_epoch, progress.best_score = c, score
+            progress.best_file = checkpoint.snapshot_name(c)
+
+
+def _record_epoch(run: _Run, progress: checkpoint.Progress, done_epoch: int, phase: int,
+                  row: dict) -> None:
+    """Add the row of ``done_epoch``, snapshot the model, update the selection, commit."""
+    progress.history.append(row)
+    snap = checkpoint.snapshot_name(done_epoch)
+    checkpoint.save_snapshot(run.model, run.state_dir / snap)
+    if run.val_ds is None:  # nothing to select on: the last epoch is kept
+        progress.best_epoch, progress.best_score, progress.best_file = (
+            done_epoch, float("nan"), snap)
+    else:
+        _update_selection(run, progress, done_epoch)
+    progress.epoch, progress.phase = done_epoch, phase
+    _save_state(run, progress)
+    _log_epoch(run.log, row, run.total, progress.best_epoch, progress.best_score)
+
+
+def _train_epoch(run: _Run, progress: checkpoint.Progress, epoch: int, entered: int,
+                 builtin: list, callbacks) -> int:
+    """Train, record and commit epoch ``epoch`` (0-based), entering its phase first when it
+    starts a new one; returns the phase the model is now compiled for."""
+    phase = run.phases.phase_of(epoch)
+    if run.phases.multistep and phase != entered:
+        first, end = run.phases.bounds[phase]
+        run.log.info("phase %d: training level_nets[%d] only (epochs %d-%d)", phase,
+                     run.phases.trained_level(phase), first + 1, end)
+        entered = phase
+        _enter_phase(run, phase)
+    row = _fit_epoch(run, epoch, phase, builtin, callbacks)
+    _record_epoch(run, progress, epoch + 1, phase, row)
+    return entered
+
+
+# --------------------------------------------------------------------------------------------
+# training: outputs
+# --------------------------------------------------------------------------------------------
+def _result(run: _Run, progress: checkpoint.Progress) -> dict:
+    done = len(progress.history) - 1
+    return {
+        "completed": done >= run.total,
+        "epochs_done": done,
+        "best_epoch": progress.best_epoch,
+        "best_val_error_mm": progress.history[progress.best_epoch].get("val_error_mm",
+                                                                       float("nan")),
+        "selection_score_mm": progress.best_score,
+        "history": checkpoint.history_frame(progress.history),
+        "model_path": run.out_dir / "model.keras",
+        "metadata_path": run.out_dir / "metadata.json",
+        "history_path": run.out_dir / "history.csv",
+    }
+
+
+def _metadata(run: _Run, progress: checkpoint.Progress, kept_error: float) -> dict:
+    return {
+        "method": run.method,
+        "method_cfg": run.method_cfg,
+        "train_cfg": run.cfg,
+        "schedule": run.schedule_kind,
+        "phases": [list(b) for b in run.phases.bounds] if run.phases.multistep else None,
+        "grid": run.grid,
+        "landmarks": run.landmarks,
+        "levels": run.levels,
+        "loss_weight_names": run.weight_names,
+        "seed": run.seed,
+        "epochs": run.total,
+        "best_epoch": progress.best_epoch,
+        "best_val_error_mm": kept_error,
+        "selection_window": run.window,
+        "selection_score_mm": progress.best_score,
+        "train_cases": [case_id_of(d) for d in run.case_dirs_train],
+        "val_cases": [case_id_of(d) for d in (run.case_dirs_val or [])],
+        "intensity": run.intensity,
+        "versions": versions(),
+    }
+
+
+def _write_outputs(run: _Run, progress: checkpoint.Progress, result: dict) -> None:
+    """Write the kept model, its metadata and the history to ``run.out_dir``."""
+    model = run.model
+    with np.load(run.state_dir / progress.best_file) as arrays:
+        restore_snapshot(model, arrays)
+    _set_trainable_level(model, None)
+    # The kept model is for inference: save an uncompiled copy with the best weights, not
+    # the training model, whose optimizer state belongs to the last epoch (not the kept one)
+    # and, for multistep, to the last phase's optimizer only.
+    kept = type(model).from_config(model.get_config())
+    kept.set_weights(model.get_weights())
+    with fileio.atomic_write(run.out_dir / "model.keras") as tmp:  # ends in .keras, as Keras requires
+        kept.save(tmp)
+    kept_error = result["best_val_error_mm"]
+    checkpoint.write_json(run.out_dir / "metadata.json", _metadata(run, progress, kept_error))
+    fileio.write_text_atomic(result["history"].to_csv(index=False), run.out_dir / "history.csv")
+    run.log.info("kept epoch %d (val_error_mm %.3f, score over a %d-epoch window %.3f); "
+                 "wrote %s", progress.best_epoch, kept_error, run.window, progress.best_score,
+                 run.out_dir)
+
+
+# --------------------------------------------------------------------------------------------
+# training
+# --------------------------------------------------------------------------------------------
 def train(
     method: str,
     method_cfg: dict,
@@ -494,8 +701,8 @@ def train(
         method: method name (``locnet_single``, ``multiscale_e2e_noise``, ...).
         method_cfg: the method's config block (passed to ``build_model``; may hold
             ``schedule``, which then overrides ``train_cfg["schedule"]``).
-        train_cfg: ``epochs``, ``learning_rate``, ``batch_size``, ``schedule`` and the options of
-            ``DEFAULT_TRAIN_CFG``; missing keys take those defaults.
+        train_cfg: ``epochs``, ``learning_rate``, ``batch_size``, ``schedule``,
+            ``selection_window``; missing keys take ``DEFAULT_TRAIN_CFG`` (the schema's).
         grid: pyramid geometry block given to ``build_model`` and stored in the metadata.
         landmarks: landmark names (order of the K axis).
         case_dirs_train, case_dirs_val: pyramid folders of the training / validation cases.
@@ -514,294 +721,21 @@ def train(
         dict with ``completed``, ``epochs_done``, ``best_epoch``, ``best_val_error_mm``,
         ``history`` (DataFrame) and the output paths.
     """
-    log = log or logging.getLogger("locnet.train")
-    cfg = {**DEFAULT_TRAIN_CFG, **(train_cfg or {})}
-    method_cfg = dict(method_cfg or {})
-    total = int(cfg["epochs"])
-    lr = float(cfg["learning_rate"])
-    schedule_kind = method_cfg.get("schedule", cfg["schedule"])
-    window = int(cfg["selection_window"])
-    if window < 1 or window % 2 == 0:
-        raise ValueError(f"{method}: selection_window must be an odd number >= 1, got {window}")
-    seed = int(seed)
-    out_dir, state_dir = Path(out_dir), Path(state_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    state_dir.mkdir(parents=True, exist_ok=True)
-    landmarks = list(landmarks)
-    build_fn = build_fn or _default_build
-    io.remove_stale_temporaries(out_dir, state_dir)
-
-    if cfg.get("deterministic") and keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
-
-        tf.config.experimental.enable_op_determinism()
-
-    # ---- the training cases' intensities, for inference's check of new scans --------------------
-    intensity = _intensity_summary(case_dirs_train, grid, log)
-
-    # ---- model --------------------------------------------------------------------------------
-    keras.utils.set_random_seed(seeds.derive(seed, "init"))
-    # the model builder takes the landmark names from its config block (K = len(landmarks))
-    model = build_fn(method, {**method_cfg, "landmarks": landmarks}, grid)
-    if not hasattr(model, "loss_weights") or not hasattr(model.loss_weights, "assign"):
-        raise TypeError(f"{method}: the model has no `loss_weights` variable")
-    levels = model_levels(model)
-    weight_names = _weight_names(model, levels)
-    n_weights = len(weight_names)
-    multistep = method == MULTISTEP
-    if multistep:
-        if not _level_net_items(model):
-            raise TypeError(f"{method}: the model exposes no `level_nets`")
-        schedule_kind = "multistep"
-        bounds = phase_bounds(total, n_weights)
-        if any(a == b for a, b in bounds):
-            log.warning("%d epochs do not give every one of %d phases an epoch", total, n_weights)
-    else:
-        bounds = [(0, total)]
-
-    def phase_of(epoch: int) -> int:
-        return multistep_phase(epoch, total, n_weights)[0] if multistep else 0
-
-    def phase_range(epoch: int) -> tuple[int, int]:
-        """First and last history epoch (1-based) of the phase of history epoch ``epoch``."""
-        a, b = bounds[phase_of(epoch - 1)]
-        return a + 1, b
-
-    def loss_weights_for(epoch: int) -> np.ndarray:
-        from locnet.schedules import level_weights
-
-        return np.asarray(level_weights(schedule_kind, epoch, total, n_weights), dtype=np.float32)
-
-    # ---- data ---------------------------------------------------------------------------------
-    table = read_landmark_table(landmark_table)
-    train_ds = LandmarkDataset(
-        case_dirs_train, levels, table, landmarks, batch_size=int(cfg["batch_size"]),
-        shuffle=True, seed=seeds.derive(seed, "data"), cache_size=int(cfg["cache_cases"]),
-    )
-    val_ds = None
-    if case_dirs_val:
-        val_ds = LandmarkDataset(
-            case_dirs_val, levels, table, landmarks, batch_size=1, shuffle=False,
-            cache_size=int(cfg["cache_cases"]),
-        )
-    else:
-        log.warning("no validation cases: every epoch's model counts as best (the last is kept)")
-
-    if not model.built:
-        # one eager forward pass creates every variable of a lazily built model, so that the
-        # variable list is complete and in the same order for a fresh and for a resumed run
-        model(train_ds.case_batch(0)[0], training=False)
-
-    fingerprint = _fingerprint(
-        version=STATE_VERSION, method=method, method_cfg=method_cfg,
-        train_cfg={k: v for k, v in cfg.items() if k not in ("cache_cases",)},
-        grid=grid, landmarks=landmarks, seed=seed, levels=levels,
-        variables=[[list(v.shape), str(v.dtype)] for v in model.variables],
-        train=[case_id_of(d) for d in case_dirs_train],
-        val=[case_id_of(d) for d in (case_dirs_val or [])],
-    )
-
-    # ---- state --------------------------------------------------------------------------------
-    state_path = state_dir / "state.json"
-    state = None
-    if state_path.exists():
-        try:
-            with open(state_path) as fh:
-                state = json.load(fh)
-        except (OSError, json.JSONDecodeError) as err:
-            log.warning("unreadable resume state %s (%s): starting afresh", state_path, err)
-            state = None
-        if state is not None and (
-            state.get("version") != STATE_VERSION or state.get("fingerprint") != fingerprint
-        ):
-            log.warning("resume state in %s belongs to another configuration: starting afresh",
-                        state_dir)
-            state = None
-        if state is not None:
-            needed = [state.get("checkpoint"), state.get("best")]
-            needed += [f"snap-{int(e):06d}.npz" for e in state.get("pending", [])]
-            missing = [f for f in needed if not f or not (state_dir / f).exists()]
-            if missing:
-                log.warning("resume state in %s lacks %s: starting afresh", state_dir, missing)
-                state = None
-
-    def save_state(epoch_done: int, phase: int, history: list, best_epoch: int,
-                   best_err: float, best_file: str, pending: list[int]) -> None:
-        ckpt_file = f"ckpt-{epoch_done:06d}.npz"
-        arrays = model_snapshot(model)
-        if model.optimizer is not None and model.optimizer.built:
-            arrays.update(_var_arrays(model.optimizer.variables, "optimizer/"))
-        _atomic_savez(state_dir / ckpt_file, arrays)
-        io.write_text_atomic(_history_frame(history).to_csv(index=False), state_dir / "history.csv")
-        _atomic_write_json(state_path, {
-            "version": STATE_VERSION, "fingerprint": fingerprint, "method": method,
-            "epoch": epoch_done, "total_epochs": total, "phase": phase,
-            "checkpoint": ckpt_file, "best": best_file, "best_epoch": best_epoch,
-            "best_score": best_err, "pending": list(pending), "history": history,
-        })
-        keep = {ckpt_file, best_file} | {f"snap-{e:06d}.npz" for e in pending}
-        for f in state_dir.glob("*.npz"):
-            if f.name not in keep and re.match(r"^(ckpt|best|snap)-\d+\.npz$", f.name):
-                f.unlink(missing_ok=True)
-
-    # ---- start or resume ----------------------------------------------------------------------
-    def enter_phase(phase: int) -> None:
-        _set_trainable_level(model, n_weights - 1 - phase if multistep else None)
-        _compile(model, lr, cfg)
-
-    if state is not None:
-        start = int(state["epoch"])
-        history = [{k: (float("nan") if v is None else v) for k, v in r.items()}
-                   for r in state["history"]]
-        best_epoch = int(state["best_epoch"])
-        best_err = state["best_score"]
-        best_err = float("nan") if best_err is None else float(best_err)
-        best_file = state["best"]
-        pending = [int(e) for e in state.get("pending", [])]
-        log.info("resuming from epoch %d of %d (state in %s)", start, total, state_dir)
-        with np.load(state_dir / state["checkpoint"]) as arrays:
-            restore_snapshot(model, arrays)
-            current_phase = phase_of(start) if start < total else int(state["phase"])
-            enter_phase(current_phase)
-            has_opt = any(k.startswith("optimizer/") for k in arrays.files)
-            if start < total and has_opt and int(state["phase"]) == current_phase:
-                model.optimizer.build(model.trainable_variables)
-                _assign_arrays(model.optimizer.variables, arrays, "optimizer/", "optimizer")
-    else:
-        start = 0
-        current_phase = 0
-        enter_phase(current_phase)
-        log.info("training %s: %d epochs, %d train / %d val cases, levels %s, lr %g, seed %d",
-                 method, total, len(train_ds.case_dirs),
-                 0 if val_ds is None else len(val_ds.case_dirs), levels, lr, seed)
-        t0 = time.perf_counter()
-        reseed(model, seed, 0, "val")
-        err0 = validation_error(model, val_ds) if val_ds is not None else float("nan")
-        row0 = {"epoch": 0}
-        if multistep:
-            row0["phase"] = float("nan")
-        row0.update({"loss": float("nan"), "val_error_mm": err0,
-                     "time": time.perf_counter() - t0})
-        history = [row0]
-        best_epoch, best_err = 0, err0  # the fallback: the untrained model, its raw error
-        best_file = "best-000000.npz"
-        pending = []  # epochs whose selection window is not complete yet
-        _atomic_savez(state_dir / best_file, model_snapshot(model))
-        save_state(0, current_phase, history, best_epoch, best_err, best_file, pending)
-        log.info("epoch 0 (untrained): val_error_mm %.3f", err0)
-
-    # ---- epochs -------------------------------------------------------------------------------
-    schedule_cb = LossWeightSchedule(loss_weights_for, weight_names)
-    val_cb = ValidationError(val_ds, before=lambda e: reseed(model, seed, e, "val"))
-    recorder = _Recorder()
+    run = _set_up(method, method_cfg, train_cfg, grid, landmarks, case_dirs_train,
+                  case_dirs_val, landmark_table, out_dir, state_dir, seed, log, build_fn)
+    progress, entered = _start_or_resume(run)
+    builtin = _builtin_callbacks(run)
     epochs_this_run = 0
-    for epoch in range(start, total):
+    for epoch in range(progress.epoch, run.total):
         if max_epochs_this_run is not None and epochs_this_run >= max_epochs_this_run:
             break
-        phase = phase_of(epoch)
-        if multistep and phase != current_phase:
-            log.info("phase %d: training level_nets[%d] only (epochs %d-%d)", phase,
-                     n_weights - 1 - phase, bounds[phase][0] + 1, bounds[phase][1])
-            current_phase = phase
-            enter_phase(phase)
-        t0 = time.perf_counter()
-        reseed(model, seed, epoch, "train")
-        train_ds.set_epoch(epoch)
-        recorder.logs = None
-        model.fit(
-            train_ds, initial_epoch=epoch, epochs=epoch + 1, shuffle=False, verbose=0,
-            callbacks=[schedule_cb, val_cb, recorder] + list(callbacks or []),
-        )
-        if recorder.logs is None:
-            raise RuntimeError(f"epoch {epoch + 1} did not complete")
-        row = {"epoch": epoch + 1}
-        if multistep:
-            row["phase"] = phase
-        row.update({k: float(v) for k, v in recorder.logs.items()
-                    if isinstance(v, (int, float, np.number))})
-        row["time"] = time.perf_counter() - t0
-        history.append(row)
-        done_epoch = epoch + 1
-        snap = f"snap-{done_epoch:06d}.npz"
-        _atomic_savez(state_dir / snap, model_snapshot(model))
-        if val_ds is None:  # nothing to select on: the last epoch is kept
-            best_epoch, best_err, best_file = done_epoch, float("nan"), snap
-        else:
-            pending.append(done_epoch)
-            val = [r.get("val_error_mm", float("nan")) for r in history]
-            for c in list(pending):
-                if selection_range(c, window, phase_range(c))[1] > done_epoch:
-                    continue  # its window reaches beyond the epochs done
-                pending.remove(c)
-                score = selection_score(val, c, window, phase_range(c))
-                history[c]["val_score_mm"] = score
-                if _is_better(score, best_err):
-                    best_epoch, best_err, best_file = c, score, f"snap-{c:06d}.npz"
-        save_state(done_epoch, phase, history, best_epoch, best_err, best_file, pending)
-        _log_epoch(log, row, total, best_epoch, best_err)
+        entered = _train_epoch(run, progress, epoch, entered, builtin, callbacks)
         epochs_this_run += 1
 
-    done = len(history) - 1
-    kept_error = history[best_epoch].get("val_error_mm", float("nan"))
-    result = {
-        "completed": done >= total,
-        "epochs_done": done,
-        "best_epoch": best_epoch,
-        "best_val_error_mm": kept_error,
-        "selection_score_mm": best_err,
-        "history": _history_frame(history),
-        "model_path": out_dir / "model.keras",
-        "metadata_path": out_dir / "metadata.json",
-        "history_path": out_dir / "history.csv",
-    }
-    if done < total:
-        log.info("stopped after epoch %d of %d; re-run to resume", done, total)
+    result = _result(run, progress)
+    if not result["completed"]:
+        run.log.info("stopped after epoch %d of %d; re-run to resume", result["epochs_done"],
+                     run.total)
         return result
-
-    # ---- outputs ------------------------------------------------------------------------------
-    with np.load(state_dir / best_file) as arrays:
-        restore_snapshot(model, arrays)
-    _set_trainable_level(model, None)
-    # The kept model is for inference: save an uncompiled copy with the best weights, not
-    # the training model, whose optimizer state belongs to the last epoch (not the kept one)
-    # and, for multistep, to the last phase's optimizer only.
-    kept = type(model).from_config(model.get_config())
-    kept.set_weights(model.get_weights())
-    with io.atomic_write(out_dir / "model.keras") as tmp:  # ends in .keras, as Keras requires
-        kept.save(tmp)
-    metadata = {
-        "method": method,
-        "method_cfg": method_cfg,
-        "train_cfg": cfg,
-        "schedule": schedule_kind,
-        "phases": [list(b) for b in bounds] if multistep else None,
-        "grid": grid,
-        "landmarks": landmarks,
-        "levels": levels,
-        "loss_weight_names": weight_names,
-        "seed": seed,
-        "epochs": total,
-        "best_epoch": best_epoch,
-        "best_val_error_mm": kept_error,
-        "selection_window": window,
-        "selection_score_mm": best_err,
-        "train_cases": [case_id_of(d) for d in case_dirs_train],
-        "val_cases": [case_id_of(d) for d in (case_dirs_val or [])],
-        "intensity": intensity,
-        "versions": versions(),
-    }
-    _atomic_write_json(out_dir / "metadata.json", metadata)
-    io.write_text_atomic(result["history"].to_csv(index=False), out_dir / "history.csv")
-    log.info("kept epoch %d (val_error_mm %.3f, score over a %d-epoch window %.3f); wrote %s",
-             best_epoch, kept_error, window, best_err, out_dir)
+    _write_outputs(run, progress, result)
     return result
-
-
-def load_trained(out_dir) -> tuple[keras.Model, dict]:
-    """The kept model of ``out_dir`` and its metadata."""
-    out_dir = Path(out_dir)
-    with open(out_dir / "metadata.json") as fh:
-        meta = json.load(fh)
-    # the custom layers and models are registered by the import of locnet.models above
-    model = keras.models.load_model(out_dir / "model.keras", compile=False)
-    return model, meta

@@ -15,13 +15,18 @@ _inherited = os.environ.get("PYTHONPATH", "").split(os.pathsep)
 os.environ.update(
     PYTHONPATH=os.pathsep.join([LOCNET_SRC] + [p for p in _inherited if p and p != LOCNET_SRC])
 )
+# TensorFlow's oneDNN kernels on every CPU (they are off by default on AVX2-only CPUs, where a
+# training step is then 5-8x slower); locnet/__init__.py does the same for every other entry
+# point. Jobs inherit it; a value set by the user wins.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 import pandas as pd
 
 from snakemake.exceptions import WorkflowError
 
 import locnet.config
-import locnet.io
+import locnet.fileio
+import locnet.methods
 import locnet.metrics
 import locnet.seeds
 
@@ -39,7 +44,7 @@ LEVELS = list(range(config["pyramid"]["levels"]))
 
 
 wildcard_constraints:
-    case=locnet.io.CASE_ID_PATTERN,
+    case=locnet.fileio.CASE_ID_PATTERN,
     level=r"\d+",
     seed=r"\d+",
 
@@ -75,11 +80,11 @@ def case_ids():
     if not os.path.isfile(path):
         raise WorkflowError(f"cohort.manifest: file not found: {path}")
     try:
-        table, _ = locnet.io.parse_manifest_table(path)
-    except locnet.io.InputError:
+        table, _ = locnet.fileio.parse_manifest_table(path)
+    except locnet.fileio.InputError:
         return ()  # empty or unreadable: rule ingest reports it, naming the file
     # ids that cannot name files are left out here and refused by ingest with the rule
-    ids = [c for c in table["case_id"] if c and locnet.io.case_id_problem(c) is None]
+    ids = [c for c in table["case_id"] if c and locnet.fileio.case_id_problem(c) is None]
     return tuple(dict.fromkeys(ids))
 
 
@@ -95,8 +100,8 @@ def raw_scans():
     if config["cohort"]["source"] == "synthetic":
         return {c: f"{RES}/synthetic/images/{c}.nii.gz" for c in synthetic_case_ids()}
     try:
-        manifest = locnet.io.read_manifest(config["cohort"]["manifest"])
-    except locnet.io.InputError:
+        manifest = locnet.fileio.read_manifest(config["cohort"]["manifest"])
+    except locnet.fileio.InputError:
         return {}
     scans = {}
     for case, image in zip(manifest["case_id"], manifest["image"]):
@@ -151,19 +156,19 @@ def study_outputs():
     outs += [f"{RES}/figures/training_curves.{ext}" for ext in ("png", "pdf")]
     if multiscale_methods():
         outs += [f"{RES}/tables/level_errors.{ext}" for ext in ("csv", "md")]
-    if "multiscale_e2e_noise" in methods:
+    if locnet.methods.PROPOSED in methods:
         outs += [f"{RES}/figures/fig5_confidence_vs_error.{ext}" for ext in ("png", "pdf")]
-        outs += [f"{deployed_model_dir('multiscale_e2e_noise')}/quality.json"]
+    outs += [f"{deployed_model_dir(m)}/quality.json" for m in methods if m in NOISY_METHODS]
     if config["inference"]["manifest"]:
         outs += [f"{RES}/inference/{m}/landmarks.csv" for m in methods if m in NOISY_METHODS]
-    if {"locnet_single", "heatmap_unet"} <= set(methods):
+    if set(locnet.methods.HEATMAP_FIGURE) <= set(methods):
         outs += [f"{RES}/figures/fig3_heatmaps.{ext}" for ext in ("png", "pdf")]
     return outs
 
 
 # ---- methods and seeds ---------------------------------------------------------------------
-METHOD_ORDER = list(locnet.metrics.METHODS)  # Table 1's order
-NOISY_METHODS = {"multiscale_e2e_noise"}
+METHOD_ORDER = list(locnet.methods.KEYS)  # Table 1's order (the method registry)
+NOISY_METHODS = set(locnet.methods.noisy())  # test-time noisy passes, quality flag, inference
 TRAIN_KEYS = ("epochs", "learning_rate", "batch_size", "schedule")
 # Every method is trained once per seed, each a job of its own (wildcard {seed}). Seed 0's model
 # is the deployed one: rule infer, the quality threshold and the single-model figures use it.
@@ -218,7 +223,7 @@ def seed_prediction_tables(method):
 
 def multiscale_methods():
     """The multi-scale chains of this run (their predictions carry the per-level errors)."""
-    return [m for m in enabled_methods() if m in locnet.config.MULTISCALE_METHODS]
+    return [m for m in enabled_methods() if locnet.methods.get(m).multiscale]
 
 
 def model_dir(method, seed):

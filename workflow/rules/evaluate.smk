@@ -1,5 +1,6 @@
 # Evaluation: Table 1, the statistics, and the figures built from the prediction tables.
-# All of these are quick CPU jobs: local rules on a cluster.
+# Quick CPU jobs, run on the submit host on a cluster (`localrule: True`), except fig_heatmaps,
+# which loads two trained models and runs as a job of its own.
 
 
 rule table1:
@@ -118,7 +119,7 @@ rule fig_violin:
 rule fig_confidence:
     """Fig. 5: 90% confidence volume against error for the noisy model (the deployed seed)."""
     input:
-        predictions=f"{RES}/predictions/multiscale_e2e_noise/seed{DEPLOYED_SEED}.csv",
+        predictions=f"{RES}/predictions/{locnet.methods.PROPOSED}/seed{DEPLOYED_SEED}.csv",
     output:
         png=report(
             f"{RES}/figures/fig5_confidence_vs_error.png",
@@ -165,9 +166,9 @@ rule fig_heatmaps:
     """Fig. 3: one test case with the single-scale Loc-Net and heatmap U-Net output maps
     (the deployed seed's models)."""
     input:
-        locnet=f"{deployed_model_dir('locnet_single')}/model.keras",
-        heatmap=f"{deployed_model_dir('heatmap_unet')}/model.keras",
-        predictions=f"{RES}/predictions/locnet_single/seed{DEPLOYED_SEED}.csv",
+        locnet=f"{deployed_model_dir(locnet.methods.HEATMAP_FIGURE[0])}/model.keras",
+        heatmap=f"{deployed_model_dir(locnet.methods.HEATMAP_FIGURE[1])}/model.keras",
+        predictions=f"{RES}/predictions/{locnet.methods.HEATMAP_FIGURE[0]}/seed{DEPLOYED_SEED}.csv",
         pyramids=all_pyramids,
     output:
         png=report(

@@ -1,6 +1,6 @@
-"""Run `locnet predict` on the scans of the inference manifest (thin adapter; logic in
-locnet.cli / locnet.inference). Failed scans are logged; the rule fails only if every scan
-failed, so one bad scan does not block the others' results."""
+"""Landmarks on the scans of the inference manifest with a trained model (thin adapter over
+locnet.inference.predict_batch, the code behind `locnet predict`). Failed scans are logged;
+the rule fails only if every scan failed, so one bad scan does not block the others' results."""
 
 import os
 from pathlib import Path
@@ -8,33 +8,24 @@ from pathlib import Path
 os.environ.setdefault("TF_NUM_INTRAOP_THREADS", str(snakemake.threads))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import contextlib  # noqa: E402
-import io  # noqa: E402
-import json  # noqa: E402
-
-from locnet import cli  # noqa: E402
+from locnet import inference  # noqa: E402
+from locnet.fileio import read_manifest  # noqa: E402
 from locnet.runlog import job_logging  # noqa: E402
 
 with job_logging(snakemake) as log:
-    out = Path(snakemake.output.csv).parent
-    argv = ["predict", "--model", str(Path(snakemake.input.model).parent), "--out", str(out),
-            "--manifest", str(snakemake.input.manifest),
-            "--min-coverage", str(snakemake.params.min_coverage), "--quiet",
-            "--threads", str(snakemake.threads)]
-    if snakemake.params.seed is not None:  # else the study's seed, from quality.json
-        argv += ["--seed", str(snakemake.params.seed)]
-    if snakemake.params.passes is not None:
-        argv += ["--passes", str(snakemake.params.passes)]
-    if not snakemake.params.overlays:
-        argv.append("--no-overlay")
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        rc = cli.main(argv)
-    for line in err.getvalue().splitlines():
-        if line.strip():
-            log.warning("%s", line)
-    doc = json.loads((out / "landmarks.json").read_text()) if rc in (0, 1) else {}
-    n_ok, n_bad = len(doc.get("cases", [])), len(doc.get("failed", []))
+    lm = inference.load_model_dir(Path(snakemake.input.model).parent)
+    manifest = read_manifest(snakemake.input.manifest)
+    scans = [(str(c), Path(p)) for c, p in zip(manifest["case_id"], manifest["image"])]
+    # seed and passes: None takes the study's own (quality.json), as `locnet predict` does
+    settings, notes = inference.batch_settings(
+        lm, passes=snakemake.params.passes, seed=snakemake.params.seed,
+        min_coverage=snakemake.params.min_coverage, threads=snakemake.threads,
+        overlays=snakemake.params.overlays, quiet=True)
+    for note in notes:
+        log.warning("%s", note)
+    doc = inference.predict_batch(lm, scans, Path(snakemake.output.csv).parent, settings,
+                                  progress=False, report=lambda line: log.warning("%s", line))
+    n_ok, n_bad = len(doc["cases"]), len(doc["failed"])
     log.info("%s: %d scan(s) predicted, %d failed", snakemake.wildcards.method, n_ok, n_bad)
-    if rc not in (0, 1) or n_ok == 0:
-        raise SystemExit(f"locnet predict failed (exit status {rc}); see the log")
+    if n_ok == 0:
+        raise SystemExit("no scan could be predicted; see the log")

@@ -7,10 +7,11 @@ os.environ.setdefault("TF_NUM_INTRAOP_THREADS", str(snakemake.threads))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+import locnet  # noqa: E402,F401  (first: it picks TensorFlow's CPU kernels)
 import keras  # noqa: E402
 
 import locnet.models  # noqa: E402,F401  (registers the custom layers)
-from locnet import io, level_errors, predict, quality  # noqa: E402
+from locnet import fileio, level_errors, quality, study_predict  # noqa: E402
 from locnet import split as splitmod  # noqa: E402
 from locnet.runlog import job_logging  # noqa: E402
 
@@ -19,7 +20,7 @@ with job_logging(snakemake) as log:
     subsets = splitmod.read_split(snakemake.input.split)
     subsets = subsets[subsets["subset"].isin(["val", "test"])]
     pyr = Path(snakemake.params.pyramid_dir)
-    table = predict.predict_cases(
+    table = study_predict.predict_cases(
         model,
         [pyr / c for c in subsets["case_id"]],
         dict(zip(subsets["case_id"], subsets["subset"])),
@@ -36,7 +37,7 @@ with job_logging(snakemake) as log:
         snakemake.output.predictions, method=snakemake.wildcards.method,
         seed=snakemake.params.seed, passes=snakemake.params.passes,
         confidence=snakemake.params.confidence, estimator=snakemake.params.estimator)
-    io.write_csv_atomic(table, snakemake.output.predictions)
+    fileio.write_csv_atomic(table, snakemake.output.predictions)
     test = table[table["subset"] == "test"]
     log.info("%s: test mean error %.2f mm over %d landmarks", snakemake.wildcards.method,
              test["error_mm"].mean(), test["error_mm"].notna().sum())

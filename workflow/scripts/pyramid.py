@@ -2,15 +2,15 @@
 
 from pathlib import Path
 
-from locnet import io, pyramid
+from locnet import fileio, pyramid
 from locnet.runlog import job_logging
 
 with job_logging(snakemake) as log:
     case = snakemake.wildcards.case
-    manifest = io.read_manifest(snakemake.input.manifest)
+    manifest = fileio.read_manifest(snakemake.input.manifest)
     row = manifest.loc[manifest["case_id"] == case]
     if row.empty:
-        raise io.InputError(f"case {case}: not in {snakemake.input.manifest}")
+        raise fileio.InputError(f"case {case}: not in {snakemake.input.manifest}")
     pcfg = snakemake.params.pyramid
     grid = pyramid.build_pyramid(
         row["image"].iloc[0],
@@ -22,7 +22,7 @@ with job_logging(snakemake) as log:
         threads=snakemake.threads,
         intensity=pcfg.get("intensity"),  # absent: the CT window
     )
-    meta = io.read_json(snakemake.output.grid)
+    meta = fileio.read_json(snakemake.output.grid)
     if "scan_window" in meta:
         log.info("case %s: percentile normalisation, [%g, %g] -> [0, 1]", case, *meta["scan_window"])
     log.info("case %s: %d levels, finest %s at %.3f mm", case, grid.levels, grid.shape, grid.spacing)

@@ -2,7 +2,7 @@
 
 import pandas as pd
 
-from locnet import io, report
+from locnet import fileio, report
 from locnet.runlog import job_logging
 
 with job_logging(snakemake) as log:
@@ -23,5 +23,5 @@ with job_logging(snakemake) as log:
         machine=report.machine_facts(),
         training=report.training_times(p.train_benchmarks, p.seeds),
     )
-    io.write_text_atomic(page, snakemake.output.md)
+    fileio.write_text_atomic(page, snakemake.output.md)
     log.info("wrote %s", snakemake.output.md)

@@ -2,7 +2,7 @@
 
 import pandas as pd
 
-from locnet import io, metrics, stats
+from locnet import fileio, metrics, stats
 from locnet.runlog import job_logging
 
 # labels give the spacing of the levels each method reads in this run's config
@@ -20,5 +20,5 @@ with job_logging(snakemake) as log, metrics.labels_from_config(snakemake.config)
     )
     stats.write_statistics(table, snakemake.output.csv)
     summary = stats.statistics_summary(table)
-    io.write_text_atomic(summary, snakemake.output.md)
+    fileio.write_text_atomic(summary, snakemake.output.md)
     log.info("\n%s", summary)

@@ -31,7 +31,7 @@ from keras import ops
 from locnet import data, metrics, models, seeds
 from locnet.pyramid import read_grid
 
-log = logging.getLogger("locnet.predict")
+log = logging.getLogger("locnet.study_predict")
 
 COLUMNS = ["case_id", "subset", "landmark", "x", "y", "z", "true_x", "true_y", "true_z", "error_mm"]
 NOISE_COLUMNS = ["sd_x", "sd_y", "sd_z", "conf_volume_mm3", "det_x", "det_y", "det_z", "det_error_mm"]
@@ -138,6 +138,8 @@ def predict_cases(
         world = grid.grid_mm_to_world(pos)
         det_world = grid.grid_mm_to_world(det)
         level_world = {l: grid.grid_mm_to_world(g) for l, g in levels.items()}
+        if noisy:
+            sds, volumes = metrics.pass_uncertainty(samples, level=confidence)
         for k, name in enumerate(landmarks):
             true = truth.get(case, {}).get(name, np.full(3, np.nan))
             row = {
@@ -153,12 +155,12 @@ def predict_cases(
                 "error_mm": float(np.linalg.norm(world[k] - true)),
             }
             if noisy:
-                sd = samples[:, k, :].std(axis=0, ddof=1)
+                sd = sds[k]
                 row.update(
                     sd_x=sd[0],
                     sd_y=sd[1],
                     sd_z=sd[2],
-                    conf_volume_mm3=float(metrics.confidence_volume(sd, level=confidence)),
+                    conf_volume_mm3=float(volumes[k]),
                     det_x=det_world[k, 0],
                     det_y=det_world[k, 1],
                     det_z=det_world[k, 2],
@@ -187,7 +189,7 @@ def output_maps(model, case_dir) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if "heatmap" in out:
         maps = out["heatmap"]
     else:
-        maps = model.level_nets[level].maps(inputs[f"level{level}"], training=False)
+        maps = model.level_net(level).maps(inputs[f"level{level}"], training=False)
     maps = np.asarray(ops.convert_to_numpy(maps), dtype=np.float32)[0]
     pos = np.asarray(ops.convert_to_numpy(out["position"]), dtype=np.float64)[0]
     return maps, pos, level

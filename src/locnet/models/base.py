@@ -1,0 +1,103 @@
+"""The base class of every method's model: grid geometry, loss weights, per-level losses."""
+
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+from locnet.geometry import grid_mm_to_voxel, voxel_to_grid_mm
+
+__all__ = ["LandmarkModel", "masked_mean"]
+
+
+def masked_mean(values, mask):
+    """Mean of ``values`` (B, K) over entries with ``mask > 0``; 0 when none is valid."""
+    valid = ops.cast(mask > 0, values.dtype)
+    values = ops.where(valid > 0, values, 0.0)
+    return ops.sum(values * valid) / ops.maximum(ops.sum(valid), 1.0)
+
+
+class LandmarkModel(keras.Model):
+    """Common base: grid geometry, ``loss_weights`` variable, per-level loss trackers."""
+
+    def __init__(
+        self,
+        finest_shape: int,
+        finest_spacing_mm: float,
+        n_levels: int,
+        landmarks,
+        loss_levels,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.finest_shape = int(finest_shape)
+        self.finest_spacing_mm = float(finest_spacing_mm)
+        self.n_levels = int(n_levels)
+        self.landmarks = [str(n) for n in landmarks]
+        self.n_landmarks = len(self.landmarks)
+        if self.n_landmarks < 1:
+            raise ValueError("at least one landmark is needed")
+        if self.finest_shape % (2 ** (self.n_levels - 1)):
+            raise ValueError("finest_shape must be divisible by 2^(levels-1)")
+        self.loss_levels = tuple(int(l) for l in loss_levels)
+        self.loss_weights = self.add_weight(
+            name="loss_weights",
+            shape=(len(self.loss_levels),),
+            initializer=keras.initializers.Ones(),
+            trainable=False,
+        )
+        self.level_trackers = [
+            keras.metrics.Mean(name=f"loss_level{l}") for l in self.loss_levels
+        ]
+
+    # geometry -------------------------------------------------------------------------
+    def level_size(self, level: int) -> int:
+        return self.finest_shape // 2**level
+
+    def level_spacing(self, level: int) -> float:
+        return self.finest_spacing_mm * 2**level
+
+    def to_mm(self, v, level: int):
+        return voxel_to_grid_mm(v, level, self.finest_spacing_mm)
+
+    def to_voxel(self, g, level: int):
+        return grid_mm_to_voxel(g, level, self.finest_spacing_mm)
+
+    def level_net(self, level: int):
+        """The :class:`~locnet.models.unet.LocNet` reading pyramid level ``level`` (its maps
+        are what the heatmap figure shows). Models without Loc-Nets raise ``TypeError``."""
+        raise TypeError(f"{self.name} has no Loc-Net")
+
+    # keras plumbing -------------------------------------------------------------------
+    def build(self, *args, **kwargs):
+        # Every weight is created in __init__ (shapes follow from the grid), so building
+        # is a no-op; this also makes `.keras` reloading independent of input shapes.
+        self.built = True
+
+    def _base_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "finest_shape": self.finest_shape,
+                "finest_spacing_mm": self.finest_spacing_mm,
+                "n_levels": self.n_levels,
+                "landmarks": list(self.landmarks),
+            }
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def _finish_loss(self, total):
+        if self.losses:
+            total = total + ops.sum(ops.stack([ops.sum(l) for l in self.losses]))
+        return total
+
+    def position_loss(self, pred_mm, y):
+        """Mean over valid landmarks of the squared Euclidean error (mm^2)."""
+        target = ops.cast(y["position"], pred_mm.dtype)
+        d2 = ops.sum(ops.square(pred_mm - target), axis=-1)
+        return masked_mean(d2, y["mask"])
+

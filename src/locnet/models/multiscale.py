@@ -1,0 +1,199 @@
+"""The paper's coarse-to-fine chain of Loc-Nets: ``multiscale_multistep``, ``multiscale_e2e``, ``multiscale_e2e_noise``."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+from keras import ops
+
+from locnet.layers import CenterOfMass, CropResample, RandomShift, patch_to_volume
+from locnet.models.base import LandmarkModel
+from locnet.models.unet import LocNet, unet_kwargs
+
+__all__ = ['MultiScaleLocNet', 'build_multistep', 'build_e2e', 'build_e2e_noise']
+
+
+@keras.saving.register_keras_serializable(package="locnet")
+class MultiScaleLocNet(LandmarkModel):
+    """Coarse-to-fine chain of Loc-Nets with differentiable crops (the paper's method).
+
+    Level ``L-1`` (coarsest): a Loc-Net on the whole level gives K centres. For each finer
+    level ``l = L-2 ... 0``: the previous centres (grid mm) are converted to level-``l``
+    voxels, a ``P^3`` patch is cut around each landmark's centre by trilinear resampling
+    (:class:`~locnet.layers.CropResample`), and one Loc-Net per level, *shared by all
+    landmarks*, with K output maps processes the K patches as a batch; the patch of
+    landmark ``k`` uses map ``k`` (channel ``k`` selects landmark ``k``, so the shared
+    network still specialises per landmark while patch content and weights are shared).
+    Its CoM ``q`` maps back to the level as ``centre - (P - 1) / 2 + q`` and then to grid
+    mm. Outputs ``"level{l}"`` for every level and ``"position"`` (= level 0).
+
+    * ``stop_gradient=False`` (``multiscale_e2e``): gradients flow through the crop
+      centres (both the additive term and the resampling weights) into coarser nets.
+    * ``noise_mm > 0`` (``multiscale_e2e_noise``): ``U(-noise_mm, +noise_mm)`` per axis is
+      added to the centre before the finest crop, in training, when called with
+      ``noise=True``, or deterministically with ``finest_shift_mm`` (test-time passes).
+    * ``stop_gradient=True`` (``multiscale_multistep``): centres are constants between
+      levels, so each level's loss trains only its own net. Train one level at a time,
+      coarse to fine: set ``loss_weights`` one-hot (``schedules.level_weights("multistep",
+      ...)``) and freeze finished levels with ``model.level_nets[l].trainable = False``
+      followed by a new ``model.compile(...)`` (required for the change to take effect;
+      freezing also stops Adam's momentum from moving finished levels).
+
+    Loss: ``sum_l loss_weights[l] * loss_level{l}``, each the squared Euclidean error (mm^2)
+    averaged over valid landmarks. ``model.level_nets[l]`` is the :class:`LocNet` of level l.
+    """
+
+    def __init__(
+        self,
+        finest_shape,
+        finest_spacing_mm,
+        n_levels,
+        landmarks,
+        patch: int = 16,
+        unet: dict | None = None,
+        out_activation: str = "softplus",
+        com_epsilon: float = 1e-6,
+        stop_gradient: bool = False,
+        noise_mm: float = 0.0,
+        background: float = 0.0,
+        seed: int | None = None,
+        **kwargs,
+    ):
+        super().__init__(
+            finest_shape,
+            finest_spacing_mm,
+            n_levels,
+            landmarks,
+            tuple(range(int(n_levels))),
+            **kwargs,
+        )
+        if self.n_levels < 2:
+            raise ValueError("a multi-scale chain needs at least 2 levels")
+        self.patch = int(patch)
+        self.stop_gradient = bool(stop_gradient)
+        self.noise_mm = float(noise_mm)
+        self.background = float(background)
+        self.seed = None if seed is None else int(seed)
+        self.input_levels = tuple(range(self.n_levels))
+        top = self.n_levels - 1
+        self.level_nets = [
+            LocNet(
+                self.level_size(top) if l == top else self.patch,
+                self.n_landmarks,
+                unet=unet,
+                out_activation=out_activation,
+                com_epsilon=com_epsilon,
+                name=f"locnet_level{l}",
+            )
+            for l in range(self.n_levels)
+        ]
+        self.crop = CropResample(self.patch, self.background, name="crop")
+        self.com = CenterOfMass(com_epsilon, name="patch_com")
+        self.noise = RandomShift(self.noise_mm, seed=self.seed, name="finest_noise")
+        self.built = True
+
+    # pieces used by call() and predict_passes() --------------------------------------
+    def level_net(self, level: int) -> LocNet:
+        return self.level_nets[int(level)]
+
+    def coarsest(self, inputs, training=None):
+        top = self.n_levels - 1
+        v = self.level_nets[top](inputs[f"level{top}"], training=training)
+        return self.to_mm(v, top)
+
+    def refine(self, level: int, volume, centres_mm, training=None):
+        """One finer stage: centres (B, M, 3) grid mm -> (B, M, 3) grid mm at ``level``.
+
+        ``M`` may be any multiple of K: entry ``m`` is treated as landmark ``m mod K``
+        (used to run many test-time passes as one batch).
+        """
+        k, p = self.n_landmarks, self.patch
+        m = int(centres_mm.shape[1])
+        v = self.to_voxel(centres_mm, level)
+        patches = self.crop(volume, v)  # (B, M, P, P, P, 1)
+        maps = self.level_nets[level].maps(
+            ops.reshape(patches, (-1, p, p, p, 1)), training=training
+        )  # (B*M, P, P, P, K)
+        select = np.eye(k, dtype="float32")[np.arange(m) % k]  # (M, K)
+        maps = ops.reshape(maps, (-1, m, p, p, p, k))
+        sel = ops.sum(
+            maps * ops.convert_to_tensor(select)[None, :, None, None, None, :],
+            axis=-1,
+            keepdims=True,
+        )
+        q = self.com(ops.reshape(sel, (-1, p, p, p, 1)))  # (B*M, 1, 3)
+        q = ops.reshape(q, (-1, m, 3))
+        return self.to_mm(patch_to_volume(v, q, p), level)
+
+    def _link(self, g):
+        return ops.stop_gradient(g) if self.stop_gradient else g
+
+    def call(self, inputs, training=None, finest_shift_mm=None, noise=None):
+        top = self.n_levels - 1
+        g = self.coarsest(inputs, training=training)
+        out = {f"level{top}": g}
+        for level in range(top - 1, -1, -1):
+            c = self._link(g)
+            if level == 0:
+                if finest_shift_mm is not None:
+                    c = c + ops.cast(finest_shift_mm, c.dtype)
+                else:
+                    c = self.noise(c, training=training, active=noise)
+            g = self.refine(level, inputs[f"level{level}"], c, training=training)
+            out[f"level{level}"] = g
+        out["position"] = g
+        return out
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        total = 0.0
+        for i, level in enumerate(self.loss_levels):
+            loss = self.position_loss(y_pred[f"level{level}"], y)
+            self.level_trackers[i].update_state(loss)
+            total = total + self.loss_weights[i] * loss
+        return self._finish_loss(total)
+
+    def get_config(self):
+        config = self._base_config()
+        net = self.level_nets[0]
+        config.update(
+            {
+                "patch": self.patch,
+                "unet": dict(net.unet_config),
+                "out_activation": net.out_activation,
+                "com_epsilon": net.com_epsilon,
+                "stop_gradient": self.stop_gradient,
+                "noise_mm": self.noise_mm,
+                "background": self.background,
+                "seed": self.seed,
+            }
+        )
+        return config
+
+
+def _build_chain(c: dict, common: dict, stop_gradient: bool, noise_mm: float) -> MultiScaleLocNet:
+    return MultiScaleLocNet(
+        patch=int(c["patch"]),
+        unet=unet_kwargs(c["unet"]),
+        out_activation=str(c["out_activation"]),
+        com_epsilon=float(c["com_epsilon"]),
+        stop_gradient=stop_gradient,
+        noise_mm=noise_mm,
+        background=float(c["background"]),
+        seed=None if c.get("seed") is None else int(c["seed"]),
+        **common,
+    )
+
+
+def build_multistep(c: dict, common: dict) -> MultiScaleLocNet:
+    """``multiscale_multistep``: no gradient between levels (trained one level at a time)."""
+    return _build_chain(c, common, stop_gradient=True, noise_mm=0.0)
+
+
+def build_e2e(c: dict, common: dict) -> MultiScaleLocNet:
+    """``multiscale_e2e``: trained end to end through the differentiable crops."""
+    return _build_chain(c, common, stop_gradient=False, noise_mm=0.0)
+
+
+def build_e2e_noise(c: dict, common: dict) -> MultiScaleLocNet:
+    """``multiscale_e2e_noise``: end to end, with the finest crop shifted by up to ``noise_mm``."""
+    return _build_chain(c, common, stop_gradient=False, noise_mm=float(c["noise_mm"]))

@@ -1,0 +1,181 @@
+"""The one U-Net builder of the study and Loc-Net (U-Net + centre of mass).
+
+Every method builds its networks here: :func:`build_unet` (functional ``keras.Model``) and
+:class:`LocNet`, the layer that turns a U-Net's non-negative maps into landmark positions.
+"""
+
+from __future__ import annotations
+
+import keras
+
+from locnet.config import defaults
+from locnet.layers import CenterOfMass
+
+__all__ = ["build_unet", "unet_kwargs", "LocNet"]
+
+
+def _conv_block(x, filters, convs, dropout, prefix):
+    for c in range(convs):
+        x = keras.layers.Conv3D(
+            filters,
+            3,
+            padding="same",
+            activation="relu",
+            kernel_initializer="he_normal",
+            name=f"{prefix}_conv{c}",
+        )(x)
+    if dropout > 0:
+        x = keras.layers.Dropout(dropout, name=f"{prefix}_dropout")(x)
+    return x
+
+
+def build_unet(
+    input_shape,
+    out_channels: int,
+    filters=(16, 32, 64, 128),
+    convs_per_level: int = 1,
+    dropout: float = 0.0,
+    out_activation="relu",
+    name: str = "unet",
+    decoder: bool = True,
+    upsampling: str = "upsample",
+    out_init_std: float | None = None,
+) -> keras.Model:
+    """3D U-Net used by every method (functional ``keras.Model``).
+
+    One level per entry of ``filters``: ``convs_per_level`` 3x3x3 convolutions + ReLU
+    (paper: one, with 16/32/64/128 filters), max-pooling by 2 between levels; the decoder
+    upsamples by 2 (``"upsample"``: nearest neighbour as in the authors' code, or
+    ``"transpose"``: a learned 2x2x2 transposed convolution), concatenates the skip
+    connection and applies the same conv block; a final 1x1x1 convolution gives
+    ``out_channels`` maps with ``out_activation``. ``dropout > 0`` adds dropout after each
+    conv block.
+
+    ``out_init_std``: the 1x1x1 head's kernel starts as N(0, out_init_std^2) with a zero bias
+    instead of He-normal (``None``), so the first outputs are close to 0 (see
+    :class:`HeatmapUNet`).
+
+    ``decoder=False`` returns the encoder only: the 1x1x1 head is applied to the bottleneck,
+    i.e. an FCN with output stride ``2^(len(filters) - 1)`` (used by the patch baseline).
+
+    Spatial sizes must be divisible by ``2^(len(filters) - 1)``.
+    """
+    filters = [int(f) for f in filters]
+    depth = len(filters)
+    stride = 2 ** (depth - 1)
+    input_shape = tuple(int(s) for s in input_shape)
+    for n in input_shape[:-1]:
+        if n % stride:
+            raise ValueError(
+                f"{name}: spatial size {n} is not divisible by 2^(levels-1) = {stride}"
+            )
+    if upsampling not in ("upsample", "transpose"):
+        raise ValueError(f"upsampling must be 'upsample' or 'transpose', got {upsampling!r}")
+    inputs = keras.Input(shape=input_shape, name=f"{name}_input")
+    x = inputs
+    skips = []
+    for d, f in enumerate(filters):
+        if d > 0:
+            x = keras.layers.MaxPooling3D(2, name=f"{name}_pool{d}")(x)
+        x = _conv_block(x, f, convs_per_level, dropout, f"{name}_down{d}")
+        skips.append(x)
+    if decoder:
+        for d in range(depth - 2, -1, -1):
+            if upsampling == "upsample":
+                x = keras.layers.UpSampling3D(2, name=f"{name}_up{d}")(x)
+            else:
+                x = keras.layers.Conv3DTranspose(
+                    filters[d], 2, strides=2, kernel_initializer="he_normal",
+                    name=f"{name}_up{d}",
+                )(x)
+            x = keras.layers.Concatenate(axis=-1, name=f"{name}_concat{d}")([skips[d], x])
+            x = _conv_block(x, filters[d], convs_per_level, dropout, f"{name}_dec{d}")
+    head_init = ("he_normal" if out_init_std is None
+                 else keras.initializers.RandomNormal(stddev=float(out_init_std)))
+    outputs = keras.layers.Conv3D(
+        int(out_channels),
+        1,
+        activation=out_activation,
+        kernel_initializer=head_init,
+        name=f"{name}_out",
+    )(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def unet_kwargs(cfg_unet: dict) -> dict:
+    """:func:`build_unet`'s keywords from a ``unet`` config block; missing keys take the
+    schema's defaults (``definitions.unet``)."""
+    c = {**defaults("definitions", "unet"), **cfg_unet}
+    return {
+        "filters": [int(f) for f in c["filters"]],
+        "convs_per_level": int(c["convs_per_level"]),
+        "dropout": float(c["dropout"]),
+        "upsampling": str(c["upsampling"]),
+    }
+
+
+@keras.saving.register_keras_serializable(package="locnet")
+class LocNet(keras.layers.Layer):
+    """Loc-Net: U-Net with K non-negative output maps followed by a centre-of-mass layer.
+
+    ``(B, n, n, n, 1) -> (B, K, 3)`` voxel coordinates of the input. ``self.net`` is the
+    U-Net (maps via :meth:`maps`). Shift equivariant up to padding and pooling-grid
+    effects: the output map is pointwise, the CoM moves with the mass.
+
+    Output activation: ``softplus`` (default) or ``relu`` (the paper). ReLU maps give exact
+    zeros (sharp CoM) but a map whose pre-activations are all negative is dead: the CoM
+    layer then predicts the centre (see :func:`locnet.layers.center_of_mass`) and no
+    gradient reaches the network again. Softplus is strictly positive with a nowhere-zero
+    derivative, so a map can never die; the network still learns a near-sparse map by
+    driving background pre-activations negative, and the CoM is unaffected by the
+    (scale-free) normalisation.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        out_channels: int,
+        unet: dict | None = None,
+        out_activation: str = "softplus",
+        com_epsilon: float = 1e-6,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.input_size = int(input_size)
+        self.out_channels = int(out_channels)
+        self.unet_config = unet_kwargs(unet or {})
+        self.out_activation = str(out_activation)
+        self.com_epsilon = float(com_epsilon)
+        n = self.input_size
+        self.net = build_unet(
+            (n, n, n, 1),
+            self.out_channels,
+            out_activation=self.out_activation,
+            name=f"{self.name}_unet",
+            **self.unet_config,
+        )
+        self.com = CenterOfMass(self.com_epsilon, name=f"{self.name}_com")
+        self.built = True
+
+    def maps(self, x, training=None):
+        return self.net(x, training=training)
+
+    def call(self, x, training=None):
+        return self.com(self.net(x, training=training))
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.out_channels, 3)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "input_size": self.input_size,
+                "out_channels": self.out_channels,
+                "unet": dict(self.unet_config),
+                "out_activation": self.out_activation,
+                "com_epsilon": self.com_epsilon,
+            }
+        )
+        return config
+
