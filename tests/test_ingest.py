@@ -34,7 +34,7 @@ def make_cohort(tmp_path, write_nifti, oblique_affine, n=3):
 
 
 def centre(aff):
-    return geo.scan_center(aff, SHAPE)
+    return geo.scan_centre(aff, SHAPE)
 
 
 def write_rows(path, rows):
@@ -380,7 +380,7 @@ def test_landmark_inside_scan_but_outside_finest_grid(tmp_path, write_nifti):
         write_nifti(ct_like((100, 100, 100), seed=i), aff, f"images/c{i}.nii.gz")
         rows.append({"case_id": f"c{i}", "image": f"images/c{i}.nii.gz"})
     pd.DataFrame(rows).to_csv(tmp_path / "manifest.csv", index=False)
-    c = geo.scan_center(aff, (100, 100, 100))
+    c = geo.scan_centre(aff, (100, 100, 100))
     write_rows(tmp_path / "landmarks.csv", [
         ("c0", "left_bifurcation", *(c + [15.0, -10, 19.9])),   # inside the grid (20 mm half)
         ("c1", "left_bifurcation", *(c + [0, 0, 20.2])),         # just outside the grid

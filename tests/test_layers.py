@@ -10,7 +10,7 @@ from locnet.layers import (
     CenterOfMass,
     CropResample,
     RandomShift,
-    center_of_mass,
+    centre_of_mass,
     crop_resample,
     cut_centres_of_mass,
     decode_heatmap,
@@ -46,7 +46,7 @@ def test_com_of_off_centre_gaussian_is_its_mean():
     # up to exp(-2 pi^2 sd^2) ~ 1e-13 (Poisson summation) plus negligible truncation.
     mu = np.array([9.3, 12.7, 14.1])
     m = _gaussian(24, mu, 1.5)[None, ..., None].astype(np.float32)
-    np.testing.assert_allclose(_np(center_of_mass(m))[0, 0], mu, atol=1e-4)
+    np.testing.assert_allclose(_np(centre_of_mass(m))[0, 0], mu, atol=1e-4)
 
 
 def test_com_two_channels_are_independent():
@@ -78,7 +78,7 @@ def test_com_gradient_of_dead_map_is_finite():
     m = tf.zeros((1, 8, 8, 8, 1))
     with tf.GradientTape() as tape:
         tape.watch(m)
-        out = tf.reduce_sum(center_of_mass(m))
+        out = tf.reduce_sum(centre_of_mass(m))
     g = tape.gradient(out, m).numpy()
     assert np.all(np.isfinite(g)) and np.any(g != 0)
 
@@ -143,7 +143,7 @@ def test_cut_centres_of_mass_equal_crop_then_centre_of_mass(patch):
     centres[0, 1] = np.floor(centres[0, 1]) + (patch - 1) / 2.0 % 1  # integer-aligned cut
     got = _np(cut_centres_of_mass(maps, centres, patch, epsilon=1e-6))
     cuts = _np(crop_resample(maps[..., None], centres, patch))  # (2, 7, P, P, P, 1)
-    ref = _np(center_of_mass(cuts.reshape(14, patch, patch, patch, 1), 1e-6)).reshape(2, 7, 3)
+    ref = _np(centre_of_mass(cuts.reshape(14, patch, patch, patch, 1), 1e-6)).reshape(2, 7, 3)
     assert got.shape == (2, 7, 3)
     np.testing.assert_allclose(got, ref, atol=2e-4)
     # the peak pulls landmark 1's cuts that hold it

@@ -66,7 +66,7 @@ def test_known_world_point_lands_on_the_right_voxel_of_every_level(
         write_nifti, tmp_path, oblique_affine, threads):
     aff = oblique_affine(angles_deg=(6, -4, 9), spacing=(0.8, 0.9, 1.7), origin=(-30, -25, -20))
     shape = (64, 60, 36)
-    centre = geo.scan_center(aff, shape)
+    centre = geo.scan_centre(aff, shape)
     point = centre + np.array([4.3, -6.1, 2.7])  # not on the grid centre, not on a voxel
     path = write_nifti(blob_scan(aff, shape, point), aff)
     out = tmp_path / "pyr"

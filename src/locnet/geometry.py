@@ -39,7 +39,7 @@ __all__ = [
     "inside_scan",
     "native_spacing",
     "ras_lps",
-    "scan_center",
+    "scan_centre",
     "scan_corners",
     "to_ras",
     "grid_mm_to_voxel",
@@ -114,7 +114,7 @@ def scan_corners(affine: Any, shape: Sequence[int]) -> np.ndarray:
     return voxel_to_world(affine, corners)
 
 
-def scan_center(affine: Any, shape: Sequence[int]) -> np.ndarray:
+def scan_centre(affine: Any, shape: Sequence[int]) -> np.ndarray:
     """Centre of the world bounding box of the volume's 8 corners (RAS mm)."""
     c = scan_corners(affine, shape)
     return (c.min(axis=0) + c.max(axis=0)) / 2.0
@@ -313,7 +313,7 @@ def grid_for_scan(affine: Any, shape: Sequence[int], N0: int, s0: float, levels:
     corner voxels. The native affine and shape are recorded on the grid.
     """
     aff = _affine(affine)
-    c = scan_center(aff, shape)
+    c = scan_centre(aff, shape)
     origin = c - float(s0) * (int(N0) - 1) / 2.0
     return Grid(origin=tuple(origin), spacing=s0, shape=N0, levels=levels,
                 source_affine=aff, source_shape=tuple(int(n) for n in shape[:3]))

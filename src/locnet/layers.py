@@ -18,7 +18,7 @@ __all__ = [
     "CenterOfMass",
     "CropResample",
     "RandomShift",
-    "center_of_mass",
+    "centre_of_mass",
     "crop_resample",
     "cut_centres_of_mass",
     "patch_to_volume",
@@ -29,7 +29,7 @@ __all__ = [
 # ----------------------------------------------------------------------------------------
 # Centre of mass
 # ----------------------------------------------------------------------------------------
-def center_of_mass(mass, epsilon: float = 1e-6):
+def centre_of_mass(mass, epsilon: float = 1e-6):
     """Per-channel centre of mass of a non-negative 3D map.
 
     ``mass``: (B, n1, n2, n3, K), non-negative. Returns (B, K, 3) voxel coordinates
@@ -63,7 +63,9 @@ def center_of_mass(mass, epsilon: float = 1e-6):
 class CenterOfMass(keras.layers.Layer):
     """(B, n1, n2, n3, K) non-negative map -> (B, K, 3) voxel coordinates.
 
-    See :func:`center_of_mass` for the treatment of all-zero (dead) maps.
+    See :func:`centre_of_mass` for the treatment of all-zero (dead) maps. The class keeps the
+    American spelling of Keras's own names because saved models record it
+    (``locnet>CenterOfMass``); everything else in the project writes "centre".
     """
 
     def __init__(self, epsilon: float = 1e-6, **kwargs):
@@ -75,7 +77,7 @@ class CenterOfMass(keras.layers.Layer):
         self.built = True
 
     def call(self, mass):
-        return center_of_mass(mass, self.epsilon)
+        return centre_of_mass(mass, self.epsilon)
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0], input_shape[-1], 3)
@@ -181,7 +183,7 @@ def cut_centres_of_mass(maps, centres, patch_size: int, epsilon: float = 1e-6):
     """Centre of mass of trilinearly resampled ``P^3`` cuts of maps, without resampling them.
 
     ``maps``: (B, W, W, W) non-negative; ``centres``: (B, M, 3) voxel coordinates of ``maps``.
-    Returns (B, M, 3): for each centre, what :func:`center_of_mass` gives on the patch that
+    Returns (B, M, 3): for each centre, what :func:`centre_of_mass` gives on the patch that
     :func:`crop_resample` would cut there (patch voxel coordinates), for cuts inside the map.
 
     Every voxel of a cut shares one fractional offset, so a cut is a fixed blend of the

@@ -124,7 +124,7 @@ class LocNet(keras.layers.Layer):
 
     Output activation: ``softplus`` (default) or ``relu`` (the paper). ReLU maps give exact
     zeros (sharp CoM) but a map whose pre-activations are all negative is dead: the CoM
-    layer then predicts the centre (see :func:`locnet.layers.center_of_mass`) and no
+    layer then predicts the centre (see :func:`locnet.layers.centre_of_mass`) and no
     gradient reaches the network again. Softplus is strictly positive with a nowhere-zero
     derivative, so a map can never die; the network still learns a near-sparse map by
     driving background pre-activations negative, and the CoM is unaffected by the
