@@ -491,6 +491,33 @@ def test_results_page_numbers_are_table1s(tiny_study):
     assert "`config/tiny.yaml`" in page and "### What this run can and cannot conclude" in page
 
 
+def test_reference_is_the_training_mean_of_the_study(tiny_study):
+    """tables/reference.csv (rule reference): recomputed here from the study's own tables and
+    grids, and quoted on the results page."""
+    from locnet import reference
+    from locnet.pyramid import read_grid
+
+    lm = pd.read_csv(tiny_study / "data" / "landmarks.csv")
+    split = pd.read_csv(tiny_study / "data" / "split.csv")
+    grids = {c: read_grid(tiny_study / "pyramid" / c) for c in split["case_id"]}
+    ref = pd.read_csv(tiny_study / "tables" / "reference.csv")
+    test = split.loc[split["subset"] == "test", "case_id"]
+    annotated = lm[lm["case_id"].isin(test)].dropna(subset=["x", "y", "z"])
+    assert len(ref) == len(annotated) and set(ref["case_id"]) == set(test)
+    # the error of landmark l in test case c: | (truth - origin_c) - mean over training cases |
+    train = split.loc[split["subset"] == "train", "case_id"]
+    for r in ref.itertuples():
+        g = [grids[c].world_to_grid_mm(lm.loc[(lm["case_id"] == c) & (lm["landmark"] ==
+             r.landmark), ["x", "y", "z"]].to_numpy(float))[0] for c in train]
+        g = np.array([v for v in g if np.all(np.isfinite(v))])
+        truth = grids[r.case_id].world_to_grid_mm([[r.true_x, r.true_y, r.true_z]])[0]
+        assert r.error_mm == pytest.approx(np.linalg.norm(truth - g.mean(axis=0)), abs=1e-6)
+    mean = reference.summary(ref)["mean_mm"]
+    page = (tiny_study / "tables" / "results.md").read_text(encoding="utf-8")
+    assert f"No-image reference (`tables/reference.csv`)" in page
+    assert f"is off by {mean:.2f} ± " in page
+
+
 def test_snakemake_lint_is_clean(tmp_path):
     """`snakemake --lint` finds nothing to complain about (log and benchmark files, script
     paths, no absolute paths, mixed rules and functions...)."""

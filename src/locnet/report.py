@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from locnet import reference as _reference
+
 __all__ = [
     "BEGIN",
     "END",
@@ -225,6 +227,7 @@ def results_markdown(
     statistics: pd.DataFrame,
     level_errors: pd.DataFrame | None = None,
     *,
+    reference: pd.DataFrame | None = None,
     configfiles: Sequence[str] = (),
     config_args: Sequence[str] = (),
     study: Mapping[str, object] | None = None,
@@ -237,7 +240,8 @@ def results_markdown(
     """The results page (markdown, starting with :func:`header`) from the run's tables.
 
     ``table1``/``statistics``/``level_errors``: the CSVs of ``results/tables/`` as written by
-    the workflow. The keyword arguments describe the run (see :func:`git_state`,
+    the workflow; ``reference``: ``tables/reference.csv`` (:mod:`locnet.reference`). The other
+    keyword arguments describe the run (see :func:`git_state`,
     :func:`machine_facts`, :func:`training_times`); whatever is missing is said to be unknown.
     """
     pooled = table1[table1["scope"] == "all"]
@@ -249,6 +253,8 @@ def results_markdown(
     out += _run_lines(configfiles, config_args, study, dict(git or {}), dict(machine or {}),
                       training, labels, label, date)
     out += _error_table_lines(pooled)
+    ref = _reference_summary(reference)
+    out += _reference_lines(ref, pooled)
     if level_errors is not None and len(level_errors):
         out += ["", "### Error per pyramid level (`tables/level_errors.csv`)", ""]
         out += _level_errors_table(level_errors)
@@ -261,6 +267,7 @@ def results_markdown(
 
     out += ["", "### What this run can and cannot conclude", ""]
     out += _conclusions(pooled, statistics, comps, label, alpha)
+    out[-1:-1] = _learned_little_lines(ref, pooled)
     return _page("\n".join(out))
 
 
@@ -337,6 +344,43 @@ def _error_table_lines(pooled: pd.DataFrame) -> list[str]:
         out += ["", *_seed_lines(pooled)]
 
     return out
+
+
+def _reference_summary(reference: pd.DataFrame | None) -> dict | None:
+    if reference is None or not len(reference):
+        return None
+    return _reference.summary(reference)
+
+
+def _learned_little(ref: dict | None, pooled: pd.DataFrame) -> pd.DataFrame:
+    """The methods whose mean error is above ``LEARNED_LITTLE`` x the reference's."""
+    if not ref or not np.isfinite(ref["mean_mm"]):
+        return pooled.iloc[0:0]
+    return pooled[pooled["mean_mm"].astype(float) > _reference.LEARNED_LITTLE * ref["mean_mm"]]
+
+
+def _reference_lines(ref: dict | None, pooled: pd.DataFrame) -> list[str]:
+    """The no-image reference under the error table, with each method's share of it."""
+    if not ref:
+        return []
+    shares = ", ".join(f"{r.label} {100 * float(r.mean_mm) / ref['mean_mm']:.0f}%"
+                       for r in pooled.itertuples(index=False) if np.isfinite(float(r.mean_mm)))
+    return ["", f"No-image reference (`tables/reference.csv`): every test landmark placed at the "
+            f"training cases' mean position of that landmark in grid coordinates, reading no "
+            f"image, is off by {_mean_sd(ref['mean_mm'], ref['sd_mm'])} mm (median "
+            f"{_f(ref['median_mm'])} mm, {_i(ref['n'])} landmarks of {_i(ref['n_cases'])} "
+            f"cases). Each method's mean error as a share of it: {shares}."]
+
+
+def _learned_little_lines(ref: dict | None, pooled: pd.DataFrame) -> list[str]:
+    weak = _learned_little(ref, pooled)
+    if not len(weak):
+        return []
+    return [f"- {', '.join(weak['label'])}: mean error above "
+            f"{100 * _reference.LEARNED_LITTLE:.0f}% of the no-image reference's "
+            f"({_f(ref['mean_mm'])} mm). These models learned little from the images beyond "
+            "where the landmark usually lies in the field of view, so their order among "
+            "themselves says little about the methods."]
 
 
 def _paired_test_lines(statistics: pd.DataFrame, label) -> tuple[list[str], list[str]]:

@@ -23,6 +23,26 @@ rule table1:
         "../scripts/table1.py"
 
 
+rule reference:
+    """The no-image reference: each test landmark at the training cases' mean position in
+    grid mm. A method near its error learned little from the images."""
+    input:
+        landmarks=f"{RES}/data/landmarks.csv",
+        split=f"{RES}/data/split.csv",
+        grids=lambda wc: [f"{RES}/pyramid/{c}/grid.json" for c in case_ids()],
+    output:
+        csv=f"{RES}/tables/reference.csv",
+    params:
+        landmarks=config["landmarks"],
+    log:
+        f"{RES}/logs/reference.log",
+    localrule: True
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/reference.py"
+
+
 rule level_errors:
     """Error after each level of the multi-scale chains; warns where a finer level is worse."""
     input:
@@ -75,6 +95,7 @@ rule results_md:
     input:
         table1=f"{RES}/tables/table1.csv",
         statistics=f"{RES}/tables/statistics.csv",
+        reference=f"{RES}/tables/reference.csv",
         level_errors=level_errors_input,
     output:
         md=f"{RES}/tables/results.md",

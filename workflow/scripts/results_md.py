@@ -16,6 +16,7 @@ with job_logging(snakemake) as log:
         pd.read_csv(snakemake.input.table1),
         pd.read_csv(snakemake.input.statistics),
         level_errors,
+        reference=pd.read_csv(snakemake.input.reference),
         configfiles=p.configfiles,
         config_args=p.config_args,
         study=p.study,
