@@ -178,7 +178,7 @@ def test_intensity_block_is_checked():
 
 def test_seeds_and_selection_window():
     cfg = cfgmod.validate({})
-    assert cfg["training"]["seeds"] == 3 and cfg["training"]["selection_window"] == 5
+    assert cfg["training"]["seeds"] == 3 and cfg["training"]["selection_window"] == 1
     assert cfgmod.load(ROOT / "config/tiny.yaml")["training"]["seeds"] == 2  # CI runs 2 seeds
     with pytest.raises(cfgmod.ConfigError, match=r"training\.seeds"):
         cfgmod.validate({"training": {"seeds": 0}})

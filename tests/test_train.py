@@ -42,9 +42,12 @@ def cohort(tmp_path_factory):
 
 
 def run(cohort, tmp_path, method="multiscale_e2e_noise", method_cfg=E2E_NOISE, epochs=4,
-        lr=0.01, seed=1, name="run", **kwargs):
+        lr=0.01, seed=1, name="run", window=5, **kwargs):
+    # a 5-epoch window (not the default 1) so that the window's scoring, snapshots and resume
+    # are what these tests exercise
     return T.train(
-        method, method_cfg, {"epochs": epochs, "learning_rate": lr}, cohort["grid"], LANDMARKS,
+        method, method_cfg, {"epochs": epochs, "learning_rate": lr, "selection_window": window},
+        cohort["grid"], LANDMARKS,
         cohort["train"], cohort["val"], cohort["table"], tmp_path / name / "out",
         tmp_path / name / "state", seed, **kwargs)
 

@@ -277,8 +277,9 @@ def study_summary():
     out["levels"] = p["levels"]
     out["epochs"] = config["training"]["epochs"]
     out["seeds per method"] = config["training"]["seeds"]
-    out["model selection"] = (
-        f"{config['training']['selection_window']}-epoch centred window of the validation error")
+    w = config["training"]["selection_window"]
+    out["model selection"] = ("lowest validation error of a single epoch" if w == 1 else
+                              f"{w}-epoch centred window of the validation error")
     out["noise passes"] = config["evaluation"]["passes"]
     out["seed"] = config["seed"]
     return out

@@ -1,5 +1,5 @@
 # Training: one job per method and seed, on the GPU when there is one. The kept model is the
-# epoch with the lowest validation error smoothed over training.selection_window epochs. A
+# epoch with the lowest validation error (averaged over training.selection_window epochs). A
 # killed job resumes from its last completed epoch: the resume state lives in
 # results/.state/, outside the declared outputs, so Snakemake's clean-up of a failed job's
 # outputs does not delete it. Predictions are made per seed and pooled into one table per
