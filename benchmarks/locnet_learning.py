@@ -1,6 +1,6 @@
 """Does the Loc-Net learn on a CPU budget? Training cases against steps, and where it fails.
 
-Two modes, both on a finished study's results folder (``--results``):
+Three modes, all on a finished study's results folder (``--results``):
 
 ``axes``: for each method's seed-0 test predictions, the slope of the predicted against the
 true position along each axis of the pyramid's voxel grid (1 = follows the truth, 0 = one
@@ -13,7 +13,13 @@ training cases for ``--epochs`` epochs, recording the mean test error after ever
 adds ``w`` x the spatial variance (mm^2) of each normalised output map to the loss, a
 concentration penalty of the kind used for centre-of-mass coordinate regression.
 
+``maps``: how concentrated ``locnet_single``'s seed-0 output maps are on the test cases: the
+share of each map's mass within ``--radius-mm`` of its centre of mass and of its peak, and the
+distance from peak to centre of mass. A map whose mass is spread over the volume gives a
+centre of mass pulled towards the middle of the grid, whatever the image shows.
+
     .venv/bin/python benchmarks/locnet_learning.py axes --results results
+    .venv/bin/python benchmarks/locnet_learning.py maps --results results
     .venv/bin/python benchmarks/locnet_learning.py train --results results --level 2 \\
         --n-train 24 --epochs 25
 """
@@ -52,6 +58,45 @@ def axes(res: Path) -> None:
         slopes = [np.polyfit(true[:, a], pred[:, a], 1)[0] for a in range(3)]
         print(f"{path.stem}: mean error {p['error_mm'].mean():.2f} mm; slope predicted vs true "
               f"per voxel axis {', '.join(f'{s:.2f}' for s in slopes)}")
+
+
+def maps(res: Path, radius_mm: float, method: str = "locnet_single") -> None:
+    import numpy as np
+    import pandas as pd
+
+    from locnet import split as splitmod
+    from locnet.data import load_case_inputs
+    from locnet.inference import load_model_dir
+
+    lm = load_model_dir(res / "models" / method / "seed0")
+    model = lm.model
+    net = model.level_net(model.level)
+    spacing = float(model.level_spacing(model.level))
+    split = splitmod.read_split(res / "data" / "split.csv")
+    rows = []
+    for case in split.loc[split["subset"] == "test", "case_id"]:
+        x = load_case_inputs(res / "pyramid" / case, [model.level])[f"level{model.level}"]
+        m = np.asarray(net.maps(x))[0].astype(np.float64)  # (n, n, n, K)
+        grid = np.stack(np.meshgrid(*[np.arange(s) for s in m.shape[:3]], indexing="ij"), -1)
+        for k in range(m.shape[-1]):
+            mk = m[..., k]
+            total = mk.sum()
+            com = (grid * mk[..., None]).sum(axis=(0, 1, 2)) / total
+            peak = np.array(np.unravel_index(np.argmax(mk), mk.shape), dtype=float)
+            d_com = np.linalg.norm(grid - com, axis=-1) * spacing
+            d_peak = np.linalg.norm(grid - peak, axis=-1) * spacing
+            rows.append({"case": case, "landmark": k,
+                         "near_com": mk[d_com <= radius_mm].sum() / total,
+                         "near_peak": mk[d_peak <= radius_mm].sum() / total,
+                         "peak_to_com_mm": np.linalg.norm(peak - com) * spacing,
+                         "max_over_median": mk.max() / max(np.median(mk), 1e-30)})
+    t = pd.DataFrame(rows)
+    print(f"{method} seed 0, level {model.level} ({spacing:g} mm), {len(t)} test maps: "
+          f"mass within {radius_mm:g} mm of the centre of mass median "
+          f"{t['near_com'].median():.1%} (10-90%: {t['near_com'].quantile(0.1):.1%}-"
+          f"{t['near_com'].quantile(0.9):.1%}); of the peak median {t['near_peak'].median():.1%}; "
+          f"peak to centre of mass median {t['peak_to_com_mm'].median():.1f} mm; "
+          f"max / median voxel median {t['max_over_median'].median():.3g}")
 
 
 def spread_model(base_cls, weight: float):
@@ -115,9 +160,14 @@ def train_one(args) -> None:
 
     def build(method, c, grid):
         cls = spread_model(SingleLocNet, args.spread_weight) if args.spread_weight else SingleLocNet
-        return cls(finest_shape=grid["finest_shape"], finest_spacing_mm=grid["finest_spacing_mm"],
+        model = cls(finest_shape=grid["finest_shape"], finest_spacing_mm=grid["finest_spacing_mm"],
                    n_levels=grid["levels"], landmarks=c["landmarks"], level=args.level,
-                   unet=unet_kwargs(c["unet"]), out_activation=c["out_activation"])
+                   unet=unet_kwargs(c["unet"]),
+                   out_activation=args.activation or c["out_activation"])
+        if args.head_bias:  # start every map near zero: the background holds little mass
+            head = model.locnet.net.layers[-1]
+            head.bias.assign(np.full(head.bias.shape, args.head_bias, dtype="float32"))
+        return model
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     t0 = time.perf_counter()
@@ -127,7 +177,7 @@ def train_one(args) -> None:
                          seed=args.seed, callbacks=[TestError()], build_fn=build)
     kept = int(result["best_epoch"])
     print(f"level {args.level}, {len(dirs['train'])} training cases x {args.epochs} epochs, "
-          f"spread weight {args.spread_weight:g}: kept epoch {kept}, test error "
+          f"spread weight {args.spread_weight:g}, activation {args.activation or 'study'}, head bias {args.head_bias:g}: kept epoch {kept}, test error "
           f"{errors[kept - 1] if kept else float('nan'):.2f} mm (per epoch: "
           f"{', '.join(f'{e:.1f}' for e in errors)}), {time.perf_counter() - t0:.0f} s")
     print(f"training loss (mm^2) first/last epoch: see the log above; test errors min "
@@ -136,7 +186,7 @@ def train_one(args) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("mode", choices=["axes", "train"])
+    p.add_argument("mode", choices=["axes", "train", "maps"])
     p.add_argument("--results", default="results")
     p.add_argument("--level", type=int, default=2)
     p.add_argument("--n-train", type=int, default=0, help="first N training cases (0: all)")
@@ -144,9 +194,17 @@ def main(argv=None) -> int:
     p.add_argument("--window", type=int, default=5, help="selection window (epochs)")
     p.add_argument("--spread-weight", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=123)
+    p.add_argument("--activation", default=None,
+                   help="train: output activation of the maps (default: the study's)")
+    p.add_argument("--head-bias", type=float, default=0.0,
+                   help="train: initial bias of the maps' 1x1x1 head (0: the study's)")
+    p.add_argument("--radius-mm", type=float, default=10.0, help="maps: radius of the share")
+    p.add_argument("--method", default="locnet_single", help="maps: a single-level method")
     args = p.parse_args(argv)
     if args.mode == "axes":
         axes(Path(args.results))
+    elif args.mode == "maps":
+        maps(Path(args.results), args.radius_mm, args.method)
     else:
         train_one(args)
     return 0
