@@ -73,15 +73,18 @@ def maps(res: Path, radius_mm: float, method: str = "locnet_single") -> None:
     net = model.level_net(model.level)
     spacing = float(model.level_spacing(model.level))
     split = splitmod.read_split(res / "data" / "split.csv")
+    n = model.level_size(model.level)
+    grid = np.stack(np.meshgrid(*[np.arange(n)] * 3, indexing="ij"), -1)  # (n, n, n, 3)
     rows = []
     for case in split.loc[split["subset"] == "test", "case_id"]:
         x = load_case_inputs(res / "pyramid" / case, [model.level])[f"level{model.level}"]
-        m = np.asarray(net.maps(x))[0].astype(np.float64)  # (n, n, n, K)
-        grid = np.stack(np.meshgrid(*[np.arange(s) for s in m.shape[:3]], indexing="ij"), -1)
+        maps_k = net.maps(x)
+        coms = np.asarray(net.com(maps_k))[0]  # (K, 3): the model's own centre of mass
+        m = np.asarray(maps_k)[0].astype(np.float64)  # (n, n, n, K)
         for k in range(m.shape[-1]):
             mk = m[..., k]
             total = mk.sum()
-            com = (grid * mk[..., None]).sum(axis=(0, 1, 2)) / total
+            com = coms[k]
             peak = np.array(np.unravel_index(np.argmax(mk), mk.shape), dtype=float)
             d_com = np.linalg.norm(grid - com, axis=-1) * spacing
             d_peak = np.linalg.norm(grid - peak, axis=-1) * spacing
@@ -177,7 +180,8 @@ def train_one(args) -> None:
                          seed=args.seed, callbacks=[TestError()], build_fn=build)
     kept = int(result["best_epoch"])
     print(f"level {args.level}, {len(dirs['train'])} training cases x {args.epochs} epochs, "
-          f"spread weight {args.spread_weight:g}, activation {args.activation or 'study'}, head bias {args.head_bias:g}: kept epoch {kept}, test error "
+          f"spread weight {args.spread_weight:g}, activation {args.activation or 'study'}, "
+          f"head bias {args.head_bias:g}: kept epoch {kept}, test error "
           f"{errors[kept - 1] if kept else float('nan'):.2f} mm (per epoch: "
           f"{', '.join(f'{e:.1f}' for e in errors)}), {time.perf_counter() - t0:.0f} s")
     print(f"training loss (mm^2) first/last epoch: see the log above; test errors min "
