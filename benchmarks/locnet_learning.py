@@ -199,7 +199,8 @@ def main(argv=None) -> int:
     p.add_argument("--spread-weight", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=123)
     p.add_argument("--activation", default=None,
-                   help="train: output activation of the maps (default: the study's)")
+                   help="train: output activation of the maps, any Keras name (default: the study's); "
+                        "exponential makes the centre of mass a soft-argmax")
     p.add_argument("--head-bias", type=float, default=0.0,
                    help="train: initial bias of the maps' 1x1x1 head (0: the study's)")
     p.add_argument("--radius-mm", type=float, default=10.0, help="maps: radius of the share")
