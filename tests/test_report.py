@@ -122,6 +122,40 @@ def test_training_times_and_git_without_a_checkout(tmp_path):
     assert "1 min 32 s in all; Multi-scale, end-to-end 1 min 32 s." in page
 
 
+def _job_record(tmp_path, method, seed, start, end, threads=1):
+    import json
+
+    d = tmp_path / "models" / method / f"seed{seed}"
+    d.mkdir(parents=True)
+    job = {"started_utc": f"2026-12-06T{start}+00:00", "finished_utc": f"2026-12-06T{end}+00:00",
+           "threads": threads}
+    (d / "metadata.json").write_text(json.dumps({"method": method, "job": job}))
+
+
+def test_training_wall_counts_side_by_side_jobs_once(tmp_path):
+    """The union of the jobs' intervals: two overlapping jobs (10:00-10:10, 10:05-10:20) and
+    a job an hour later (11:00-11:02) are 22 minutes of wall time, not 37 of job time and not
+    the 62 minutes from the first start to the last end; other methods and seeds are left out."""
+    _job_record(tmp_path, "multiscale_e2e", 0, "10:00:00", "10:10:00")
+    _job_record(tmp_path, "multiscale_e2e_noise", 0, "10:05:00", "10:20:00")
+    _job_record(tmp_path, "multiscale_e2e", 1, "11:00:00", "11:02:00")
+    _job_record(tmp_path, "multiscale_e2e", 5, "12:00:00", "13:00:00")  # an older run's seed
+    _job_record(tmp_path, "other_method", 0, "09:00:00", "13:00:00")
+    (tmp_path / "models" / "multiscale_e2e_noise" / "seed1").mkdir()
+    (tmp_path / "models" / "multiscale_e2e_noise" / "seed1" / "metadata.json").write_text("{}")
+    wall = report.training_wall(tmp_path / "models", ["multiscale_e2e", "multiscale_e2e_noise"],
+                                seeds=[0, 1])
+    assert wall == {"jobs": 3, "seconds": 22 * 60.0, "threads": [1]}
+    assert report.training_wall(tmp_path / "absent") is None
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    (bench / "multiscale_e2e.tsv").write_text("s\th:m:s\tmax_rss\n2220.0\t0\t10.0\n")
+    page = report.results_markdown(_table1(), _statistics(),
+                                   training=report.training_times(bench), training_wall=wall)
+    assert ("Wall time of the training stage (the time during which at least one of the 3 "
+            "training jobs ran, from their metadata): 22 min 0 s; 1 thread each.") in page
+
+
 README_TEXT = """# Title
 
 Intro.

@@ -99,6 +99,65 @@ def test_forgotten_gpu_resource_is_unlimited(tmp_path):
     assert _overlap(a, b), (a, b)
 
 
+def test_cpu_profile_runs_gpu_rules_side_by_side_on_one_thread(tmp_path):
+    """profiles/cpu (no GPU): no `gpu` limit, and the rules the study declares `threads: 8`
+    for get one thread each, so two training jobs share two cores at the same time."""
+    out = _snakemake_local(
+        ["-s", str(TEST_SNAKEFILE), "-d", str(tmp_path), "--cores", "2",
+         "--workflow-profile", str(REPO_ROOT / "profiles/cpu"),
+         "--config", "train_seconds=4", "flaky=false", "train_threads=8", "--", *TRAIN_TARGETS],
+        cwd=REPO_ROOT,
+    )
+    assert "workflow specific profile" in out and "profiles/cpu" in out, out
+    a = _interval(tmp_path / "results/train_a.txt")
+    b = _interval(tmp_path / "results/train_b.txt")
+    assert _overlap(a, b), (a, b)
+    for name in ("a", "b"):
+        assert _read_kv(tmp_path / f"results/train_{name}.txt")["threads"] == "1"
+
+
+@pytest.mark.parametrize("gpu_env, fake_smi, expected", [
+    ({}, None, "--workflow-profile profiles/cpu"),
+    ({}, "exit 0", "--workflow-profile profiles/default --resources gpu=1"),
+    ({}, "exit 9", "--workflow-profile profiles/cpu"),
+    ({"LOCNET_GPU": "1"}, None, "--workflow-profile profiles/default --resources gpu=1"),
+    ({"LOCNET_GPU": "0"}, "exit 0", "--workflow-profile profiles/cpu"),
+])
+def test_local_profile_follows_the_machine(tmp_path, gpu_env, fake_smi, expected):
+    """scripts/local-profile.sh: profiles/default with gpu=1 where nvidia-smi works (or
+    LOCNET_GPU=1), profiles/cpu otherwise (or LOCNET_GPU=0); nvidia-smi is faked on PATH."""
+    env = harness._clean_env()
+    env.pop("LOCNET_GPU", None)
+    env.update(gpu_env)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    if fake_smi is not None:
+        (bin_dir / "nvidia-smi").write_text(f"#!/bin/sh\n{fake_smi}\n")
+        (bin_dir / "nvidia-smi").chmod(0o755)
+    env["PATH"] = f"{bin_dir}:/usr/bin:/bin"
+    out = subprocess.run(["bash", str(REPO_ROOT / "scripts/local-profile.sh")], env=env,
+                         stdout=subprocess.PIPE, text=True, check=True).stdout.strip()
+    assert out == expected
+
+
+def test_study_script_uses_the_cpu_profile_without_a_gpu(tmp_path):
+    """scripts/study.sh on this (GPU-less) machine: Snakemake runs with profiles/cpu, so the
+    training jobs are planned with one thread each (a dry run of the default study)."""
+    if not (REPO_ROOT / ".venv" / ".locnet-installed").exists():
+        pytest.skip("scripts/study.sh would install the venv first")
+    env = harness._clean_env()
+    env["LOCNET_GPU"] = "0"
+    proc = subprocess.run(
+        ["bash", str(REPO_ROOT / "scripts/study.sh"), "-n", "--cores", "2",
+         "--config", f"results={tmp_path}/results"],
+        cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert "workflow specific profile profiles/cpu" in proc.stdout, proc.stdout[:2000]
+    assert not re.search(r"Provided resources: .*gpu", proc.stdout), proc.stdout[:2000]
+
+
 def test_slurm_profile_dry_run(tmp_path):
     """profiles/slurm parses, and the rule's own resources (gpu=1, mem_mb) reach the jobs."""
     out = _snakemake_local(

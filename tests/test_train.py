@@ -106,6 +106,10 @@ def test_learns_keeps_best_and_round_trips(cohort, tmp_path):
     assert meta["best_val_error_mm"] == pytest.approx(val[expected], rel=1e-12)
     assert meta["method"] == "locnet_single" and meta["landmarks"] == LANDMARKS
     assert meta["levels"] == [0] and "keras" in meta["versions"]
+    # when and on how many threads the job ran (the results page adds up the wall time)
+    job = meta["job"]
+    assert job["started_utc"] <= job["finished_utc"] and isinstance(job["threads"], int)
+    assert job["threads"] >= 1
     assert res["completed"] and res["best_epoch"] == meta["best_epoch"]
     # the saved model is the best epoch: its validation error is the recorded best
     model, meta2 = load_kept(out)

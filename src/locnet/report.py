@@ -21,6 +21,7 @@ import argparse
 import datetime as _dt
 import glob
 import hashlib
+import json
 import os
 import platform
 import re
@@ -42,6 +43,7 @@ __all__ = [
     "git_state",
     "machine_facts",
     "training_times",
+    "training_wall",
     "results_markdown",
     "pending_markdown",
     "splice",
@@ -161,6 +163,49 @@ def training_times(bench_dir: str | os.PathLike,
     return out.reset_index()
 
 
+def _union_seconds(intervals: Sequence[tuple[float, float]]) -> float:
+    """Length of the union of ``(start, end)`` intervals (seconds)."""
+    total, end = 0.0, -np.inf
+    for a, b in sorted(intervals):
+        if b <= end:
+            continue
+        total += b - max(a, end)
+        end = b
+    return total
+
+
+def training_wall(models_dir: str | os.PathLike, methods: Sequence[str] | None = None,
+                  seeds: Sequence[int] | None = None) -> dict | None:
+    """Wall time of the training stage from the ``job`` record of each trained model's
+    ``metadata.json`` (``<models_dir>/<method>/seed<s>/``, see ``locnet.train.job_facts``):
+    ``jobs`` (how many records), ``seconds`` (the time during which at least one training job
+    ran: the union of their start-to-finish intervals, so jobs side by side count once and a
+    job re-run a day later does not count the day between) and ``threads`` (the distinct
+    thread counts the jobs ran on). ``methods``/``seeds``: only these. None without records."""
+    intervals, threads = [], set()
+    wanted = None if seeds is None else {f"seed{int(s)}" for s in seeds}
+    for path in sorted(Path(models_dir).glob("*/seed*/metadata.json")):
+        if methods is not None and path.parent.parent.name not in methods:
+            continue
+        if wanted is not None and path.parent.name not in wanted:
+            continue
+        try:
+            job = json.loads(path.read_text()).get("job") or {}
+            a = _dt.datetime.fromisoformat(job["started_utc"]).timestamp()
+            b = _dt.datetime.fromisoformat(job["finished_utc"]).timestamp()
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue
+        if b < a:
+            continue
+        intervals.append((a, b))
+        if job.get("threads"):
+            threads.add(int(job["threads"]))
+    if not intervals:
+        return None
+    return {"jobs": len(intervals), "seconds": _union_seconds(intervals),
+            "threads": sorted(threads)}
+
+
 # ---- formatting ---------------------------------------------------------------------------
 
 def _f(v, digits: int = 2) -> str:
@@ -234,6 +279,7 @@ def results_markdown(
     git: Mapping[str, object] | None = None,
     machine: Mapping[str, object] | None = None,
     training: pd.DataFrame | None = None,
+    training_wall: Mapping | None = None,
     date: str | None = None,
     alpha: float = 0.05,
 ) -> str:
@@ -251,7 +297,7 @@ def results_markdown(
 
     out = ["### How this run was made", ""]
     out += _run_lines(configfiles, config_args, study, dict(git or {}), dict(machine or {}),
-                      training, labels, label, date)
+                      training, labels, label, date, training_wall)
     out += _error_table_lines(pooled)
     ref = _reference_summary(reference)
     out += _reference_lines(ref, pooled)
@@ -272,7 +318,7 @@ def results_markdown(
 
 
 def _run_lines(configfiles, config_args, study, git, machine, training, labels, label,
-               date) -> list[str]:
+               date, wall=None) -> list[str]:
     """The bullets of "How this run was made": config, commit, machine, training time, date."""
     out = []
     cfg = ", ".join(f"`{c}`" for c in configfiles) or "unknown"
@@ -307,6 +353,13 @@ def _run_lines(configfiles, config_args, study, git, machine, training, labels, 
                         for r in training.itertuples(index=False))
         out.append(f"- Training time (benchmark files of the training jobs; a resumed job counts "
                    f"only its last run): {_duration(training['seconds'].sum())} in all; {per}.")
+        if wall:
+            threads = wall.get("threads") or []
+            each = (f"{threads[0]} thread{'s' if threads[0] != 1 else ''} each" if len(threads) == 1
+                    else "threads " + "/".join(str(t) for t in threads))
+            out.append(f"- Wall time of the training stage (the time during which at least one of "
+                       f"the {wall['jobs']} training jobs ran, from their metadata): "
+                       f"{_duration(wall['seconds'])}; {each}.")
     else:
         out.append("- Training time: no benchmark files of the training jobs found.")
     out.append(f"- Written: {date}.")

@@ -52,7 +52,9 @@ new phase's optimizer afresh, as an uninterrupted run does.
 
 from __future__ import annotations
 
+import datetime
 import logging
+import os
 import platform
 import random
 import time
@@ -378,6 +380,7 @@ class _Run:
     train_ds: LandmarkDataset
     val_ds: LandmarkDataset | None
     fingerprint: str = ""
+    started: str = ""  # UTC time this call of train() began (a resumed job: its last run)
 
 
 def _build_model(method, method_cfg, grid, landmarks, seed, build_fn):
@@ -649,7 +652,38 @@ def _metadata(run: _Run, progress: checkpoint.Progress, kept_error: float) -> di
         "val_cases": [case_id_of(d) for d in (run.case_dirs_val or [])],
         "intensity": run.intensity,
         "versions": versions(),
+        "job": job_facts(run.started),
     }
+
+
+def _utc_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def compute_threads() -> int | None:
+    """Threads the backend computes an op on: TensorFlow's intra-op pool (the workflow sets
+    it from the rule's ``threads``), else the usable cores; None where unknown."""
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        n = tf.config.threading.get_intra_op_parallelism_threads()
+        if n:
+            return int(n)
+        env = os.environ.get("TF_NUM_INTRAOP_THREADS", "")
+        if env.strip().isdigit() and int(env) > 0:
+            return int(env)
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count()
+
+
+def job_facts(started: str) -> dict:
+    """When this training job ran (UTC, ISO 8601) and on how many threads: the results page
+    adds up the jobs' wall span from these, which the summed job times overstate when jobs
+    run side by side (profiles/cpu)."""
+    return {"started_utc": started or None, "finished_utc": _utc_now(),
+            "threads": compute_threads()}
 
 
 def _write_outputs(run: _Run, progress: checkpoint.Progress, result: dict) -> None:
@@ -722,8 +756,10 @@ def train(
         dict with ``completed``, ``epochs_done``, ``best_epoch``, ``best_val_error_mm``,
         ``history`` (DataFrame) and the output paths.
     """
+    started = _utc_now()
     run = _set_up(method, method_cfg, train_cfg, grid, landmarks, case_dirs_train,
                   case_dirs_val, landmark_table, out_dir, state_dir, seed, log, build_fn)
+    run.started = started
     progress, entered = _start_or_resume(run)
     builtin = _builtin_callbacks(run)
     epochs_this_run = 0

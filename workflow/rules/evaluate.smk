@@ -101,6 +101,8 @@ rule results_md:
         md=f"{RES}/tables/results.md",
     params:
         train_benchmarks=f"{RES}/benchmarks/train",
+        models=f"{RES}/models",
+        methods=lambda wc: enabled_methods(),
         seeds=SEEDS,
         checkout=workflow.basedir,
         configfiles=lambda wc: results_configfiles(),

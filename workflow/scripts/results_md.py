@@ -23,6 +23,7 @@ with job_logging(snakemake) as log:
         git=report.git_state(p.checkout),
         machine=report.machine_facts(),
         training=report.training_times(p.train_benchmarks, p.seeds),
+        training_wall=report.training_wall(p.models, list(p.methods), p.seeds),
     )
     fileio.write_text_atomic(page, snakemake.output.md)
     log.info("wrote %s", snakemake.output.md)

@@ -4,7 +4,7 @@ import os
 from pathlib import Path
 
 os.environ.setdefault("TF_NUM_INTRAOP_THREADS", str(snakemake.threads))
-os.environ.setdefault("TF_NUM_INTEROP_THREADS", "2")
+os.environ.setdefault("TF_NUM_INTEROP_THREADS", str(min(2, snakemake.threads)))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
