@@ -4,6 +4,8 @@ import os
 from pathlib import Path
 
 os.environ.setdefault("TF_NUM_INTRAOP_THREADS", str(snakemake.threads))
+# one job per core side by side (profiles/cpu): no second pool that oversubscribes them
+os.environ.setdefault("TF_NUM_INTEROP_THREADS", str(min(2, snakemake.threads)))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
