@@ -116,6 +116,27 @@ def test_cpu_profile_runs_gpu_rules_side_by_side_on_one_thread(tmp_path):
         assert _read_kv(tmp_path / f"results/train_{name}.txt")["threads"] == "1"
 
 
+@pytest.mark.parametrize("profile", ["profiles/default", "profiles/cpu"])
+def test_local_profiles_do_not_poll_the_scheduler_every_second(tmp_path, profile):
+    """Snakemake's default `--max-jobs-per-timespan 100/1s` re-runs the job selection every
+    second while jobs run; each round re-checks every waiting job's inputs (for the study's
+    training jobs: every pyramid file). The local profiles stretch that to 10 s. Counted on
+    two 6-second jobs in a row (one core): the rounds Snakemake logs with --verbose."""
+    def rounds(extra, workdir):
+        out = _snakemake_local(
+            ["-s", str(TEST_SNAKEFILE), "-d", str(workdir), "--cores", "1", "--verbose",
+             "--workflow-profile", str(REPO_ROOT / profile), *extra,
+             "--config", "train_seconds=6", "flaky=false", "--", *TRAIN_TARGETS],
+            cwd=REPO_ROOT,
+        )
+        return len(re.findall(r"^Ready jobs: \d+", out, flags=re.M))
+
+    ours = rounds([], tmp_path / "profile")
+    every_second = rounds(["--max-jobs-per-timespan", "100/1s"], tmp_path / "default")
+    assert every_second >= 10, every_second
+    assert ours <= every_second / 2, (ours, every_second)
+
+
 @pytest.mark.parametrize("gpu_env, fake_smi, expected", [
     ({}, None, "--workflow-profile profiles/cpu"),
     ({}, "exit 0", "--workflow-profile profiles/default --resources gpu=1"),
