@@ -17,7 +17,7 @@ find_python() {
     return 1
 }
 
-if [ "${LOCNET_GPU:-}" = 1 ] || { [ "${LOCNET_GPU:-}" != 0 ] && nvidia-smi >/dev/null 2>&1; }; then
+if bash scripts/has-gpu.sh; then
     lock=requirements/gpu.txt
 else
     lock=requirements/cpu.txt

@@ -10,3 +10,14 @@ __version__ = "0.1.0"
 # entry point imports locnet before TensorFlow, so asking for oneDNN here makes every machine
 # run the same kernels. A value the user set wins (TF_ENABLE_ONEDNN_OPTS=0 turns it off).
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+
+
+def job_threads(threads: int) -> None:
+    """TensorFlow's settings for a workflow job on ``threads`` cores; call it before
+    TensorFlow is imported (importing locnet does not import it). The intra-op pool gets
+    ``threads``; the inter-op pool at most 2, so that one-thread jobs side by side
+    (profiles/cpu) do not each start a pool as wide as the machine; TensorFlow's C++ log
+    shows warnings and errors only. Values the user set win."""
+    os.environ.setdefault("TF_NUM_INTRAOP_THREADS", str(threads))
+    os.environ.setdefault("TF_NUM_INTEROP_THREADS", str(min(2, threads)))
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

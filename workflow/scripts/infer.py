@@ -2,13 +2,11 @@
 locnet.inference.predict_batch, the code behind `locnet predict`). Failed scans are logged;
 the rule fails only if every scan failed, so one bad scan does not block the others' results."""
 
-import os
 from pathlib import Path
 
-os.environ.setdefault("TF_NUM_INTRAOP_THREADS", str(snakemake.threads))
-# one job per core side by side (profiles/cpu): no second pool that oversubscribes them
-os.environ.setdefault("TF_NUM_INTEROP_THREADS", str(min(2, snakemake.threads)))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import locnet  # first, before TensorFlow: it picks TensorFlow's CPU kernels
+
+locnet.job_threads(snakemake.threads)
 
 from locnet import inference  # noqa: E402
 from locnet.fileio import read_manifest  # noqa: E402

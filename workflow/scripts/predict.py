@@ -1,15 +1,11 @@
 """Predict the validation and test cases with one trained method (thin adapter)."""
 
-import os
 from pathlib import Path
 
-os.environ.setdefault("TF_NUM_INTRAOP_THREADS", str(snakemake.threads))
-# one job per core side by side (profiles/cpu): no second pool that oversubscribes them
-os.environ.setdefault("TF_NUM_INTEROP_THREADS", str(min(2, snakemake.threads)))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import locnet  # first, before TensorFlow: it picks TensorFlow's CPU kernels
 
+locnet.job_threads(snakemake.threads)
 
-import locnet  # noqa: E402,F401  (first: it picks TensorFlow's CPU kernels)
 import keras  # noqa: E402
 
 import locnet.models  # noqa: E402,F401  (registers the custom layers)

@@ -1,13 +1,10 @@
 """Train one method (thin adapter; logic in locnet.train)."""
 
-import os
 from pathlib import Path
 
-os.environ.setdefault("TF_NUM_INTRAOP_THREADS", str(snakemake.threads))
-# one job per core side by side (profiles/cpu): no second pool that oversubscribes them
-os.environ.setdefault("TF_NUM_INTEROP_THREADS", str(min(2, snakemake.threads)))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import locnet  # first, before TensorFlow: it picks TensorFlow's CPU kernels
 
+locnet.job_threads(snakemake.threads)
 
 from locnet import split as splitmod  # noqa: E402
 from locnet import train  # noqa: E402
