@@ -532,3 +532,77 @@ def test_compiled_passes_do_not_rerun_the_chain_in_python(monkeypatch):
     np.testing.assert_array_equal(predict_passes(model, x, shifts, chunk=2), ref)
     np.testing.assert_array_equal(predict_passes(model, x, shifts, estimator="window"), window)
     assert calls == []
+
+
+# ---- the map prior (map_supervision) ---------------------------------------------------
+def test_gaussian_maps_peak_at_the_position_with_the_given_width():
+    from locnet.models.maps import gaussian_maps
+
+    g = _np(gaussian_maps(np.array([[[3.0, 4.0, 5.0], [20.0, 20.0, 20.0]]], "float32"), 10, 1.5))
+    assert g.shape == (1, 10, 10, 10, 2)
+    assert np.unravel_index(np.argmax(g[0, ..., 0]), (10, 10, 10)) == (3, 4, 5)
+    assert g[0, 3, 4, 5, 0] == pytest.approx(1.0)
+    assert g[0, 3, 4, 6, 0] == pytest.approx(np.exp(-1 / (2 * 1.5**2)), rel=1e-6)
+    assert g[0, ..., 1].max() < 1e-10  # a position outside the grid leaves it empty
+
+
+def test_map_prior_of_an_empty_map_is_the_same_at_every_size_and_zero_at_the_target():
+    from locnet.models.maps import gaussian_maps, map_prior_loss
+
+    costs = []
+    for n in (16, 32, 64):
+        unit = gaussian_maps(np.full((1, 1, 3), n / 2, "float32"), n, 2.0)
+        costs.append(float(_np(map_prior_loss(ops.zeros_like(unit), unit, 30.0))[0, 0]))
+        assert float(_np(map_prior_loss(30.0 * unit, unit, 30.0))[0, 0]) == pytest.approx(0.0, abs=1e-9)
+    np.testing.assert_allclose(costs, costs[0], rtol=1e-3)
+    assert 2.0 < costs[0] < 2.6
+
+
+def test_supervised_locnet_takes_its_mass_above_the_threshold_only():
+    keras.utils.set_random_seed(0)
+    net = LocNet(8, 1, unet={"filters": [2, 4]}, supervised=True, map_threshold=0.1, map_peak=30.0)
+    logits = np.full((1, 8, 8, 8, 1), 2.9, "float32")  # background just below 0.1 x 30
+    logits[0, 1, 2, 6, 0] = 30.0  # one voxel above it
+    mass = _np(net.mass(ops.convert_to_tensor(logits)))
+    assert np.count_nonzero(mass) == 1 and mass[0, 1, 2, 6, 0] == pytest.approx(27.0)
+    np.testing.assert_allclose(_np(net.com(mass))[0, 0], [1.0, 2.0, 6.0], atol=1e-4)
+    # the head is linear and starts near zero: the untrained map holds no mass at all, and the
+    # centre of mass is the grid centre (the map prior, not the centre of mass, trains it first)
+    x = np.random.default_rng(0).uniform(0, 1, (1, 8, 8, 8, 1)).astype("float32")
+    assert np.abs(_np(net.logits(x))).max() < 1.0 and not _np(net.maps(x)).any()
+    np.testing.assert_allclose(_np(net(x))[0, 0], [3.5, 3.5, 3.5], atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["locnet_single", "multiscale_e2e", "multiscale_e2e_noise"])
+def test_map_prior_targets_sit_at_the_landmark_in_each_nets_own_voxels(method):
+    keras.utils.set_random_seed(3)
+    cfg = {**TINY_CFG, "map_supervision": {"weight": 10.0, "sigma_voxels": 1.0}}
+    model = build_model(method, cfg, TINY_GRID)
+    x = _pyramid(np.random.default_rng(1).uniform(0, 1, (2, 16, 16, 16, 1)), 3)
+    out = model(x, training=True)
+    assert "logits" in out or "logits2" in out
+    assert not any(k.startswith("logits") for k in model(x, training=False))  # inference: none
+    if method == "locnet_single":
+        assert _np(out["logits"]).shape == (2, 8, 8, 8, 2)
+        return
+    for level in (1, 0):
+        z = _np(out[f"logits{level}"])
+        assert z.shape == (2, 4, 4, 4, 2)
+        # patch voxel 0 of level l is the crop centre (the coarser level's prediction, noise
+        # aside at level 0) minus (P - 1) / 2 in level-l voxels
+        centre = _np(model.to_voxel(out[f"level{level + 1}"], level))
+        origin = _np(out[f"origin{level}"])
+        if level == 1 or method == "multiscale_e2e":
+            np.testing.assert_allclose(origin, centre - 1.5, atol=1e-4)
+        else:  # the finest crop of the noisy chain is shifted by up to noise_mm (5 mm = 1 voxel)
+            assert np.abs(origin - (centre - 1.5)).max() <= 1.0 + 1e-4
+    # the loss adds weight x the prior of every level (not scheduled) to the scheduled
+    # position errors
+    y = {"position": out["level1"], "mask": np.ones((2, 2), "float32")}
+    loss = float(_np(model.compute_loss(x, y, out)))
+    priors = [float(_np(t.result())) for t in model.map_trackers]
+    positions = [float(_np(t.result())) for t in model.level_trackers]
+    assert min(priors) > 0 and positions[1] == pytest.approx(0.0, abs=1e-6)  # y = level 1
+    weights = _np(model.loss_weights)
+    assert loss == pytest.approx(float(np.dot(weights, positions) + 10.0 * np.sum(priors)),
+                                 rel=1e-4)

@@ -183,3 +183,23 @@ def test_warning_when_a_finer_level_is_worse(tmp_path):
     assert level_errors.level_warnings(level_errors.level_table({"multiscale_e2e": good})) == []
     blank = frame({2: [np.nan, np.nan], 1: [np.nan, np.nan], 0: [np.nan, np.nan]})
     assert level_errors.level_warnings(level_errors.level_table({"multiscale_e2e": blank})) == []
+
+
+def test_a_level_that_returns_its_crop_centre_is_called_dead():
+    # positions: level 2 moves level 3's by 3-4 mm; level 1 returns level 2's exactly (a dead
+    # Loc-Net: its centre of mass is the crop centre); level 0 moves it by 0.5 mm
+    df = frame({3: [9.0, 8.0], 2: [6.0, 5.0], 1: [6.0, 5.0], 0: [5.5, 4.5]})
+    pos = {3: [[0.0, 0.0, 0.0], [10.0, 0.0, 0.0]], 2: [[3.0, 0.0, 0.0], [10.0, 4.0, 0.0]]}
+    pos[1] = pos[2]
+    pos[0] = [[3.0, 0.0, 0.5], [10.0, 4.0, 0.5]]
+    for level, xyz in pos.items():
+        df[[f"level{level}_{c}" for c in "xyz"]] = np.array(xyz)
+    t = level_errors.level_table({"multiscale_e2e": df})
+    pooled = t[t.scope == "all"].set_index("level")
+    np.testing.assert_allclose(pooled["moved_mm"], [np.nan, 3.5, 0.0, 0.5])
+    assert list(pooled["dead"]) == [None, False, True, False]
+    warnings = level_errors.level_warnings(t)
+    assert any("level 1 returns its crop centre" in w for w in warnings)
+    assert any("level 1 does not improve on level 2" in w for w in warnings)
+    assert not any("level 0 returns" in w or "level 2 returns" in w for w in warnings)
+    assert "| **yes** |" in level_errors.level_markdown(t)

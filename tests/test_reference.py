@@ -77,3 +77,32 @@ def test_page_reports_the_reference_and_who_learned_little():
     assert "learned little" not in report.results_markdown(
         _table1(), _statistics(), reference=_reference_rows(30.0))
     assert "No-image reference" not in report.results_markdown(_table1(), _statistics())
+
+
+# ---- slopes of predicted against true position (locnet.slopes) ----------------------------
+def test_slopes_per_landmark_and_axis_in_grid_mm():
+    from locnet import slopes
+    from locnet.geometry import Grid
+
+    rng = np.random.default_rng(0)
+    cases = [f"c{i}" for i in range(8)]
+    # every case's grid is shifted in the world: a method that answers one grid position
+    # moves with the scan in world mm, and only grid mm show that it reads nothing
+    grids = {c: Grid((float(20 * i), -float(7 * i), 3.0 * i), 2.0, 16, 2) for i, c in enumerate(cases)}
+    rows = []
+    for seed in (0, 1):
+        for c in cases:
+            o = np.asarray(grids[c].origin)
+            for k, name in enumerate(("left", "right")):
+                true = np.array([10.0 + 40 * k, 0.0, 0.0]) + rng.uniform(-8, 8, 3)
+                # x follows exactly, y half, z is always the same grid height
+                pred = np.array([true[0], 0.5 * true[1] + 1.0, 5.0])
+                rows.append({"case_id": c, "subset": "test", "landmark": name, "seed": seed,
+                             **dict(zip(("x", "y", "z"), o + pred)),
+                             **dict(zip(("true_x", "true_y", "true_z"), o + true))})
+    rows.append({**rows[0], "subset": "val", "x": 1e6})  # not a test row: ignored
+    table = slopes.slope_table({"m": pd.DataFrame(rows)}, grids)
+    assert len(table) == 2 * 2 * 3 and set(table["n"]) == {8}
+    per = slopes.method_slopes(table)
+    np.testing.assert_allclose(per.loc["m"].to_numpy(), [1.0, 0.5, 0.0], atol=1e-12)
+    assert slopes.axis_slope([1.0, 2.0], [1.0, 2.0]) != slopes.axis_slope([1.0, 2.0], [1.0, 2.0])

@@ -326,3 +326,53 @@ def test_resume_state_round_trip_and_refusals(tmp_path, caplog):
         assert checkpoint.load_state(tmp_path, fp, log) is None
     assert ["another configuration" in caplog.text, "lacks ['snap-000002.npz']" in caplog.text,
             "unreadable resume state" in caplog.text] == [True, True, True]
+
+
+def _artery_cohort(root, n_cases=24, n=24, s=4.0, seed=0):
+    """Toy scans of the default study's difficulty: a tube runs along z (the artery) and
+    divides at the landmark's height ``h`` into two branches that diverge in x, so the tube is
+    visible over the whole height and only its branching marks the landmark. ``x0, y0, h``
+    vary per case."""
+    from locnet.fileio import write_json_atomic
+    from locnet.geometry import Grid
+    from locnet.pyramid import write_level
+
+    rng = np.random.default_rng(seed)
+    ijk = np.stack(np.meshgrid(*(np.arange(n),) * 3, indexing="ij"), -1).astype(np.float64)
+    rows, dirs = [], []
+    for c in range(n_cases):
+        d = root / f"case_{c:03d}"
+        origin = rng.uniform(-50, 50, 3)
+        x0, y0, h = rng.uniform(0.35 * n, 0.65 * n, 3)
+        i, j, k = ijk[..., 0], ijk[..., 1], ijk[..., 2]
+        tube = lambda dx: np.exp(-((i - x0 - dx) ** 2 + (j - y0) ** 2) / 2.0)  # noqa: E731
+        vol = rng.normal(0.05, 0.02, (n,) * 3) + (k <= h) * tube(0.0)
+        vol += sum((k > h) * tube(side * 0.6 * (k - h)) for side in (-1, 1))
+        grid = Grid(origin=tuple(origin), spacing=s, shape=n, levels=1)
+        write_level(np.clip(vol, 0, 1).astype(np.float32), grid, 0, d)
+        write_json_atomic(grid.to_dict(), d / "grid.json")
+        rows.append((d.name, "a", *(origin + s * np.array([x0, y0, h]))))
+        dirs.append(d)
+    return dirs, pd.DataFrame(rows, columns=["case_id", "landmark", "x", "y", "z"])
+
+
+def test_map_prior_makes_the_locnet_find_the_height_of_a_branching(tmp_path):
+    """The default study's failure in miniature: along the artery the centre of mass alone
+    learns little in a few epochs, with the map prior the height error falls well below the
+    no-image reference's."""
+    dirs, table = _artery_cohort(tmp_path)
+    grid = {"finest_shape": 24, "finest_spacing_mm": 4.0, "levels": 1}
+    val = LandmarkDataset(dirs[16:], [0], table, ["a"], shuffle=False)
+    z_err = {}
+    for weight in (0.0, 30.0):
+        cfg = {"level": 0, "unet": {"filters": [4, 8]},
+               "map_supervision": {"weight": weight, "sigma_voxels": 1.5}}
+        T.train("locnet_single", cfg, {"epochs": 8, "learning_rate": 0.005, "selection_window": 1},
+                grid, ["a"], dirs[:16], dirs[16:], table, tmp_path / f"out{weight}",
+                tmp_path / f"state{weight}", 1)
+        model, _ = load_kept(tmp_path / f"out{weight}")
+        pred, true, _ = T.predict_dataset(model, val)
+        z_err[weight] = float(np.abs(pred[:, 0, 2] - true[:, 0, 2]).mean())
+    reference = float(np.abs(true[:, 0, 2] - true[:, 0, 2].mean()).mean())  # one height for all
+    assert z_err[30.0] < 0.5 * reference
+    assert z_err[30.0] < 0.5 * z_err[0.0]

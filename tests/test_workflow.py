@@ -564,3 +564,26 @@ def test_rule_infer_gives_the_study_its_own_predictions(tiny_study, tmp_path):
         np.testing.assert_allclose(merged[f"{a}_ras"], merged[a], atol=1e-3)
     np.testing.assert_allclose(merged["conf_volume_mm3_x"], merged["conf_volume_mm3_y"],
                                rtol=1e-3)
+
+
+def test_a_dead_level_of_a_trained_chain_is_detected_and_reported(tiny_study):
+    """A finer Loc-Net whose map holds no mass (its head's bias far below zero) returns its
+    crop centre: the per-level table calls it dead and the results page says so."""
+    from locnet import level_errors, report, study_predict
+    from locnet.inference import load_model_dir
+
+    model = load_model_dir(tiny_study / "models" / "multiscale_e2e" / "seed0").model
+    head = model.level_nets[1].net.layers[-1]
+    head.bias.assign(np.full(tuple(head.bias.shape), -1.0e4, "float32"))
+    split = pd.read_csv(tiny_study / "data" / "split.csv")
+    test = split[split["subset"] == "test"]["case_id"].tolist()
+    preds = study_predict.predict_cases(
+        model, [tiny_study / "pyramid" / c for c in test], dict.fromkeys(test, "test"),
+        tiny_study / "data" / "landmarks.csv", model.landmarks, progress=False)
+    table = level_errors.level_table({"multiscale_e2e": preds})
+    pooled = table[table.scope == "all"].set_index("level")
+    assert pooled.loc[1, "dead"] is True and pooled.loc[1, "moved_mm"] < 1e-3
+    assert any("level 1 returns its crop centre" in w for w in level_errors.level_warnings(table))
+    page = report.results_markdown(pd.read_csv(tiny_study / "tables" / "table1.csv"),
+                                   pd.read_csv(tiny_study / "tables" / "statistics.csv"), table)
+    assert "level 1 returns its crop centre" in page and "that Loc-Net is dead" in page

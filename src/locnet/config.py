@@ -106,6 +106,53 @@ def defaults(*path: str, schema: dict | None = None) -> dict:
             if "default" in v}
 
 
+#: Keys of a method block that are training settings (they override the shared ``training``
+#: block), not model settings.
+TRAIN_KEYS = ("epochs", "learning_rate", "batch_size", "schedule")
+
+
+def method_config(config: dict, method: str) -> dict:
+    """The model block of ``method`` in a validated config: its own keys over the shared
+    ``unet`` block and, for the Loc-Net methods, over the shared ``map_supervision`` block;
+    plus the landmark names."""
+    from locnet import methods
+
+    own = config["methods"][method]
+    block = {k: v for k, v in own.items() if k not in ("enabled",) + TRAIN_KEYS}
+    block["unet"] = {**config["unet"], **own.get("unet", {})}
+    if methods.get(method).map_prior:
+        shared = config.get("map_supervision") or defaults("definitions", "map_supervision")
+        block["map_supervision"] = {**shared, **own.get("map_supervision", {})}
+    else:
+        block.pop("map_supervision", None)
+    block["landmarks"] = list(config["landmarks"])
+    return block
+
+
+def training_config(config: dict, method: str) -> dict:
+    """Training settings of ``method``: the shared ``training`` block (less ``seeds``),
+    overridden by the method's own training keys."""
+    out = {k: v for k, v in config["training"].items() if k != "seeds"}
+    out.update({k: v for k, v in config["methods"][method].items() if k in TRAIN_KEYS})
+    return out
+
+
+def model_grid(config: dict) -> dict:
+    """The pyramid grid and intensity preprocessing of a validated config, as every model
+    stores it (``metadata.json``): inference on new scans reads it from there, so a model can
+    never be applied at another grid or with another intensity mapping."""
+    p = config["pyramid"]
+    return {
+        "finest_shape": p["finest_shape"],
+        "finest_spacing_mm": p["finest_spacing_mm"],
+        "levels": p["levels"],
+        "window_hu": list(p["window_hu"]),
+        "background_hu": p["background_hu"],
+        # absent from the default study: a model without it is read as the CT window
+        **({"intensity": dict(p["intensity"])} if p.get("intensity") else {}),
+    }
+
+
 def model_defaults() -> dict:
     """The defaults of a method's model keys: ``definitions.method`` (without ``enabled``)
     with the shared ``unet`` block's defaults under ``unet``."""

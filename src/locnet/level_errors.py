@@ -6,6 +6,13 @@ prediction, the world position and error after every level of the chain:
 (:func:`locnet.study_predict.level_columns`). :func:`level_table` summarises them per method, level
 and scope (``all`` landmarks pooled, then each landmark); :func:`level_warnings` names every
 method whose finer level ``l-1`` has a pooled mean error not below that of level ``l``.
+:func:`level_table` also gives how far each finer level moves the prediction (``moved_mm``, the
+median distance from the coarser level's position, which is the centre of the crop the finer
+Loc-Net reads) and calls a level ``dead`` when it hardly moves it at all (median below
+:data:`DEAD_MOVE_MM`): a Loc-Net whose map holds no mass, or mass placed symmetrically about
+the crop centre, returns that centre whatever the image shows. The finest level of a noisy
+chain is the mean over shifted crops, so its move includes the mean shift and a dead finest
+level shows there only as a level that does not improve.
 Tables without level columns (single-scale methods) are skipped. Missing (unannotated)
 landmarks are NaN and excluded, as in :mod:`locnet.metrics`.
 """
@@ -25,7 +32,17 @@ from locnet.fileio import write_text_atomic
 
 ERROR_COLUMN = re.compile(r"^error_level(\d+)_mm$")
 COLUMNS = ["method", "label", "scope", "level", "step", "n", "mean_mm", "sd_mm", "median_mm",
-           "change_mm", "improves"]
+           "change_mm", "improves", "moved_mm", "dead"]
+#: A finer level whose median move from its crop centre is below this (mm) is dead.
+DEAD_MOVE_MM = 0.05
+
+
+def _moves(df: pd.DataFrame, level: int, coarser: int) -> np.ndarray:
+    """Distance (mm) from level ``coarser``'s to level ``level``'s position, per row."""
+    a = df[[f"level{level}_{c}" for c in "xyz"]].to_numpy(float)
+    b = df[[f"level{coarser}_{c}" for c in "xyz"]].to_numpy(float)
+    d = np.linalg.norm(a - b, axis=1)
+    return d[np.isfinite(d)]
 
 
 def levels_of(df: pd.DataFrame) -> list[int]:
@@ -49,17 +66,24 @@ def level_table(
     Tables of several training seeds are averaged over the seeds per (case, landmark) first
     (:func:`locnet.metrics.seed_mean_errors`); each seed's predict job logs its own warnings.
     """
-    chains = {m: metrics.seed_mean_errors(df) for m, df in predictions.items() if levels_of(df)}
+    raw = {m: df for m, df in predictions.items() if levels_of(df)}
+    chains = {m: metrics.seed_mean_errors(df) for m, df in raw.items()}
     methods = metrics.method_order(chains)
     landmarks = list(landmarks) if landmarks is not None else metrics.landmark_order(chains)
     rows = []
     for scope in ["all", *landmarks]:
         for m in methods:
             df = metrics.select_subset(chains[m], subset)
+            every = metrics.select_subset(raw[m], subset)
             if scope != "all":
                 df = df[df["landmark"].astype(str) == scope]
+                every = every[every["landmark"].astype(str) == scope]
             previous = np.nan
-            for step, level in enumerate(levels_of(chains[m]), start=1):
+            levels = levels_of(chains[m])
+            for step, level in enumerate(levels, start=1):
+                moved = (_moves(every, level, levels[step - 2]) if step > 1 and
+                         f"level{level}_x" in every.columns else np.array([]))
+                moved_mm = float(np.median(moved)) if moved.size else np.nan
                 e = pd.to_numeric(df[f"error_level{level}_mm"], errors="coerce").dropna()
                 e = e.to_numpy(float)
                 mean = float(e.mean()) if e.size else np.nan
@@ -76,6 +100,8 @@ def level_table(
                     "median_mm": float(np.median(e)) if e.size else np.nan,
                     "change_mm": mean - previous if compare else np.nan,
                     "improves": bool(mean < previous) if compare else None,
+                    "moved_mm": moved_mm,
+                    "dead": bool(moved_mm < DEAD_MOVE_MM) if np.isfinite(moved_mm) else None,
                 })
                 previous = mean
     return pd.DataFrame(rows, columns=COLUMNS)
@@ -98,6 +124,12 @@ def level_warnings(table: pd.DataFrame, scope: str = "all", subset: str | None =
             f"({what}, {where}): mean error {r.mean_mm:.2f} mm after level {r.level}, "
             f"{coarser.mean_mm:.2f} mm after level {int(coarser.level)}"
         )
+    for r in table[(table["scope"] == scope) & (table["dead"] == True)].itertuples():  # noqa: E712
+        out.append(
+            f"{r.method}: level {r.level} returns its crop centre (median move {r.moved_mm:.3f} "
+            f"mm from the coarser level's prediction): that Loc-Net is dead, its map holds no "
+            f"mass or mass placed symmetrically about the centre"
+        )
     return out
 
 
@@ -111,22 +143,26 @@ def level_markdown(table: pd.DataFrame, subset: str | None = "test") -> str:
     lines.append(
         "Euclidean error in mm of the prediction after each level, coarsest (step 1) to finest "
         "(level 0: the reported prediction). Change: mean minus the coarser level's mean "
-        "(negative = improved). Missing (unannotated) landmarks are excluded."
+        "(negative = improved). Moved: median distance from the coarser level's prediction, "
+        "the centre of the crop this level reads; dead: it hardly moves it (below "
+        f"{DEAD_MOVE_MM} mm). Missing (unannotated) landmarks are excluded."
     )
     warnings = level_warnings(table, subset=subset)
     lines += ["", "## Warnings", ""]
     lines += [f"- WARNING: {w}" for w in warnings] or ["None: every finer level improves the "
                                                        "pooled mean error."]
-    header = "| Method | Level | n | Mean | Sd | Median | Change | Improves |"
+    header = "| Method | Level | n | Mean | Sd | Median | Change | Improves | Moved | Dead |"
     for scope in dict.fromkeys(table["scope"]):
         part = table[table["scope"] == scope]
         title = "All landmarks (pooled)" if scope == "all" else f"Landmark: {scope}"
-        lines += ["", f"## {title}", "", header, "|:---|---:|---:|---:|---:|---:|---:|:---|"]
+        lines += ["", f"## {title}", "", header, "|:---|---:|---:|---:|---:|---:|---:|:---|---:|:---|"]
         for r in part.itertuples():
             improves = "" if r.improves is None or pd.isna(r.improves) else (
                 "yes" if r.improves else "**no**")
+            dead = "" if r.dead is None or pd.isna(r.dead) else ("**yes**" if r.dead else "no")
             lines.append(f"| {r.label} | {r.level} | {r.n} | {_num(r.mean_mm)} | {_num(r.sd_mm)} "
-                         f"| {_num(r.median_mm)} | {_num(r.change_mm)} | {improves} |")
+                         f"| {_num(r.median_mm)} | {_num(r.change_mm)} | {improves} "
+                         f"| {_num(r.moved_mm)} | {dead} |")
     if table.empty:
         lines += ["", "No multi-scale method in this run."]
     return "\n".join(lines) + "\n"

@@ -53,6 +53,7 @@ class Method:
     multiscale: bool = False  # reads every pyramid level as a chain (else: one level, ``level``)
     noisy: bool = False  # test-time noisy passes: sd, confidence volume, quality flag, inference
     multiphase: bool = False  # trained one level at a time, coarse to fine (locnet.train)
+    map_prior: bool = False  # its Loc-Nets take the shared map_supervision block (the map prior)
 
 
 # Table 1 of the paper, in its row order. Colours: the colour-blind-safe Okabe-Ito palette;
@@ -63,17 +64,17 @@ REGISTRY: dict[str, Method] = {
         Method("heatmap_unet", "U-Net heatmap", 6.45, 9.18, "#999999",
                build="locnet.models.heatmap:build"),
         Method("locnet_single", "Loc-Net single scale", 5.52, 5.69, "#E69F00",
-               build="locnet.models.single:build"),
+               build="locnet.models.single:build", map_prior=True),
         Method("patch_baseline", "Patch-based CNN, Noothout 2018", 4.35, 4.33, "#56B4E9",
                build="locnet.models.patch:build"),
         Method("multiscale_multistep", "Loc-Net multi-scale, multi-step", 3.72, 4.20, "#009E73",
                build="locnet.models.multiscale:build_multistep", multiscale=True,
-               multiphase=True),
+               multiphase=True, map_prior=True),
         Method("multiscale_e2e", "Loc-Net multi-scale, end to end", 3.61, 3.17, "#0072B2",
-               build="locnet.models.multiscale:build_e2e", multiscale=True),
+               build="locnet.models.multiscale:build_e2e", multiscale=True, map_prior=True),
         Method("multiscale_e2e_noise", "Loc-Net multi-scale, end to end + noise", 2.81, 2.37,
                "#D55E00", build="locnet.models.multiscale:build_e2e_noise", multiscale=True,
-               noisy=True),
+               noisy=True, map_prior=True),
     )
 }
 

@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from locnet import reference as _reference
+from locnet import slopes as _slopes
 
 __all__ = [
     "BEGIN",
@@ -273,6 +274,7 @@ def results_markdown(
     level_errors: pd.DataFrame | None = None,
     *,
     reference: pd.DataFrame | None = None,
+    slopes: pd.DataFrame | None = None,
     configfiles: Sequence[str] = (),
     config_args: Sequence[str] = (),
     study: Mapping[str, object] | None = None,
@@ -286,7 +288,8 @@ def results_markdown(
     """The results page (markdown, starting with :func:`header`) from the run's tables.
 
     ``table1``/``statistics``/``level_errors``: the CSVs of ``results/tables/`` as written by
-    the workflow; ``reference``: ``tables/reference.csv`` (:mod:`locnet.reference`). The other
+    the workflow; ``reference``: ``tables/reference.csv`` (:mod:`locnet.reference`);
+    ``slopes``: ``tables/slopes.csv`` (:mod:`locnet.slopes`). The other
     keyword arguments describe the run (see :func:`git_state`,
     :func:`machine_facts`, :func:`training_times`); whatever is missing is said to be unknown.
     """
@@ -301,6 +304,8 @@ def results_markdown(
     out += _error_table_lines(pooled)
     ref = _reference_summary(reference)
     out += _reference_lines(ref, pooled)
+    per_axis = _slope_summary(slopes, pooled)
+    out += _slope_section(per_axis, label)
     if level_errors is not None and len(level_errors):
         out += ["", "### Error per pyramid level (`tables/level_errors.csv`)", ""]
         out += _level_errors_table(level_errors)
@@ -313,7 +318,8 @@ def results_markdown(
 
     out += ["", "### What this run can and cannot conclude", ""]
     out += _conclusions(pooled, statistics, comps, label, alpha)
-    out[-1:-1] = _learned_little_lines(ref, pooled)
+    out[-1:-1] = (_learned_little_lines(ref, pooled) + _low_slope_lines(per_axis, label)
+                  + _level_lines(level_errors))
     return _page("\n".join(out))
 
 
@@ -423,6 +429,60 @@ def _reference_lines(ref: dict | None, pooled: pd.DataFrame) -> list[str]:
             f"image, is off by {_mean_sd(ref['mean_mm'], ref['sd_mm'])} mm (median "
             f"{_f(ref['median_mm'])} mm, {_i(ref['n'])} landmarks of {_i(ref['n_cases'])} "
             f"cases). Each method's mean error as a share of it: {shares}."]
+
+
+def _slope_summary(slopes: pd.DataFrame | None, pooled: pd.DataFrame) -> pd.DataFrame:
+    """Mean slope per method (this run's, in Table 1's order) and axis; empty without a table."""
+    if slopes is None or not len(slopes):
+        return pd.DataFrame(columns=list(_slopes.AXES))
+    wide = _slopes.method_slopes(slopes)
+    return wide.reindex([m for m in pooled["method"] if m in wide.index])
+
+
+def _slope_section(per_axis: pd.DataFrame, label) -> list[str]:
+    if not len(per_axis):
+        return []
+    out = ["", "### Does each method follow the landmark? (`tables/slopes.csv`)", "",
+           "Slope of the predicted against the true position on the test cases, in grid "
+           "coordinates (x: right-left, y: front-back, z: along the body axis), per landmark, "
+           "then the mean over landmarks and seeds: 1 follows the landmark, 0 predicts one "
+           "position for every scan.", "",
+           "| Method | x | y | z |", "|:---|---:|---:|---:|"]
+    for m, r in per_axis.iterrows():
+        out.append(f"| {label(m)} | " + " | ".join(_f(r[a]) for a in _slopes.AXES) + " |")
+    return out
+
+
+def _low_slope_lines(per_axis: pd.DataFrame, label) -> list[str]:
+    """One line per method with a slope below ``LOW_SLOPE`` on some axis."""
+    out = []
+    for m, r in per_axis.iterrows():
+        low = [(a, float(r[a])) for a in _slopes.AXES if np.isfinite(r[a]) and r[a] < _slopes.LOW_SLOPE]
+        if low:
+            axes = ", ".join(f"{a} ({v:.2f})" for a, v in low)
+            out.append(f"- {label(m)}: slope below {_slopes.LOW_SLOPE:g} along {axes}. Along "
+                       f"{'that axis' if len(low) == 1 else 'those axes'} it predicts nearly the "
+                       "same grid position for every scan: it has not learned to read the "
+                       "landmark's position there from the image.")
+    return out
+
+
+def _level_lines(level_errors: pd.DataFrame | None) -> list[str]:
+    """One line per finer chain level that does not lower the pooled mean error, or is dead."""
+    if level_errors is None or not len(level_errors):
+        return []
+    df = level_errors[level_errors["scope"] == "all"] if "scope" in level_errors else level_errors
+    out = []
+    for r in df.to_dict("records"):
+        who = r.get("label", r.get("method"))
+        if str(r.get("dead")) == "True":
+            out.append(f"- {who}: level {r['level']} returns its crop centre (median move "
+                       f"{_f(r.get('moved_mm'))} mm): that Loc-Net is dead, and the chain's "
+                       "answer there is the coarser level's.")
+        elif str(r.get("improves")) == "False":
+            out.append(f"- {who}: level {r['level']} does not refine the prediction (mean error "
+                       f"change {float(r.get('change_mm', np.nan)):+.2f} mm).")
+    return out
 
 
 def _learned_little_lines(ref: dict | None, pooled: pd.DataFrame) -> list[str]:

@@ -152,6 +152,7 @@ def study_outputs():
     outs += [f"{RES}/tables/table1.{ext}" for ext in ("csv", "md", "tex")]
     outs += [f"{RES}/tables/statistics.{ext}" for ext in ("csv", "md")]
     outs += [f"{RES}/tables/reference.csv"]  # the no-image reference of the results page
+    outs += [f"{RES}/tables/slopes.csv"]  # the slopes of the results page
     outs += [f"{RES}/tables/results.md"]  # the page the README's results block copies
     outs += [f"{RES}/figures/fig4_violin_errors.{ext}" for ext in ("png", "pdf")]
     outs += [f"{RES}/figures/training_curves.{ext}" for ext in ("png", "pdf")]
@@ -170,7 +171,6 @@ def study_outputs():
 # ---- methods and seeds ---------------------------------------------------------------------
 METHOD_ORDER = list(locnet.methods.KEYS)  # Table 1's order (the method registry)
 NOISY_METHODS = set(locnet.methods.noisy())  # test-time noisy passes, quality flag, inference
-TRAIN_KEYS = ("epochs", "learning_rate", "batch_size", "schedule")
 # Every method is trained once per seed, each a job of its own (wildcard {seed}). Seed 0's model
 # is the deployed one: rule infer, the quality threshold and the single-model figures use it.
 SEEDS = list(range(config["training"]["seeds"]))
@@ -184,33 +184,18 @@ def enabled_methods():
 
 
 def method_cfg(method):
-    """The model block of a method: shared U-Net under the method's own keys, + landmarks."""
-    block = {k: v for k, v in config["methods"][method].items() if k not in ("enabled",) + TRAIN_KEYS}
-    block["unet"] = {**config["unet"], **block.get("unet", {})}
-    block["landmarks"] = list(config["landmarks"])
-    return block
+    """The model block of a method (locnet.config.method_config)."""
+    return locnet.config.method_config(config, method)
 
 
 def train_cfg(method):
-    """Training settings of a method: the shared training block, overridden by the method's."""
-    out = {k: v for k, v in config["training"].items() if k != "seeds"}
-    out.update({k: v for k, v in config["methods"][method].items() if k in TRAIN_KEYS})
-    return out
+    """Training settings of a method (locnet.config.training_config)."""
+    return locnet.config.training_config(config, method)
 
 
 def grid_cfg():
-    p = config["pyramid"]
-    # Everything preprocessing needs is stored with each model (metadata.json), so
-    # inference on new scans reads it from there and can never be applied at another grid.
-    return {
-        "finest_shape": p["finest_shape"],
-        "finest_spacing_mm": p["finest_spacing_mm"],
-        "levels": p["levels"],
-        "window_hu": list(p["window_hu"]),
-        "background_hu": p["background_hu"],
-        # absent from the default study: a model without it is read as the CT window
-        **({"intensity": dict(p["intensity"])} if p.get("intensity") else {}),
-    }
+    """The pyramid grid and preprocessing stored with each model (locnet.config.model_grid)."""
+    return locnet.config.model_grid(config)
 
 
 def prediction_tables():
@@ -281,5 +266,25 @@ def study_summary():
     out["model selection"] = ("lowest validation error of a single epoch" if w == 1 else
                               f"{w}-epoch centred window of the validation error")
     out["noise passes"] = config["evaluation"]["passes"]
+    out["map prior"] = map_prior_summary()
     out["seed"] = config["seed"]
     return out
+
+
+def map_prior_summary():
+    """The map prior (map_supervision) of this run's Loc-Net methods, in words."""
+    on, off = {}, []
+    for m in enabled_methods():
+        if not locnet.methods.get(m).map_prior:
+            continue
+        ms = locnet.config.method_config(config, m)["map_supervision"]
+        if ms["weight"] > 0:
+            key = (ms["weight"], ms["sigma_voxels"], ms["threshold"])
+            on.setdefault(key, []).append(locnet.methods.get(m).label)
+        else:
+            off.append(locnet.methods.get(m).label)
+    parts = [f"weight {w:g}, Gaussian sd {s:g} voxels, threshold {t:g} of the peak "
+             f"(`map_supervision`) for {', '.join(who)}" for (w, s, t), who in on.items()]
+    if off:
+        parts.append(f"off (the paper's centre-of-mass loss alone) for {', '.join(off)}")
+    return "; ".join(parts) if parts else "no Loc-Net method in this run"

@@ -43,6 +43,25 @@ rule reference:
         "../scripts/reference.py"
 
 
+rule slopes:
+    """Per method, seed, landmark and axis: the slope of the predicted against the true
+    position in grid mm on the test cases (1: follows the landmark; 0: one position for all)."""
+    input:
+        predictions=lambda wc: prediction_tables(),
+        grids=lambda wc: [f"{RES}/pyramid/{c}/grid.json" for c in case_ids()],
+    output:
+        csv=f"{RES}/tables/slopes.csv",
+    params:
+        methods=lambda wc: enabled_methods(),
+    log:
+        f"{RES}/logs/slopes.log",
+    localrule: True
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/slopes.py"
+
+
 rule level_errors:
     """Error after each level of the multi-scale chains; warns where a finer level is worse."""
     input:
@@ -96,6 +115,7 @@ rule results_md:
         table1=f"{RES}/tables/table1.csv",
         statistics=f"{RES}/tables/statistics.csv",
         reference=f"{RES}/tables/reference.csv",
+        slopes=f"{RES}/tables/slopes.csv",
         level_errors=level_errors_input,
     output:
         md=f"{RES}/tables/results.md",

@@ -17,6 +17,7 @@ with job_logging(snakemake) as log:
         pd.read_csv(snakemake.input.statistics),
         level_errors,
         reference=pd.read_csv(snakemake.input.reference),
+        slopes=pd.read_csv(snakemake.input.slopes),
         configfiles=p.configfiles,
         config_args=p.config_args,
         study=p.study,

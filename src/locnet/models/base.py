@@ -6,8 +6,12 @@ import keras
 from keras import ops
 
 from locnet.geometry import grid_mm_to_voxel, voxel_to_grid_mm
+from locnet.models.maps import gaussian_maps, map_prior_loss
 
-__all__ = ["LandmarkModel", "masked_mean"]
+__all__ = ["LandmarkModel", "masked_mean", "map_supervision_config", "MAP_SUPERVISION_OFF"]
+
+#: The map prior switched off: the paper's Loc-Net (centre-of-mass loss alone).
+MAP_SUPERVISION_OFF = {"weight": 0.0, "sigma_voxels": 2.0, "threshold": 0.1, "peak": 30.0}
 
 
 def masked_mean(values, mask):
@@ -15,6 +19,18 @@ def masked_mean(values, mask):
     valid = ops.cast(mask > 0, values.dtype)
     values = ops.where(valid > 0, values, 0.0)
     return ops.sum(values * valid) / ops.maximum(ops.sum(valid), 1.0)
+
+
+def map_supervision_config(value) -> dict:
+    """A complete ``map_supervision`` block (weight, sigma_voxels, threshold, peak) from a
+    partial one or ``None`` (off)."""
+    out = {**MAP_SUPERVISION_OFF, **(value or {})}
+    out = {k: float(out[k]) for k in MAP_SUPERVISION_OFF}
+    if (out["weight"] < 0 or out["sigma_voxels"] <= 0 or not 0 <= out["threshold"] < 1
+            or out["peak"] <= 0):
+        raise ValueError("map_supervision: weight >= 0, sigma_voxels > 0, 0 <= threshold < 1 "
+                         f"and peak > 0, got {out}")
+    return out
 
 
 class LandmarkModel(keras.Model):
@@ -94,6 +110,15 @@ class LandmarkModel(keras.Model):
         if self.losses:
             total = total + ops.sum(ops.stack([ops.sum(l) for l in self.losses]))
         return total
+
+    def map_prior(self, logits, target_vox, mask):
+        """The map prior (mean over valid landmarks) of linear maps ``logits`` (B, n, n, n, K)
+        against Gaussians of ``map_supervision["sigma_voxels"]`` at ``target_vox`` (B, K, 3),
+        voxel coordinates of those maps (:func:`locnet.models.maps.map_prior_loss`)."""
+        n = int(logits.shape[1])
+        unit = gaussian_maps(ops.stop_gradient(target_vox), n, self.map_supervision["sigma_voxels"])
+        peak = self.map_supervision["peak"]
+        return masked_mean(map_prior_loss(logits, ops.cast(unit, logits.dtype), peak), mask)
 
     def position_loss(self, pred_mm, y):
         """Mean over valid landmarks of the squared Euclidean error (mm^2)."""

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import keras
-import numpy as np
 from keras import ops
 
 from locnet.layers import decode_heatmap
+from locnet.models.maps import gaussian_maps, weighted_map_error
 from locnet.models.base import LandmarkModel, masked_mean
 from locnet.models.unet import build_unet, unet_kwargs
 
@@ -99,17 +99,9 @@ class HeatmapUNet(LandmarkModel):
 
     def target_heatmaps(self, positions_mm):
         """(B, K, 3) grid mm -> (B, n, n, n, K) Gaussian heatmaps of peak 1 on level ``level``."""
-        n = self.level_size(self.level)
+        v = self.to_voxel(ops.cast(positions_mm, "float32"), self.level)
         sigma = self.heatmap_sigma_mm / self.level_spacing(self.level)
-        v = self.to_voxel(ops.cast(positions_mm, "float32"), self.level)  # (B, K, 3)
-        r = ops.reshape(ops.arange(n, dtype="float32"), (1, 1, n))
-        g = [ops.exp(-ops.square(r - v[..., a : a + 1]) / (2.0 * sigma**2)) for a in range(3)]
-        h = (
-            g[0][:, :, :, None, None]
-            * g[1][:, :, None, :, None]
-            * g[2][:, :, None, None, :]
-        )  # (B, K, n, n, n)
-        return ops.transpose(h, (0, 2, 3, 4, 1))
+        return gaussian_maps(v, self.level_size(self.level), sigma)
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         hm = y_pred["heatmap"]
@@ -122,15 +114,7 @@ class HeatmapUNet(LandmarkModel):
     def heatmap_loss(self, hm, unit):
         """Per case and landmark (B, K): the foreground-weighted mean squared error of ``hm``
         against the targets ``heatmap_peak * unit`` (``unit``: Gaussians of peak 1)."""
-        fg = self.heatmap_foreground_weight
-        if fg == "balanced":
-            n_vox = float(np.prod([int(d) for d in unit.shape[1:4]]))
-            lam = n_vox / ops.maximum(ops.sum(unit, axis=(1, 2, 3), keepdims=True), 1e-6)
-        else:
-            lam = fg
-        weight = 1.0 + ops.stop_gradient(lam * unit)
-        err = ops.square(hm - self.heatmap_peak * unit)
-        return ops.sum(weight * err, axis=(1, 2, 3)) / ops.sum(weight, axis=(1, 2, 3))
+        return weighted_map_error(hm, unit, self.heatmap_peak, self.heatmap_foreground_weight)
 
     def get_config(self):
         config = self._base_config()

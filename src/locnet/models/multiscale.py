@@ -7,7 +7,7 @@ import numpy as np
 from keras import ops
 
 from locnet.layers import CenterOfMass, CropResample, RandomShift, patch_to_volume
-from locnet.models.base import LandmarkModel
+from locnet.models.base import LandmarkModel, map_supervision_config
 from locnet.models.unet import LocNet, unet_kwargs
 
 __all__ = ['MultiScaleLocNet', 'build_multistep', 'build_e2e', 'build_e2e_noise']
@@ -41,6 +41,16 @@ class MultiScaleLocNet(LandmarkModel):
 
     Loss: ``sum_l loss_weights[l] * loss_level{l}``, each the squared Euclidean error (mm^2)
     averaged over valid landmarks. ``model.level_nets[l]`` is the :class:`LocNet` of level l.
+
+    ``map_supervision`` (``weight > 0``): the loss also gets ``weight`` x every level's map
+    prior (:meth:`LandmarkModel.map_prior`, logged as ``loss_map{l}``), at every epoch (the
+    schedule weighs the position errors only, so no level's maps drift while its position
+    error is weighted 0): the coarsest net's
+    maps against Gaussians at the targets on its level, each finer net's selected map
+    against a Gaussian at the target in the coordinates of the patch it was given (wherever
+    the coarser levels put that patch; a target outside the patch asks for an empty map).
+    In training the model then also outputs ``"logits{l}"`` and ``"origin{l}"`` (the level
+    voxel of patch voxel 0).
     """
 
     def __init__(
@@ -57,8 +67,10 @@ class MultiScaleLocNet(LandmarkModel):
         noise_mm: float = 0.0,
         background: float = 0.0,
         seed: int | None = None,
+        map_supervision: dict | None = None,
         **kwargs,
     ):
+        self.map_supervision = map_supervision_config(map_supervision)
         super().__init__(
             finest_shape,
             finest_spacing_mm,
@@ -83,10 +95,17 @@ class MultiScaleLocNet(LandmarkModel):
                 unet=unet,
                 out_activation=out_activation,
                 com_epsilon=com_epsilon,
+                supervised=self.map_supervision["weight"] > 0,
+                map_threshold=self.map_supervision["threshold"],
+                map_peak=self.map_supervision["peak"],
                 name=f"locnet_level{l}",
             )
             for l in range(self.n_levels)
         ]
+        if self.supervised:
+            self.map_trackers = [
+                keras.metrics.Mean(name=f"loss_map{l}") for l in self.loss_levels
+            ]
         self.crop = CropResample(self.patch, self.background, name="crop")
         self.com = CenterOfMass(com_epsilon, name="patch_com")
         self.noise = RandomShift(self.noise_mm, seed=self.seed, name="finest_noise")
@@ -96,22 +115,36 @@ class MultiScaleLocNet(LandmarkModel):
     def level_net(self, level: int) -> LocNet:
         return self.level_nets[int(level)]
 
-    def coarsest(self, inputs, training=None):
-        top = self.n_levels - 1
-        v = self.level_nets[top](inputs[f"level{top}"], training=training)
-        return self.to_mm(v, top)
+    @property
+    def supervised(self) -> bool:
+        return self.map_supervision["weight"] > 0
 
-    def refine(self, level: int, volume, centres_mm, training=None):
+    def coarsest(self, inputs, training=None, logits=None):
+        """Level ``L-1`` on the whole level -> (B, K, 3) grid mm; with a dict ``logits``, its
+        linear maps go to ``logits["logits{L-1}"]`` (origin 0)."""
+        top = self.n_levels - 1
+        net = self.level_nets[top]
+        z = net.logits(inputs[f"level{top}"], training=training)
+        g = self.to_mm(net.com(net.mass(z)), top)
+        if logits is not None:
+            logits[f"logits{top}"] = z
+            logits[f"origin{top}"] = ops.zeros_like(ops.stop_gradient(g))
+        return g
+
+    def refine(self, level: int, volume, centres_mm, training=None, logits=None):
         """One finer stage: centres (B, M, 3) grid mm -> (B, M, 3) grid mm at ``level``.
 
         ``M`` may be any multiple of K: entry ``m`` is treated as landmark ``m mod K``
-        (used to run many test-time passes as one batch).
+        (used to run many test-time passes as one batch). With a dict ``logits`` (M = K),
+        the selected linear maps (B, P, P, P, K) go to ``logits["logits{level}"]`` and the
+        level voxel of each patch's voxel 0 to ``logits["origin{level}"]``.
         """
         k, p = self.n_landmarks, self.patch
         m = int(centres_mm.shape[1])
         v = self.to_voxel(centres_mm, level)
         patches = self.crop(volume, v)  # (B, M, P, P, P, 1)
-        maps = self.level_nets[level].maps(
+        net = self.level_nets[level]
+        maps = net.logits(
             ops.reshape(patches, (-1, p, p, p, 1)), training=training
         )  # (B*M, P, P, P, K)
         select = np.eye(k, dtype="float32")[np.arange(m) % k]  # (M, K)
@@ -120,8 +153,11 @@ class MultiScaleLocNet(LandmarkModel):
             maps * ops.convert_to_tensor(select)[None, :, None, None, None, :],
             axis=-1,
             keepdims=True,
-        )
-        q = self.com(ops.reshape(sel, (-1, p, p, p, 1)))  # (B*M, 1, 3)
+        )  # (B, M, P, P, P, 1)
+        if logits is not None:
+            logits[f"logits{level}"] = ops.transpose(sel[..., 0], (0, 2, 3, 4, 1))
+            logits[f"origin{level}"] = ops.stop_gradient(v) - (p - 1) / 2.0
+        q = self.com(net.mass(ops.reshape(sel, (-1, p, p, p, 1))))  # (B*M, 1, 3)
         q = ops.reshape(q, (-1, m, 3))
         return self.to_mm(patch_to_volume(v, q, p), level)
 
@@ -130,7 +166,8 @@ class MultiScaleLocNet(LandmarkModel):
 
     def call(self, inputs, training=None, finest_shift_mm=None, noise=None):
         top = self.n_levels - 1
-        g = self.coarsest(inputs, training=training)
+        logits = {} if (training and self.supervised) else None
+        g = self.coarsest(inputs, training=training, logits=logits)
         out = {f"level{top}": g}
         for level in range(top - 1, -1, -1):
             c = self._link(g)
@@ -139,9 +176,10 @@ class MultiScaleLocNet(LandmarkModel):
                     c = c + ops.cast(finest_shift_mm, c.dtype)
                 else:
                     c = self.noise(c, training=training, active=noise)
-            g = self.refine(level, inputs[f"level{level}"], c, training=training)
+            g = self.refine(level, inputs[f"level{level}"], c, training=training, logits=logits)
             out[f"level{level}"] = g
         out["position"] = g
+        out.update(logits or {})
         return out
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
@@ -150,6 +188,14 @@ class MultiScaleLocNet(LandmarkModel):
             loss = self.position_loss(y_pred[f"level{level}"], y)
             self.level_trackers[i].update_state(loss)
             total = total + self.loss_weights[i] * loss
+            if f"logits{level}" in y_pred:
+                # the prior is not scheduled: every level's maps stay peaks all the time
+                target = self.to_voxel(ops.cast(y["position"], "float32"), level)
+                prior = self.map_prior(
+                    y_pred[f"logits{level}"], target - y_pred[f"origin{level}"], y["mask"]
+                )
+                self.map_trackers[i].update_state(prior)
+                total = total + self.map_supervision["weight"] * prior
         return self._finish_loss(total)
 
     def get_config(self):
@@ -165,6 +211,7 @@ class MultiScaleLocNet(LandmarkModel):
                 "noise_mm": self.noise_mm,
                 "background": self.background,
                 "seed": self.seed,
+                "map_supervision": dict(self.map_supervision),
             }
         )
         return config
@@ -180,6 +227,7 @@ def _build_chain(c: dict, common: dict, stop_gradient: bool, noise_mm: float) ->
         noise_mm=noise_mm,
         background=float(c["background"]),
         seed=None if c.get("seed") is None else int(c["seed"]),
+        map_supervision=c.get("map_supervision"),
         **common,
     )
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import keras
+from keras import ops
 
-from locnet.models.base import LandmarkModel
+from locnet.models.base import LandmarkModel, map_supervision_config
 from locnet.models.unet import LocNet, unet_kwargs
 
 __all__ = ['SingleLocNet', 'build']
@@ -16,6 +17,10 @@ class SingleLocNet(LandmarkModel):
 
     U-Net with K maps + centre of mass; loss: squared Euclidean error in mm averaged over
     valid landmarks (``loss_level{level}``). Outputs ``"position"`` and ``"level{level}"``.
+
+    ``map_supervision`` (``weight > 0``): the map prior of :class:`LocNet` is added to the
+    loss, ``weight`` x :meth:`LandmarkModel.map_prior` (logged as ``loss_map``); in training
+    the model also outputs its linear maps as ``"logits"``.
     """
 
     def __init__(
@@ -28,9 +33,11 @@ class SingleLocNet(LandmarkModel):
         unet: dict | None = None,
         out_activation: str = "softplus",
         com_epsilon: float = 1e-6,
+        map_supervision: dict | None = None,
         **kwargs,
     ):
         self.level = int(level)
+        self.map_supervision = map_supervision_config(map_supervision)
         super().__init__(
             finest_shape, finest_spacing_mm, n_levels, landmarks, (self.level,), **kwargs
         )
@@ -41,8 +48,13 @@ class SingleLocNet(LandmarkModel):
             unet=unet,
             out_activation=out_activation,
             com_epsilon=com_epsilon,
+            supervised=self.map_supervision["weight"] > 0,
+            map_threshold=self.map_supervision["threshold"],
+            map_peak=self.map_supervision["peak"],
             name=f"locnet_level{self.level}",
         )
+        if self.locnet.supervised:
+            self.map_tracker = keras.metrics.Mean(name="loss_map")
         self.built = True
 
     def level_net(self, level: int) -> LocNet:
@@ -51,13 +63,21 @@ class SingleLocNet(LandmarkModel):
         return self.locnet
 
     def call(self, inputs, training=None):
-        v = self.locnet(inputs[f"level{self.level}"], training=training)
-        g = self.to_mm(v, self.level)
-        return {"position": g, f"level{self.level}": g}
+        z = self.locnet.logits(inputs[f"level{self.level}"], training=training)
+        g = self.to_mm(self.locnet.com(self.locnet.mass(z)), self.level)
+        out = {"position": g, f"level{self.level}": g}
+        if training and self.locnet.supervised:
+            out["logits"] = z
+        return out
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         loss = self.position_loss(y_pred["position"], y)
         self.level_trackers[0].update_state(loss)
+        if "logits" in y_pred:
+            target = self.to_voxel(ops.cast(y["position"], "float32"), self.level)
+            prior = self.map_prior(y_pred["logits"], target, y["mask"])
+            self.map_tracker.update_state(prior)
+            loss = loss + self.map_supervision["weight"] * prior
         return self._finish_loss(self.loss_weights[0] * loss)
 
     def get_config(self):
@@ -68,6 +88,7 @@ class SingleLocNet(LandmarkModel):
                 "unet": dict(self.locnet.unet_config),
                 "out_activation": self.locnet.out_activation,
                 "com_epsilon": self.locnet.com_epsilon,
+                "map_supervision": dict(self.map_supervision),
             }
         )
         return config
@@ -80,5 +101,6 @@ def build(c: dict, common: dict) -> SingleLocNet:
         unet=unet_kwargs(c["unet"]),
         out_activation=str(c["out_activation"]),
         com_epsilon=float(c["com_epsilon"]),
+        map_supervision=c.get("map_supervision"),
         **common,
     )

@@ -129,6 +129,16 @@ class LocNet(keras.layers.Layer):
     derivative, so a map can never die; the network still learns a near-sparse map by
     driving background pre-activations negative, and the CoM is unaffected by the
     (scale-free) normalisation.
+
+    ``supervised=True`` (the map prior, ``map_supervision.weight > 0``): the U-Net's head is
+    linear and starts near zero; :meth:`logits` is that linear output, which the model's loss
+    trains towards a Gaussian of peak ``map_peak`` at the landmark
+    (:func:`locnet.models.maps.map_prior_loss`), and the mass of the centre of mass is
+    ``relu(logits - map_threshold * map_peak)``: the part of the map above a tenth of the
+    target peak (default), exactly zero elsewhere. The linear logits always get a gradient
+    from the prior, so the map cannot die, and the threshold keeps the small residuals of
+    the background (a quarter of a million voxels at 64^3) out of the centre of mass.
+    ``out_activation`` is then unused.
     """
 
     def __init__(
@@ -138,6 +148,9 @@ class LocNet(keras.layers.Layer):
         unet: dict | None = None,
         out_activation: str = "softplus",
         com_epsilon: float = 1e-6,
+        supervised: bool = False,
+        map_threshold: float = 0.1,
+        map_peak: float = 30.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -146,22 +159,36 @@ class LocNet(keras.layers.Layer):
         self.unet_config = unet_kwargs(unet or {})
         self.out_activation = str(out_activation)
         self.com_epsilon = float(com_epsilon)
+        self.supervised = bool(supervised)
+        self.map_threshold = float(map_threshold)
+        self.map_peak = float(map_peak)
         n = self.input_size
         self.net = build_unet(
             (n, n, n, 1),
             self.out_channels,
-            out_activation=self.out_activation,
+            out_activation="linear" if self.supervised else self.out_activation,
+            out_init_std=1e-3 if self.supervised else None,
             name=f"{self.name}_unet",
             **self.unet_config,
         )
         self.com = CenterOfMass(self.com_epsilon, name=f"{self.name}_com")
         self.built = True
 
-    def maps(self, x, training=None):
+    def logits(self, x, training=None):
+        """The U-Net's output: linear maps when supervised, else the activated maps."""
         return self.net(x, training=training)
 
+    def mass(self, logits):
+        """The non-negative maps of the centre of mass, from :meth:`logits`."""
+        if not self.supervised:
+            return logits
+        return keras.ops.relu(logits - self.map_threshold * self.map_peak)
+
+    def maps(self, x, training=None):
+        return self.mass(self.logits(x, training=training))
+
     def call(self, x, training=None):
-        return self.com(self.net(x, training=training))
+        return self.com(self.maps(x, training=training))
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0], self.out_channels, 3)
@@ -175,7 +202,9 @@ class LocNet(keras.layers.Layer):
                 "unet": dict(self.unet_config),
                 "out_activation": self.out_activation,
                 "com_epsilon": self.com_epsilon,
+                "supervised": self.supervised,
+                "map_threshold": self.map_threshold,
+                "map_peak": self.map_peak,
             }
         )
         return config
-

@@ -1,0 +1,165 @@
+"""Does a method learn at the study's own level and budget? One training run per call.
+
+Trains one method of a config (default: ``config.yaml``) with ``locnet.train.train`` on a
+finished study's cohort (its pyramid, split and landmark table under ``--results``; only the
+rules up to ``split`` need to have run), then predicts the test cases with the kept model
+and appends one JSON line to ``--out``: the kept epoch, the mean test error, its share of the
+no-image reference, the slope of the predicted against the true position per grid axis
+(grid axes x, y, z; z runs along the neck), per landmark and averaged over landmarks, and for the multi-scale chains the mean error at every level.
+
+``--set key=value`` overrides config keys (dotted paths, YAML values), e.g.
+``--set map_supervision.weight=0`` for the paper's Loc-Net or
+``--set methods.locnet_single.out_activation=relu`` for its ReLU maps.
+
+    .venv/bin/snakemake --cores 2 --config results=/tmp/cohort -- /tmp/cohort/data/split.csv
+    .venv/bin/python benchmarks/map_prior.py --results /tmp/cohort --method locnet_single \\
+        --seed 0 --label "map prior 300" --set map_supervision.weight=300 --out runs.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+
+def _set(cfg: dict, dotted: str, value) -> None:
+    node = cfg
+    *path, last = dotted.split(".")
+    for key in path:
+        node = node.setdefault(key, {})
+    node[last] = value
+
+
+def load_config(files, overrides) -> dict:
+    import yaml
+
+    from locnet import config as C
+
+    raw: dict = {}
+    for f in files:
+        raw = _deep_merge(raw, yaml.safe_load(Path(f).read_text()) or {})
+    for item in overrides:
+        key, _, value = item.partition("=")
+        _set(raw, key, yaml.safe_load(value))
+    return C.validate(raw)
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def evaluate(model, dataset) -> dict:
+    """Mean error (mm) of every output level and of ``position``, slopes of ``position``."""
+    import numpy as np
+
+    outs: dict[str, list] = {}
+    trues, masks = [], []
+    n = len(dataset.case_dirs)
+    for i in range(n):
+        x, y = dataset.case_batch(i, then=i + 1 if i + 1 < n else None)
+        out = model.predict_on_batch(dict(x))
+        for key, value in out.items():
+            if key == "position" or key.startswith("level"):
+                outs.setdefault(key, []).append(np.asarray(value, np.float64)[0])
+        trues.append(y["position"][0])
+        masks.append(y["mask"][0] > 0)
+    true, mask = np.stack(trues).astype(np.float64), np.stack(masks)
+    err = {k: float(np.linalg.norm(np.stack(v) - true, axis=-1)[mask].mean()) for k, v in outs.items()}
+    from locnet.slopes import axis_slope
+
+    pred = np.stack(outs["position"])
+    # per landmark, then the mean over landmarks (as tables/slopes.csv and the results page)
+    per = [[axis_slope(pred[mask[:, k], k, a], true[mask[:, k], k, a]) for a in range(3)]
+           for k in range(true.shape[1])]
+    return {"errors": err, "slopes": [float(v) for v in np.nanmean(per, axis=0)]}
+
+
+def run(args) -> dict:
+    import pandas as pd
+
+    import locnet
+
+    locnet.job_threads(args.threads)
+    from locnet import config as C
+    from locnet import fileio, reference, seeds, split as splitmod
+    from locnet import train as T
+    from locnet.data import LandmarkDataset
+    from locnet.inference import load_model_dir
+    from locnet.pyramid import read_grid
+
+    cfg = load_config(args.config or [str(ROOT / "config.yaml")], args.set)
+    if args.epochs:
+        _set(cfg, f"methods.{args.method}.epochs", args.epochs)
+    res = Path(args.results)
+    split = splitmod.read_split(res / "data" / "split.csv")
+    table = res / "data" / "landmarks.csv"
+    dirs = {s: [res / "pyramid" / c for c in split.loc[split["subset"] == s, "case_id"]]
+            for s in ("train", "val", "test")}
+    grids = {d.name: read_grid(d) for d in res.joinpath("pyramid").iterdir() if d.is_dir()}
+    ref = reference.mean_position_errors(fileio.read_landmarks(table), split, grids)
+    ref_mm = reference.summary(ref[ref["landmark"].isin(cfg["landmarks"])])["mean_mm"]
+    grid = C.model_grid(cfg)
+    mc, tc = C.method_config(cfg, args.method), C.training_config(cfg, args.method)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        # the study's own seed of this method and seed index (rule train's rule_seed)
+        seed = seeds.derive(cfg["seed"], f"train/{args.method}/seed{args.seed}")
+        result = T.train(args.method, mc, tc, grid, cfg["landmarks"], dirs["train"], dirs["val"],
+                         table, out_dir=Path(tmp) / "out", state_dir=Path(tmp) / "st",
+                         seed=seed)
+        model = load_model_dir(Path(tmp) / "out").model
+        levels = [int(c) for c in pd.Index(result["history"].columns)
+                  .str.extract(r"^loss_level(\d+)$")[0].dropna()]
+        test = LandmarkDataset(dirs["test"], sorted(set(model.input_levels)), table,
+                               cfg["landmarks"], shuffle=False)
+        ev = evaluate(model, test)
+        if args.keep:
+            import shutil
+
+            shutil.copytree(Path(tmp) / "out", args.keep, dirs_exist_ok=True)
+    row = {"label": args.label, "method": args.method, "seed": args.seed, "set": args.set,
+           "epochs": int(tc["epochs"]), "kept_epoch": int(result["best_epoch"]),
+           "val_mm": float(result["best_val_error_mm"]), "test_mm": ev["errors"]["position"],
+           "reference_mm": float(ref_mm), "share": ev["errors"]["position"] / float(ref_mm),
+           "slopes": ev["slopes"], "level_mm": {k: v for k, v in ev["errors"].items() if k != "position"},
+           "loss_levels": levels, "seconds": round(time.perf_counter() - t0, 1)}
+    return row
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--results", required=True, help="a study's results folder (pyramid, split)")
+    p.add_argument("--config", action="append", help="config files (default: config.yaml)")
+    p.add_argument("--method", default="locnet_single")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed index: the study's seed of rule train for this method and index")
+    p.add_argument("--epochs", type=int, default=0, help="0: the config's")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--label", default="")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--keep", default=None, help="copy the trained model folder here")
+    p.add_argument("--out", default=None, help="append the result as one JSON line here")
+    args = p.parse_args(argv)
+    row = run(args)
+    line = json.dumps(row)
+    print(line)
+    if args.out:
+        with open(args.out, "a") as fh:
+            fh.write(line + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
