@@ -51,12 +51,8 @@ class PatchBaseline(LandmarkModel):
         regress_radius_mm: float | None = None,
         regression_weight: float = 1.0,
         cls_threshold: float = 0.5,
-        decode: str = "all",
         **kwargs,
     ):
-        if decode not in ("local", "all"):
-            raise ValueError(f"decode must be 'local' or 'all', got {decode!r}")
-        self.decode_mode = str(decode)
         self.level = int(level)
         super().__init__(
             finest_shape, finest_spacing_mm, n_levels, landmarks, (self.level,), **kwargs
@@ -100,27 +96,16 @@ class PatchBaseline(LandmarkModel):
         return {"position": self.decode(logits, disp), "logits": logits, "displacement": disp}
 
     def decode(self, logits, disp):
-        """Position (B, K, 3) grid mm from logits (B, m, m, m, K) and displacements (mm).
-
-        ``decode="local"`` (default): the most probable cell and the cells within
-        ``regress_radius_mm`` of it whose probability is above ``cls_threshold`` vote, each
-        with its probability as weight. ``decode="all"``: every cell above the threshold
-        votes with weight 1 (the most probable cell alone when none is).
-        """
+        """Position (B, K, 3) grid mm from logits (B, m, m, m, K) and displacements (mm)."""
         k, c = self.n_landmarks, self.n_cells**3
         lf = ops.reshape(logits, (-1, c, k))
         df = ops.reshape(disp, (-1, c, k, 3))
         prob = ops.sigmoid(lf)
-        centres = ops.convert_to_tensor(self._cell_centres_mm)  # (C, 3)
-        best = ops.transpose(ops.one_hot(ops.argmax(prob, axis=1), c, dtype=prob.dtype), (0, 2, 1))
         w = ops.cast(prob > self.cls_threshold, prob.dtype)
-        if self.decode_mode == "local":
-            best_mm = ops.einsum("bck,cd->bkd", best, centres)  # (B, K, 3)
-            dist = ops.sqrt(ops.sum(ops.square(centres[None, :, None, :] - best_mm[:, None]), -1))
-            w = w * prob * ops.cast(dist <= self.regress_radius_mm, prob.dtype)
         none = ops.sum(w, axis=1, keepdims=True) <= 0.0
+        best = ops.transpose(ops.one_hot(ops.argmax(prob, axis=1), c, dtype=prob.dtype), (0, 2, 1))
         w = ops.where(none, best, w)
-        cand = centres[None, :, None, :] + df
+        cand = ops.convert_to_tensor(self._cell_centres_mm)[None, :, None, :] + df
         pos = ops.sum(w[..., None] * cand, axis=1) / ops.sum(w, axis=1)[..., None]
         return ops.stop_gradient(pos)
 
@@ -165,7 +150,6 @@ class PatchBaseline(LandmarkModel):
                 "regress_radius_mm": self.regress_radius_mm,
                 "regression_weight": self.regression_weight,
                 "cls_threshold": self.cls_threshold,
-                "decode": self.decode_mode,
             }
         )
         return config
@@ -180,6 +164,5 @@ def build(c: dict, common: dict) -> PatchBaseline:
         regress_radius_mm=None if radius is None else float(radius),
         regression_weight=float(c["regression_weight"]),
         cls_threshold=float(c["cls_threshold"]),
-        decode=str(c.get("decode") or "all"),
         **common,
     )
