@@ -319,3 +319,35 @@ def test_calibrated_volume_and_flag_follow_the_conformal_scale(setup, tmp_path):
     assert res.flags == [quality.flag(v, cut) for v in raw.conf_volume_mm3]
     assert np.isnan(inference.predict_scan(setup["lm"], setup["scans"][1], passes=5,
                                            seed=2).rows()[0]["conf_volume_calibrated_mm3"])
+
+
+def test_the_intensity_window_warning_names_the_case(setup, tmp_path, caplog):
+    """A scan that is not a CT in Hounsfield units (no air, its tissue above the window) gets
+    a warning; in a batch of scans it must say which one."""
+    import logging
+
+    import nibabel as nib
+
+    img = nib.load(str(setup["scans"][0]))
+    shifted = tmp_path / "shifted.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj, np.float32) + 3000.0, img.affine),
+             str(shifted))
+    with caplog.at_level(logging.WARNING):
+        inference.predict_scan(setup["lm"], shifted, "patient_7", passes=0)
+    (msg,) = [r.getMessage() for r in caplog.records if "CT window" in r.getMessage()]
+    assert msg.startswith(f"case 'patient_7' (file {shifted}): the CT window")
+
+
+def test_scan_manifests_are_checked_whole(tmp_path):
+    """The check rule infer and locnet predict share: every problem of a manifest at once."""
+    man = tmp_path / "m.csv"
+    man.write_text("case_id,image\na1,x.nii.gz\n../up,y.nii.gz\n,z.nii.gz\na1,w.nii.gz\n"
+                   "/abs/id,v.nii.gz\n")
+    items, problems = inference.read_scan_manifest(man)
+    assert [c for c, _, _ in items] == ["a1", "../up", "a1", "/abs/id"]
+    assert items[0][1] == tmp_path / "x.nii.gz"
+    assert len(problems) == 4
+    assert problems[0] == f"manifest file {man}, line 4: empty case_id or image"
+    assert problems[1].startswith(f"manifest {man}, line 3: case id '../up' is not allowed")
+    assert problems[2].startswith(f"manifest {man}, line 5: duplicate case id 'a1'")
+    assert problems[3].startswith(f"manifest {man}, line 6: case id '/abs/id' is not allowed")

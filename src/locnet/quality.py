@@ -139,7 +139,10 @@ def read_quality(model_dir: Any) -> dict | None:
     path = Path(model_dir) / QUALITY_FILE
     if not path.is_file():
         return None
-    d = read_json(path)
+    try:
+        d = read_json(path)
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError name no file
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(d, dict) or "threshold_mm3" not in d:
         raise ValueError(f"{path}: not a quality file (no 'threshold_mm3')")
     return d
