@@ -301,7 +301,18 @@ def test_calibrated_volume_and_flag_follow_the_conformal_scale(setup, tmp_path):
     assert result["sd_scale"] == pytest.approx(2.0, rel=0.15) and result["sd_scale_n"] == n
     assert result["threshold_calibrated_mm3"] == pytest.approx(
         result["threshold_mm3"] * result["sd_scale"] ** 3)
+    assert result["calibrated"] and result["calibration_reason"] == ""
+    assert 0.8 < result["calibration_coverage"]["low"] < 0.9 < result["calibration_coverage"]["high"]
     assert quality.add_calibration({"threshold_mm3": 1.0}, val.head(3), 0.9)["sd_scale"] is None
+    # issue 24: 20 landmarks of one validation case once gave a scale of 0.70 that shrank the
+    # ellipsoids; one case must not calibrate, and quality.json says why
+    one = val.head(20).assign(case_id="only_case", landmark=[f"l{j}" for j in range(20)])
+    res1 = quality.add_calibration({"threshold_mm3": 1.0}, one, 0.9)
+    assert res1["sd_scale"] is None and res1["threshold_calibrated_mm3"] is None
+    assert res1["calibrated"] is False and res1["sd_scale_n"] == 1
+    assert res1["sd_scale_n_landmarks"] == 20 and res1["calibration_min_cases"] == 10
+    assert "1 validation case(s) (20 landmarks)" in res1["calibration_reason"]
+    assert res1["calibration_coverage"]["low"] is None
 
     model_dir = make_model_dir(tmp_path / "model")
     raw = inference.predict_scan(setup["lm"], setup["scans"][1], passes=5, seed=2)

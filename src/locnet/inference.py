@@ -685,6 +685,8 @@ def _batch_document(lm: LoadedModel, s: BatchSettings, cases: list, failed: list
         "preprocessing": lm.params, "noisy": lm.noisy,
         "passes": s.passes if lm.noisy else 0, "seed": s.seed, "seed_source": s.seed_source,
         "sd_scale": lm.sd_scale,
+        "calibrated": (lm.quality or {}).get("calibrated", lm.sd_scale is not None),
+        "calibration_reason": (lm.quality or {}).get("calibration_reason") or None,
         "estimator": s.estimator if lm.noisy and s.passes > 0 else None,
         "confidence": lm.confidence, "quality_threshold_mm3": s.threshold_mm3,
         "min_coverage": s.min_coverage,
