@@ -164,9 +164,8 @@ def test_usage_errors(run, tmp_path):
     rc, err = run_cli(["predict", "--model", tmp_path / "nowhere", "--out", tmp_path / "o",
                        run["good"][0]])
     assert rc == cli.EXIT_USAGE and "model.keras not found" in err
-    with pytest.raises(SystemExit) as exc, contextlib.redirect_stderr(io.StringIO()):
-        cli.main(["predict", "--model", str(run["model_dir"]), "--out", str(tmp_path)])
-    assert exc.value.code == 2
+    rc, err = run_cli(["predict", "--model", str(run["model_dir"]), "--out", str(tmp_path)])
+    assert rc == cli.EXIT_USAGE and "no scans given" in err
 
 
 def test_help_as_a_console_script():
@@ -176,8 +175,12 @@ def test_help_as_a_console_script():
                          timeout=60)
     assert res.returncode == 0
     for option in ("--model", "--out", "--manifest", "--passes", "--seed", "--threshold",
-                   "--min-coverage", "--no-overlay", "example:", "exit status"):
+                   "--min-coverage", "--no-overlay", "example:", "exit status", "--overwrite"):
         assert option in res.stdout
+    # the examples name a folder that holds a model.keras: the deployed seed's
+    examples = [l for l in res.stdout.splitlines() if "--model results/" in l]
+    assert len(examples) == 2
+    assert all("--model results/models/multiscale_e2e_noise/seed0 " in l for l in examples)
 
 
 def test_unusable_out_is_refused_before_any_scan_is_computed(run, tmp_path, monkeypatch):
@@ -290,15 +293,144 @@ def test_cli_flags_a_scan_of_another_kind(study, tmp_path):
     nib.save(nib.Nifti1Image(np.asarray(img.dataobj, np.float32) + 700.0, img.affine),
              str(bright))
     rc, err = run_cli(["predict", "--model", study["model_dir"], "--out", tmp_path / "o",
-                       "--no-overlay", "--quiet", "--passes", 2, bright, study["scans"][3]])
+                       "--no-overlay", "--quiet", "--passes", 2, "--threshold", 1e12, bright,
+                       study["scans"][3]])
     assert rc == cli.EXIT_OK, err  # answered, flagged
     (line,) = [l for l in err.splitlines() if l.strip()]
     assert line.startswith("bright: warning: intensities atypical of the training cases: mean ")
     assert line.endswith(f"({bright})")
     df = pd.read_csv(tmp_path / "o" / "landmarks.csv", keep_default_na=False)
     assert set(df[df.case_id == "bright"].intensity) == {"atypical"}
+    # every volume is under the threshold, but an atypical scan is never 'ok'
+    assert set(df[df.case_id == "bright"].quality) == {"review"}
+    assert set(df[df.case_id == "case_0133"].quality) == {"ok"}
     doc = json.loads((tmp_path / "o" / "landmarks.json").read_text())
     case = next(c for c in doc["cases"] if c["case_id"] == "bright")
     assert case["intensity"]["flag"] == "atypical" and case["intensity"]["outside_training_range"]
     mrk = json.loads((tmp_path / "o" / "bright.mrk.json").read_text())
     assert "atypical" in mrk["markups"][0]["controlPoints"][0]["description"]
+
+
+# --------------------------------------------------------------------------- issue 24
+
+def test_case_ids_cannot_write_outside_out_and_all_problems_are_listed(run, tmp_path,
+                                                                       monkeypatch):
+    """A manifest id '../escaped' or an absolute id once wrote beside or far from --out. Every
+    id (manifest or file name) must match ingest's pattern; all problems are listed at once
+    and nothing is computed or written."""
+    monkeypatch.setattr(inference, "predict_scan", lambda *a, **k: pytest.fail("computed"))
+    good = Path(run["good"][0]).resolve()
+    far = tmp_path / "far"
+    far.mkdir()
+    man = tmp_path / "scans.csv"
+    man.write_text("case_id,image\n"
+                   f"../escaped,{good}\n"
+                   f"{far / 'abs_escape'},{good}\n"
+                   f"fine,\n"
+                   f"ok_1,{good}\n"
+                   f"ok_1,{good}\n")
+    spaced = tmp_path / "my scan.nii.gz"
+    spaced.write_bytes(good.read_bytes())
+    out = tmp_path / "sub" / "out"
+    rc, err = run_cli(["predict", "--model", run["model_dir"], "--out", out, "--quiet",
+                       "--manifest", man, spaced])
+    assert rc == cli.EXIT_USAGE
+    lines = err.splitlines()
+    assert lines[0] == ("locnet: error: 5 problem(s) with the scans given; nothing was "
+                        "computed:")
+    assert f"manifest {man}, line 2: case id '../escaped' is not allowed" in err
+    assert f"manifest {man}, line 3: case id '{far / 'abs_escape'}' is not allowed" in err
+    assert f"manifest file {man}, line 4: empty case_id or image" in err
+    assert f"manifest {man}, line 6: duplicate case id 'ok_1'" in err
+    assert f"scan {spaced} (its case id is the file name" in err and "'my scan'" in err
+    assert "[A-Za-z0-9][A-Za-z0-9_.-]{0,99}" in err
+    assert not list(tmp_path.rglob("*.mrk.json")) and not list(far.iterdir())
+    assert not (out / "landmarks.csv").exists()
+
+
+def test_predict_batch_checks_every_path_it_writes(run, tmp_path):
+    from locnet.fileio import InputError, inside
+
+    lm = inference.load_model_dir(run["model_dir"])
+    settings, _ = inference.batch_settings(lm, passes=2, overlays=False, quiet=True)
+    out = tmp_path / "out"
+    out.mkdir()
+    for bad in ("../escaped", str(tmp_path / "abs_escape"), "a/b"):
+        with pytest.raises(InputError, match="is not allowed"):
+            inference.predict_batch(lm, [("ok", run["good"][0]), (bad, run["good"][0])], out,
+                                    settings, progress=False)
+    assert not list(tmp_path.rglob("*.mrk.json")) and not list(out.iterdir())
+    # the last guard: a path that resolves outside the folder (a link out of it) is refused
+    assert inside(out, "x.mrk.json") == out / "x.mrk.json"
+    (out / "link.mrk.json").symlink_to(tmp_path / "elsewhere.mrk.json")
+    for name in ("../escaped.mrk.json", str(tmp_path / "abs.mrk.json"), "link.mrk.json"):
+        with pytest.raises(InputError, match="outside the output folder"):
+            inside(out, name)
+
+
+def test_a_non_empty_out_needs_overwrite_which_removes_only_the_previous_runs_files(run,
+                                                                                    tmp_path):
+    man = tmp_path / "scans.csv"
+    good = [Path(p).resolve() for p in run["good"]]
+    man.write_text(f"case_id,image\nfirst,{good[0]}\nsecond,{good[1]}\n")
+    out = tmp_path / "out"
+    base = ["predict", "--model", run["model_dir"], "--out", out, "--passes", 2, "--quiet"]
+    rc, err = run_cli(base + ["--manifest", man])
+    assert rc == 0, err
+    assert {p.name for p in out.iterdir()} >= {"first.mrk.json", "second_overlay.png"}
+    (out / "my_notes.txt").write_text("mine\n")
+    (out / "other.mrk.json").write_text("{}\n")  # not written by locnet predict
+    rc, err = run_cli(base + [good[1]])
+    assert rc == cli.EXIT_USAGE
+    assert f"--out {out}: the folder is not empty" in err and "--overwrite" in err
+    rc, err = run_cli(base + ["--overwrite", "--no-overlay", good[1]])
+    assert rc == 0, err
+    assert "removed 6 file(s) of the previous run" in err
+    assert {p.name for p in out.iterdir()} == {
+        "landmarks.csv", "landmarks.json", "case_0111.mrk.json", "my_notes.txt",
+        "other.mrk.json"}
+    assert set(pd.read_csv(out / "landmarks.csv").case_id) == {"case_0111"}
+
+
+def test_unusable_model_files_are_named(run, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(run["model_dir"], model)
+    keras_file = model / "model.keras"
+    data = keras_file.read_bytes()
+    keras_file.write_bytes(data[: len(data) // 2])  # an interrupted copy
+    argv = ["predict", "--model", model, "--quiet", run["good"][0], "--out"]
+    rc, err = run_cli(argv + [tmp_path / "o1"])
+    assert rc == cli.EXIT_USAGE
+    assert f"{keras_file}: not a valid .keras file" in err and "not found" not in err.lower()
+    keras_file.write_bytes(data)
+    (model / "quality.json").write_text('{"threshold_mm3": 12,\n')
+    rc, err = run_cli(argv + [tmp_path / "o2"])
+    assert rc == cli.EXIT_USAGE and "Traceback" not in err
+    assert f"locnet: error: {model / 'quality.json'}: not valid JSON" in err
+
+
+def test_tensorflow_import_lines_obey_the_log_level(run, tmp_path):
+    """TensorFlow 2.21 prints absl's preamble and an 'oneDNN custom operations' info line
+    while imported, even with TF_CPP_MIN_LOG_LEVEL=3."""
+    import locnet
+
+    line = ("I0000 00:00:1796556817.425910    4691 port.cc:153] oneDNN custom operations are "
+            "on.")
+    assert locnet._shown(line, 0) and not locnet._shown(line, 1)
+    assert not locnet._shown("WARNING: All log messages before absl::InitializeLog() is "
+                             "called are written to STDERR", 3)
+    assert locnet._shown("E0000 00:00:1.5  1 x.cc:1] bad", 2)
+    assert not locnet._shown("E0000 00:00:1.5  1 x.cc:1] bad", 3)
+    assert locnet._shown("Traceback (most recent call last):", 3)
+    exe = Path(sys.executable).with_name("locnet")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "locnet.cli"]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    res = subprocess.run(cmd + ["predict", "--model", str(run["model_dir"]), "--out",
+                                str(tmp_path / "o"), "--passes", "2", "--no-overlay",
+                                "--quiet", str(run["good"][0])],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr
+    assert "absl" not in res.stderr and "oneDNN" not in res.stderr and "I0000" not in res.stderr
+    assert "locnet: note:" in res.stderr  # locnet's own lines stay

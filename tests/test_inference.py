@@ -301,7 +301,18 @@ def test_calibrated_volume_and_flag_follow_the_conformal_scale(setup, tmp_path):
     assert result["sd_scale"] == pytest.approx(2.0, rel=0.15) and result["sd_scale_n"] == n
     assert result["threshold_calibrated_mm3"] == pytest.approx(
         result["threshold_mm3"] * result["sd_scale"] ** 3)
+    assert result["calibrated"] and result["calibration_reason"] == ""
+    assert 0.8 < result["calibration_coverage"]["low"] < 0.9 < result["calibration_coverage"]["high"]
     assert quality.add_calibration({"threshold_mm3": 1.0}, val.head(3), 0.9)["sd_scale"] is None
+    # issue 24: 20 landmarks of one validation case once gave a scale of 0.70 that shrank the
+    # ellipsoids; one case must not calibrate, and quality.json says why
+    one = val.head(20).assign(case_id="only_case", landmark=[f"l{j}" for j in range(20)])
+    res1 = quality.add_calibration({"threshold_mm3": 1.0}, one, 0.9)
+    assert res1["sd_scale"] is None and res1["threshold_calibrated_mm3"] is None
+    assert res1["calibrated"] is False and res1["sd_scale_n"] == 1
+    assert res1["sd_scale_n_landmarks"] == 20 and res1["calibration_min_cases"] == 10
+    assert "1 validation case(s) (20 landmarks)" in res1["calibration_reason"]
+    assert res1["calibration_coverage"]["low"] is None
 
     model_dir = make_model_dir(tmp_path / "model")
     raw = inference.predict_scan(setup["lm"], setup["scans"][1], passes=5, seed=2)
@@ -319,3 +330,35 @@ def test_calibrated_volume_and_flag_follow_the_conformal_scale(setup, tmp_path):
     assert res.flags == [quality.flag(v, cut) for v in raw.conf_volume_mm3]
     assert np.isnan(inference.predict_scan(setup["lm"], setup["scans"][1], passes=5,
                                            seed=2).rows()[0]["conf_volume_calibrated_mm3"])
+
+
+def test_the_intensity_window_warning_names_the_case(setup, tmp_path, caplog):
+    """A scan that is not a CT in Hounsfield units (no air, its tissue above the window) gets
+    a warning; in a batch of scans it must say which one."""
+    import logging
+
+    import nibabel as nib
+
+    img = nib.load(str(setup["scans"][0]))
+    shifted = tmp_path / "shifted.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj, np.float32) + 3000.0, img.affine),
+             str(shifted))
+    with caplog.at_level(logging.WARNING):
+        inference.predict_scan(setup["lm"], shifted, "patient_7", passes=0)
+    (msg,) = [r.getMessage() for r in caplog.records if "CT window" in r.getMessage()]
+    assert msg.startswith(f"case 'patient_7' (file {shifted}): the CT window")
+
+
+def test_scan_manifests_are_checked_whole(tmp_path):
+    """The check rule infer and locnet predict share: every problem of a manifest at once."""
+    man = tmp_path / "m.csv"
+    man.write_text("case_id,image\na1,x.nii.gz\n../up,y.nii.gz\n,z.nii.gz\na1,w.nii.gz\n"
+                   "/abs/id,v.nii.gz\n")
+    items, problems = inference.read_scan_manifest(man)
+    assert [c for c, _, _ in items] == ["a1", "../up", "a1", "/abs/id"]
+    assert items[0][1] == tmp_path / "x.nii.gz"
+    assert len(problems) == 4
+    assert problems[0] == f"manifest file {man}, line 4: empty case_id or image"
+    assert problems[1].startswith(f"manifest {man}, line 3: case id '../up' is not allowed")
+    assert problems[2].startswith(f"manifest {man}, line 5: duplicate case id 'a1'")
+    assert problems[3].startswith(f"manifest {man}, line 6: case id '/abs/id' is not allowed")

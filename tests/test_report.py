@@ -256,3 +256,33 @@ def test_page_gives_the_slopes_and_names_low_ones_and_levels_that_do_not_refine(
     lv.loc[1, "dead"] = False
     page = report.results_markdown(_table1(), _statistics(), lv, slopes=sl)
     assert "level 1 does not refine the prediction (mean error change +0.00 mm)" in page
+
+
+def test_page_says_when_the_ellipsoids_are_not_calibrated_and_how_sure_a_calibration_is():
+    """Issue 24: with one validation case the page called a 'calibrated' coverage the one to
+    use. Not calibrated: say why, in words, and point at the raw ellipsoids. Calibrated: give
+    the range of coverage that a calibration on n cases allows."""
+    st = _statistics()
+    q = st["quantity"]
+    conf = st["test"] == "calibration_conformal"
+    st = st[~conf | q.isin(["n_calibration"])].copy()
+    st.loc[st["test"] == "calibration_conformal", "value"] = 1
+    reason = ("1 validation case(s) (20 landmarks): a conformal scale needs at least 10 cases, "
+              "as the landmarks of one case share its errors, so the raw ellipsoids are kept")
+    st.loc[st["test"] == "calibration_conformal", "note"] = "split-conformal ...; " + reason
+    extra = [{"test": "calibration_conformal", "comparison": "multiscale_e2e_noise",
+              "quantity": k, "value": v, "note": "split-conformal ...; " + reason}
+             for k, v in (("calibrated", 0.0), ("scale", np.nan), ("coverage", np.nan))]
+    st = pd.concat([st, pd.DataFrame(extra)], ignore_index=True)
+    page = report.results_markdown(_table1(), st)
+    assert f"- Not calibrated: {reason}. The raw ellipsoids above are the ones to use" in page
+    assert "Calibrated (split-conformal" not in page
+    st2 = _statistics()
+    extra = [{"test": "calibration_conformal", "comparison": "multiscale_e2e_noise",
+              "quantity": k, "value": v, "note": ""}
+             for k, v in (("calibrated", 1.0), ("coverage_guarantee_low", 0.7164),
+                          ("coverage_guarantee_high", 0.9868))]
+    page = report.results_markdown(_table1(), pd.concat([st2, pd.DataFrame(extra)],
+                                                        ignore_index=True))
+    assert "fitted on 12 validation cases" in page
+    assert "ranges from 71.6% to 98.7% (central 95%)" in page

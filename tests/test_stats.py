@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from scipy.stats import beta, chi2
 from scipy import stats as sps
 from statsmodels.stats.multitest import multipletests
 
@@ -341,14 +342,19 @@ def test_conformal_scale_restores_coverage_of_overconfident_sds():
     raw = stats.calibration(pred, "test", 0.90)["coverage"]
     assert raw < 0.6
     conf = stats.conformal_scale(pred, "val", 0.90)
-    assert conf["n"] == 600 and conf["scale"] == pytest.approx(2.0, rel=0.1)
+    assert conf["n"] == 300 and conf["n_landmarks"] == 600 and conf["calibrated"]
+    # the unit is the case (the larger score of its two landmarks): both landmarks of a case
+    # inside at once at 90%, so the scale is that of a 95% ellipsoid per landmark, ~2 x 1.18
+    assert conf["scale"] == pytest.approx(2.0 * math.sqrt(chi2.ppf(0.95, 3) / chi2.ppf(0.9, 3)),
+                                          rel=0.1)
     cov = stats.calibrated_coverage(pred, conf["scale"], "test", 0.90)
-    assert 0.86 < cov["coverage"] < 0.94
+    assert 0.92 < cov["coverage"] < 0.98  # per landmark: conservative
     assert cov["coverage_ci_low"] < cov["coverage"] < cov["coverage_ci_high"]
-    # well-calibrated sds get a scale near 1; too few landmarks get none
+    # well-calibrated sds get a scale near that ratio; too few cases get none
     ok = gaussian_noisy_table(300, sd_scale=1.0, seed=3)
     ok["subset"] = "val"
-    assert stats.conformal_scale(ok, "val", 0.90)["scale"] == pytest.approx(1.0, rel=0.1)
+    assert stats.conformal_scale(ok, "val", 0.90)["scale"] == pytest.approx(
+        math.sqrt(chi2.ppf(0.95, 3) / chi2.ppf(0.9, 3)), rel=0.1)
     tiny = ok.head(4)
     assert np.isnan(stats.conformal_scale(tiny, "val", 0.90)["scale"])
     st = stats.statistics_table({"multiscale_e2e_noise": pred}, n_boot=50)
@@ -398,3 +404,55 @@ def test_uncertainty_of_several_seeds_describes_the_deployed_model():
     want = stats.calibration(good, "test")
     assert cov["coverage"] == pytest.approx(want["coverage"]) and cov["n"] == 80
     assert "deployed model (seed 0 of 2)" in cal["note"].iloc[0]
+
+
+def _known_scores(case_scores, other=0.1, lms=("a", "b")):
+    """Validation rows whose cases have known scores: sd 1 on every axis, the first landmark's
+    error along x gives the case's score (scaled Mahalanobis radius), the others ``other``."""
+    r90 = math.sqrt(chi2.ppf(0.9, 3))
+    rows = []
+    for i, score in enumerate(case_scores):
+        for j, lm in enumerate(lms):
+            e = (score if j == 0 else other) * r90
+            rows.append(dict(case_id=f"v{i}", subset="val", landmark=lm, x=e, y=0.0, z=0.0,
+                             true_x=0.0, true_y=0.0, true_z=0.0, error_mm=e, sd_x=1.0,
+                             sd_y=1.0, sd_z=1.0, conf_volume_mm3=confidence_volume(np.ones(3))))
+    return pd.DataFrame(rows)
+
+
+def test_conformal_scale_calibrates_on_cases_with_known_answers():
+    """Issue 24: 20 validation landmarks of one case gave a scale of 0.70 that shrank the
+    ellipsoids, and test coverage fell from 82.5% to 52.5%. The exchangeable unit is the case."""
+    # one case with 20 landmarks: no calibration, whatever its landmarks say
+    one = _known_scores([0.7], lms=[f"l{j}" for j in range(20)])
+    fit = stats.conformal_scale(one, "val", 0.9)
+    assert not fit["calibrated"] and np.isnan(fit["scale"])
+    assert (fit["n"], fit["n_landmarks"]) == (1, 20)
+    assert fit["reason"].startswith("1 validation case(s) (20 landmarks): a conformal scale "
+                                    "needs at least 10 cases")
+    # nine cases: still too few (the minimum is 10)
+    assert not stats.conformal_scale(_known_scores(np.arange(1, 10) / 10), "val")["calibrated"]
+    # 19 cases with scores 0.1 ... 1.9: k = ceil(20 x 0.9) = 18, the scale is 1.8; the
+    # second landmark's small score does not pull it down (case max, not pooled landmarks)
+    scores = np.arange(1, 20) / 10
+    fit = stats.conformal_scale(_known_scores(scores[::-1]), "val", 0.9)
+    assert fit["calibrated"] and (fit["n"], fit["n_landmarks"], fit["rank"]) == (19, 38, 18)
+    assert fit["scale"] == pytest.approx(1.8)
+    pooled = np.sort(np.r_[scores, np.full(19, 0.1)])[math.ceil(39 * 0.9) - 1]
+    assert pooled == pytest.approx(1.7)  # what a landmark-level calibration would say
+    # its own uncertainty: coverage of new cases ~ Beta(18, 2)
+    assert fit["coverage_expected"] == pytest.approx(18 / 20)
+    assert (fit["coverage_low"], fit["coverage_high"]) == pytest.approx(
+        tuple(beta.ppf([0.025, 0.975], 18, 2)))
+    assert 0.7 < fit["coverage_low"] < 0.75 and 0.98 < fit["coverage_high"] < 0.99
+    # exactly the minimum: 10 cases, k = 10, the largest score
+    fit = stats.conformal_scale(_known_scores(np.arange(1, 11) / 10), "val", 0.9)
+    assert fit["calibrated"] and fit["scale"] == pytest.approx(1.0)
+    assert fit["coverage_low"] == pytest.approx(0.025 ** 0.1)  # Beta(10, 1)
+    # the statistics table and its summary say the same
+    st = stats.statistics_table({"multiscale_e2e_noise": pd.concat(
+        [one, gaussian_noisy_table(12)], ignore_index=True)}, n_boot=20)
+    sel = st[st["test"] == "calibration_conformal"].set_index("quantity")["value"]
+    assert sel["calibrated"] == 0 and np.isnan(sel["scale"]) and sel["n_calibration"] == 1
+    summary = stats.statistics_summary(st)
+    assert "Not calibrated: the raw ellipsoids" in summary and "1 validation case(s)" in summary

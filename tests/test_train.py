@@ -376,3 +376,69 @@ def test_map_prior_makes_the_locnet_find_the_height_of_a_branching(tmp_path):
     reference = float(np.abs(true[:, 0, 2] - true[:, 0, 2].mean()).mean())  # one height for all
     assert z_err[30.0] < 0.5 * reference
     assert z_err[30.0] < 0.5 * z_err[0.0]
+
+
+# --------------------------------------------------------------------------------------------
+# one trainer per state folder (issue 24, item 10)
+# --------------------------------------------------------------------------------------------
+_HOLDER = """
+import sys, time
+from pathlib import Path
+from locnet import checkpoint
+with checkpoint.state_lock(sys.argv[1]):
+    Path(sys.argv[2]).write_text("locked")
+    time.sleep(120)
+"""
+
+
+def test_a_second_trainer_on_one_state_folder_is_refused_naming_the_first(tmp_path, caplog):
+    """Two trainers once shared one .state folder for 70 s. The second is refused, naming the
+    first one's process; when the first dies (kill -9), the lock is taken over with a warning."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    state = tmp_path / ".state" / "train" / "m" / "seed0"
+    ready = tmp_path / "ready"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(Path(checkpoint.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    first = subprocess.Popen([sys.executable, "-c", _HOLDER, str(state), str(ready)], env=env)
+    try:
+        for _ in range(600):
+            if ready.exists() or first.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert ready.exists(), "the first trainer did not take the lock"
+        with pytest.raises(checkpoint.StateLocked) as exc:
+            with checkpoint.state_lock(state):
+                pytest.fail("a second holder got the lock")
+        msg = str(exc.value)
+        assert f"in use by process {first.pid} on host {socket.gethostname()}" in msg
+        assert str(state) in msg
+        # train() itself takes the lock first: it stops before touching the folder
+        with pytest.raises(checkpoint.StateLocked, match=f"process {first.pid}"):
+            T.train("m", {}, {}, {}, [], [], [], None, tmp_path / "out", state, seed=0)
+        assert not (tmp_path / "out").exists()
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    # the dead holder's pid stays in the file; the lock itself went with the process
+    with caplog.at_level(logging.WARNING, logger="locnet.train"):
+        with checkpoint.state_lock(state) as lock:
+            assert json.loads(lock.read_text())["pid"] == os.getpid()
+    (warning,) = [r.getMessage() for r in caplog.records if "taking over" in r.getMessage()]
+    assert f"process {first.pid} on host {socket.gethostname()}" in warning
+    assert "no longer running" in warning
+    # a clean end leaves no holder: the next one takes the lock silently
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="locnet.train"):
+        with checkpoint.state_lock(state):
+            # two handles in one process conflict as well (the lock is the open file's)
+            with pytest.raises(checkpoint.StateLocked, match=f"process {os.getpid()}"):
+                with checkpoint.state_lock(state):
+                    pass
+    assert not caplog.records

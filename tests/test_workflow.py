@@ -527,6 +527,38 @@ def test_snakemake_lint_is_clean(tmp_path):
     assert "Congratulations, your workflow is in a good condition!" in text, text[-4000:]
 
 
+def test_rule_infer_refuses_case_ids_that_leave_its_folder(tiny_study, tmp_path):
+    """A row '../../../../infer_escaped' of inference.manifest once wrote
+    infer_escaped.mrk.json four levels above results/. The rule checks the manifest's ids
+    before it loads the model or writes anything, and names every bad row."""
+    import shutil
+
+    work = tmp_path / "deep" / "er" / "still" / "work"
+    shutil.copytree(tiny_study.parent, work, symlinks=True)
+    res = work / "results"
+    method = locnet.methods.PROPOSED
+    image = res / "synthetic" / "images" / "case_0000.nii.gz"
+    if not image.exists():
+        image = sorted((res / "synthetic" / "images").glob("*.nii.gz"))[0]
+    manifest = tmp_path / "new_scans.csv"
+    manifest.write_text(f"case_id,image\nfine_1,{image}\n../../../../infer_escaped,{image}\n"
+                        f"{tmp_path / 'abs_escaped'},{image}\n")
+    overlay = tmp_path / "infer.yaml"
+    overlay.write_text(f"results: results\ninference: {{manifest: {manifest}}}\n")
+    run = run_snakemake(work, f"results/inference/{method}/landmarks.csv", "--cores", "2",
+                        "--resources", "gpu=1", "--configfile",
+                        str(ROOT / "config" / "tiny.yaml"), str(overlay))
+    text = run.stdout + run.stderr
+    log = res / "logs" / "infer" / f"{method}.log"
+    text += log.read_text() if log.exists() else ""
+    assert run.returncode != 0, text[-3000:]
+    assert "2 problem(s)" in text and "case id '../../../../infer_escaped' is not allowed" in text
+    assert f"line 4: case id '{tmp_path / 'abs_escaped'}' is not allowed" in text
+    assert not list(tmp_path.rglob("*escaped*.mrk.json"))
+    out = res / "inference" / method
+    assert not out.exists() or not list(out.glob("*.mrk.json"))
+
+
 def test_rule_infer_gives_the_study_its_own_predictions(tiny_study, tmp_path):
     """Rule infer (locnet.inference.predict_batch) on study scans named by their case ids
     reproduces the study's predictions of those cases, writes markups and overlays, and

@@ -1,6 +1,7 @@
 """locnet: multi-scale shift-equivariant landmark detection in 3D CT, as a reproducible study."""
 
 import os
+import re
 
 __version__ = "0.1.0"
 
@@ -21,3 +22,54 @@ def job_threads(threads: int) -> None:
     os.environ.setdefault("TF_NUM_INTRAOP_THREADS", str(threads))
     os.environ.setdefault("TF_NUM_INTEROP_THREADS", str(min(2, threads)))
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+# TensorFlow 2.21 prints, while it is imported, absl's "All log messages before
+# absl::InitializeLog() ..." preamble and glog-style lines ("I0000 ... port.cc:153] oneDNN custom
+# operations are on ...") before its own logging reads TF_CPP_MIN_LOG_LEVEL, so that setting
+# does not hide them. import_tensorflow() imports it with the process's stderr (file
+# descriptor 2) caught in a temporary file and writes back what the level lets through.
+_GLOG_LINE = re.compile(r"^([IWEF])\d{4} [\d:.]+\s+\d+ [^\]]+\] ")
+_ABSL_PREAMBLE = "WARNING: All log messages before absl::InitializeLog() is called"
+
+
+def _shown(line: str, level: int) -> bool:
+    """Whether a line TensorFlow printed while imported passes ``TF_CPP_MIN_LOG_LEVEL``
+    ``level`` (0 all, 1 no info, 2 no warnings, 3 no errors); other lines always do."""
+    if line.startswith(_ABSL_PREAMBLE):
+        return level < 1
+    m = _GLOG_LINE.match(line)
+    return m is None or "IWEF".index(m.group(1)) >= level
+
+
+def import_tensorflow():
+    """Import TensorFlow (and return it) so that its import-time log lines obey
+    ``TF_CPP_MIN_LOG_LEVEL`` (default here: 2, warnings and errors hidden as in
+    :func:`job_threads`); everything else it prints is kept. A no-op after the first import."""
+    import sys
+    import tempfile
+
+    if "tensorflow" in sys.modules:
+        return sys.modules["tensorflow"]
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        level = int(os.environ["TF_CPP_MIN_LOG_LEVEL"])
+    except ValueError:
+        level = 0
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            import tensorflow
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            caught.seek(0)
+            text = caught.read().decode(errors="replace")
+            kept = "".join(l for l in text.splitlines(keepends=True) if _shown(l, level))
+            if kept:
+                sys.stderr.write(kept)
+                sys.stderr.flush()
+    return tensorflow

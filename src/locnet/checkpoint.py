@@ -11,6 +11,11 @@ Files
 * ``best-{epoch}.npz`` / ``snap-{epoch}.npz``: the model variables of the best epoch so far and
   of the epochs whose model-selection window is not complete yet.
 * ``history.csv``: the history so far (a readable copy; ``state.json`` holds the same rows).
+* ``train.lock``: the lock of the trainer using the folder (:func:`state_lock`): an exclusive
+  ``flock`` held while it runs, with its process id, host and start time written inside. A
+  second trainer on the same folder is refused, naming the first; the operating system drops
+  the lock when its holder dies (``kill -9`` included), and the next trainer takes it over with
+  a warning naming the dead one.
 
 :func:`load_state` returns the state only when it belongs to the same configuration (same
 :data:`STATE_VERSION` and fingerprint) and every array it names exists; :func:`save_state`
@@ -19,11 +24,17 @@ writes a new state and deletes the arrays the new state no longer names.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import math
+import os
 import re
+import socket
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -34,7 +45,9 @@ import pandas as pd
 from locnet import fileio
 
 __all__ = [
+    "LOCK_FILE",
     "STATE_VERSION",
+    "StateLocked",
     "Progress",
     "fingerprint",
     "history_frame",
@@ -46,12 +59,92 @@ __all__ = [
     "save_snapshot",
     "save_state",
     "snapshot_name",
+    "state_lock",
 ]
 
 STATE_VERSION = 2  # 2: smoothed model selection (best_score, pending snapshots)
 STATE_FILE = "state.json"
 LEVEL_METRIC = re.compile(r"^loss_level(\d+)$")
 _STATE_ARRAY = re.compile(r"^(ckpt|best|snap)-\d+\.npz$")
+
+
+LOCK_FILE = "train.lock"
+
+
+# --------------------------------------------------------------------------------------------
+# the lock
+# --------------------------------------------------------------------------------------------
+class StateLocked(RuntimeError):
+    """Another process holds the training state folder's lock."""
+
+
+def _holder(fd: int) -> dict:
+    """What the lock file names (pid, host, started, command); ``{}`` when empty/unreadable."""
+    try:
+        raw = os.pread(fd, 4096, 0).decode(errors="replace")
+        d = json.loads(raw) if raw.strip() else {}
+        return d if isinstance(d, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _who(h: dict) -> str:
+    return (f"process {h.get('pid', '?')} on host {h.get('host', '?')} (started "
+            f"{h.get('started', '?')}; {h.get('command', '?')})")
+
+
+def _pid_alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError, TypeError, OverflowError):
+        return True  # exists (another user's) or unknown: assume alive
+    return True
+
+
+@contextlib.contextmanager
+def state_lock(state_dir, log: logging.Logger | None = None):
+    """Hold the lock of a training state folder for the ``with`` block.
+
+    An exclusive, non-blocking ``fcntl.flock`` on ``state_dir/train.lock``: a second trainer
+    on the same folder raises :class:`StateLocked` naming the first one's process id, host
+    and command. The lock belongs to the open file, so the operating system releases it when
+    the holder exits or is killed; the pid and host it wrote stay in the file, and the next
+    trainer takes the folder over with a warning naming that (dead) process.
+    """
+    log = log or logging.getLogger("locnet.train")
+    state_dir = Path(state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = state_dir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (BlockingIOError, PermissionError):
+            raise StateLocked(
+                f"the training state {state_dir} is in use by {_who(_holder(fd))}: two "
+                f"trainers on one state folder would overwrite each other's checkpoints. "
+                f"Wait for it to finish, or stop it; the lock ({path}) is released when that "
+                "process ends") from None
+        me = {"pid": os.getpid(), "host": socket.gethostname(),
+              "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+              "command": " ".join(sys.argv[:3])[:200]}
+        before = _holder(fd)
+        if before.get("pid") is not None:
+            here = before.get("host") == me["host"]
+            state = ("no longer running" if here and not _pid_alive(before["pid"]) else
+                     "not holding the lock" + ("" if here else " (another host; not checked)"))
+            log.warning("taking over the training state %s from %s, %s (it did not end "
+                        "cleanly)", state_dir, _who(before), state)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+        try:
+            yield path
+        finally:
+            os.ftruncate(fd, 0)  # a clean end leaves no holder behind
+    finally:
+        os.close(fd)  # releases the flock
 
 
 # --------------------------------------------------------------------------------------------

@@ -27,9 +27,9 @@ EXIT_OK, EXIT_SCAN_FAILED, EXIT_USAGE = 0, 1, 2
 
 _EPILOG = """\
 example:
-  locnet predict --model results/models/multiscale_e2e_noise --out landmarks_out \\
+  locnet predict --model results/models/multiscale_e2e_noise/seed0 --out landmarks_out \\
       scans/*.nii.gz
-  locnet predict --model results/models/multiscale_e2e_noise --out landmarks_out \\
+  locnet predict --model results/models/multiscale_e2e_noise/seed0 --out landmarks_out \\
       --manifest new_scans.csv --passes 100 --seed 1 --threshold 2000
 
 coordinates: world RAS mm (NIfTI/nibabel convention) and LPS mm (DICOM/ITK: x and y
@@ -39,12 +39,22 @@ voxel indices of the original scan (voxel centres; world = affine @ [i, j, k, 1]
 intensity check: each scan's mean, sd and foreground fraction (coarsest level of the
 normalised model input) are compared with the training cases' (MODEL_DIR/metadata.json);
 one far outside their range (outside [min, max] and more than 5 robust sd from the median)
-is answered but flagged 'atypical' (column 'intensity', a warning on stderr). A scan with
-no content (one value everywhere, or nothing inside the intensity window) is refused.
+is answered but flagged 'atypical' (column 'intensity', a warning on stderr), and its
+landmarks' quality is 'review' whatever their volumes. A scan with no content (one value
+everywhere, or nothing inside the intensity window) is refused.
+
+case ids: an ASCII letter or digit, then up to 99 letters, digits, '_', '.' or '-' (as in
+the study's ingest); ids from file names are checked too. A bad or repeated id, or an empty
+cell of --manifest, is a usage error: all of them are listed, nothing is computed.
+
+--out: an existing folder that is not empty is refused, unless --overwrite is given; then
+the files of the previous run there (landmarks.csv/json and the per-case files of the cases
+its landmarks.json lists) are removed first, and nothing else.
 
 exit status: 0 all scans done (also when some are flagged); 1 some scans failed (one
 'case: reason' line each on stderr, the other scans are written); 2 usage error, unusable
-model folder, or --out not a writable folder (checked before any scan is computed).
+model folder, a bad --manifest or case id, or --out not a writable folder or not empty
+without --overwrite (all checked before any scan is computed).
 """
 
 
@@ -93,11 +103,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="NIfTI scans; the case id is the file name without .nii/.nii.gz")
     p.add_argument("--model", required=True, metavar="MODEL_DIR",
                    help="trained model folder holding model.keras and metadata.json "
-                        "(e.g. results/models/multiscale_e2e_noise); quality.json is used "
+                        "(e.g. results/models/multiscale_e2e_noise/seed0); quality.json is used "
                         "for the default --threshold when present")
     p.add_argument("--out", required=True, metavar="OUT",
-                   help="output folder (created if missing; an existing file is refused): "
+                   help="output folder (created if missing; an existing file, or a folder "
+                        "that is not empty without --overwrite, is refused): "
                         "landmarks.csv, landmarks.json, {case}.mrk.json, {case}_overlay.png")
+    p.add_argument("--overwrite", action="store_true",
+                   help="reuse a non-empty --out: first remove the files of the previous run "
+                        "there (landmarks.csv/json and the {case} files its landmarks.json "
+                        "lists); other files are left alone")
     p.add_argument("--manifest", metavar="CSV",
                    help="CSV with columns case_id,image (relative image paths are relative "
                         "to the CSV's folder); may be combined with SCAN arguments")
@@ -137,34 +152,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _scan_list(args, parser) -> list[tuple[str, Path]]:
-    from .inference import case_id_from_path
-    from .fileio import InputError, read_manifest
+def _scan_list(args) -> tuple[list[tuple[str, Path]], list[str]]:
+    """The scans of ``--manifest`` and the SCAN arguments, and every problem with them, all at
+    once (empty cells, bad or repeated case ids; :func:`locnet.inference.scan_problems`)."""
+    from .inference import case_id_from_path, read_scan_manifest, scan_problems
 
-    items: list[tuple[str, Path]] = []
+    items: list[tuple[str, Path, str]] = []
+    problems: list[str] = []
     if args.manifest:
-        try:
-            man = read_manifest(args.manifest)
-        except InputError as exc:
-            parser.error(" ".join(str(exc).split()))
-        items += [(str(c), Path(p)) for c, p in zip(man["case_id"], man["image"])]
-    items += [(case_id_from_path(s), Path(s)) for s in args.scans]
-    if not items:
-        parser.error("no scans given (SCAN arguments or --manifest)")
-    seen: dict[str, Path] = {}
-    for case, path in items:
-        if case in seen:
-            parser.error(f"duplicate case id {case!r} ({seen[case]} and {path}); use a "
-                         "--manifest to name the cases")
-        seen[case] = path
-    return items
+        items, problems = read_scan_manifest(args.manifest, check_ids=False)
+    items += [(case_id_from_path(s), Path(s), f"scan {s} (its case id is the file name; name "
+               "it in a --manifest instead)") for s in args.scans]
+    problems += scan_problems(items)
+    if not items and not problems:
+        problems.append("no scans given (SCAN arguments or --manifest)")
+    return [(c, p) for c, p, _ in items], problems
 
 
-def _out_problem(out: Path) -> str | None:
+def _out_problem(out: Path, overwrite: bool = False) -> str | None:
     """Why ``out`` cannot be the output folder (``None`` when it can): it is an existing file,
-    cannot be created, or is not writable. Creates the folder."""
+    cannot be created, is not writable, or is not empty and ``overwrite`` is not given.
+    Creates the folder."""
     if out.exists() and not out.is_dir():
         return f"--out {out}: exists and is not a folder"
+    if out.is_dir() and not overwrite:
+        entries = sorted(p.name for p in out.iterdir())
+        if entries:
+            shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+            return (f"--out {out}: the folder is not empty ({len(entries)} entries: {shown}); "
+                    "name a new folder, or pass --overwrite to replace the previous run's "
+                    "files there")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -181,14 +198,28 @@ def _out_problem(out: Path) -> str | None:
 def predict_command(args, parser) -> int:
     from tqdm import tqdm
 
+    from . import import_tensorflow
+
+    import_tensorflow()  # first: its import-time log lines then obey TF_CPP_MIN_LOG_LEVEL
     from . import inference
 
-    scans = _scan_list(args, parser)
+    scans, problems = _scan_list(args)
+    if problems:
+        print(f"locnet: error: {len(problems)} problem(s) with the scans given; nothing was "
+              "computed:", file=sys.stderr)
+        for line in problems:
+            print(f"  {line}", file=sys.stderr)
+        return EXIT_USAGE
     out = Path(args.out)
-    problem = _out_problem(out)  # before anything is computed
+    problem = _out_problem(out, args.overwrite)  # before anything is computed
     if problem:
         print(f"locnet: error: {problem}", file=sys.stderr)
         return EXIT_USAGE
+    if args.overwrite:
+        removed = inference.remove_previous_outputs(out)
+        if removed:
+            print(f"locnet: note: --overwrite: removed {len(removed)} file(s) of the previous "
+                  f"run in {out}", file=sys.stderr)
     try:
         lm = inference.load_model_dir(args.model)
     except (inference.ModelDirError, ValueError) as exc:

@@ -33,6 +33,7 @@ __all__ = [
     "atomic_write",
     "case_id_problem",
     "describe",
+    "inside",
     "load_volume",
     "parse_landmark_table",
     "parse_manifest_table",
@@ -80,6 +81,23 @@ def case_id_problem(case: str) -> str | None:
     if _CASE_ID.fullmatch(str(case)):
         return None
     return f"case id {str(case)!r} is not allowed: a case id is {CASE_ID_RULE}"
+
+
+def inside(folder: Any, name: str) -> Path:
+    """``folder / name``, refused (:class:`InputError`) unless it resolves inside ``folder``.
+
+    Every file named after a case id goes through here (``locnet predict``'s per-case files):
+    a name with ``..``, a ``/`` or an absolute path cannot write beside or above the folder the
+    user named, whatever the checks before it let through. Symbolic links are followed, so a
+    link inside the folder that points out of it is refused too."""
+    folder = Path(folder)
+    path = folder / name
+    root = folder.resolve()
+    target = path.resolve()
+    if target.parent != root and root not in target.parents:
+        raise InputError(f"{name!r} would be written to {target}, outside the output folder "
+                         f"{folder}: refused")
+    return path
 
 
 # --------------------------------------------------------------------------- volumes

@@ -38,7 +38,8 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from . import geometry, metrics, quality, seeds, study_predict
-from .fileio import InputError, load_volume, read_json
+from .fileio import (InputError, case_id_problem, inside, load_volume, parse_manifest_table,
+                     read_json, resolve_image)
 from .pyramid import downsample2, intensity_params, resample_to_grid, scan_window, to_c_order
 
 __all__ = [
@@ -56,6 +57,10 @@ __all__ = [
     "batch_settings",
     "predict_batch",
     "case_id_from_path",
+    "case_files",
+    "read_scan_manifest",
+    "remove_previous_outputs",
+    "scan_problems",
     "field_of_view_coverage",
     "load_model_dir",
     "predict_arrays",
@@ -182,6 +187,25 @@ def _default_passes(metadata: Mapping[str, Any], qual: Mapping[str, Any] | None 
     return DEFAULT_PASSES
 
 
+def _load_keras(path: Path, keras) -> Any:
+    """The model of a ``.keras`` file. A ``.keras`` file is a zip archive; one that is not
+    (truncated by a copy, or another kind of file) is named as such, since Keras itself says
+    "File not found" for a file that is there."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        size = path.stat().st_size
+        raise ModelDirError(f"{path}: not a valid .keras file ({size} bytes, not a complete "
+                            "zip archive: truncated by an interrupted copy, or not a Keras "
+                            "model); copy the model folder again")
+    try:
+        return keras.saving.load_model(path, compile=False)
+    except Exception as exc:  # keras raises many kinds
+        detail = " ".join(str(exc).split())[:300]
+        raise ModelDirError(f"{path}: not a valid .keras file, cannot be loaded "
+                            f"({type(exc).__name__}: {detail})") from exc
+
+
 def load_model_dir(model_dir: Any) -> LoadedModel:
     """Load ``model_dir/model.keras`` + ``metadata.json`` (+ ``quality.json`` if present).
 
@@ -203,19 +227,17 @@ def load_model_dir(model_dir: Any) -> LoadedModel:
     except ValueError as exc:
         raise ModelDirError(f"{model_dir / 'metadata.json'}: not valid JSON ({exc})") from None
     params = preprocessing_params(metadata)
-    try:
-        model = keras.saving.load_model(model_dir / "model.keras", compile=False)
-    except Exception as exc:  # keras raises many kinds
-        detail = " ".join(str(exc).split())[:300]
-        raise ModelDirError(f"{model_dir / 'model.keras'}: cannot be loaded "
-                            f"({type(exc).__name__}: {detail})") from exc
+    model = _load_keras(model_dir / "model.keras", keras)
     for attr, key in (("finest_shape", "finest_shape"), ("finest_spacing_mm", "finest_spacing_mm"),
                       ("n_levels", "levels")):
         have = getattr(model, attr, None)
         if have is not None and not math.isclose(float(have), float(params[key])):
             raise ModelDirError(f"model {model_dir} was built for {key}={have} but its "
                                 f"metadata.json says {params[key]}")
-    qual = quality.read_quality(model_dir)
+    try:
+        qual = quality.read_quality(model_dir)
+    except ValueError as exc:  # names the file
+        raise ModelDirError(" ".join(str(exc).split())) from None
     estimator = (qual or {}).get("estimator")
     if estimator is not None and estimator not in models.ESTIMATORS:
         raise ModelDirError(f"{model_dir / quality.QUALITY_FILE}: unknown estimator {estimator!r} "
@@ -245,13 +267,14 @@ def load_model_dir(model_dir: Any) -> LoadedModel:
 
 def preprocess(data: np.ndarray, affine: Any, params: Mapping[str, Any],
                levels: Sequence[int] | None = None, threads: int | None = None,
+               case: str | None = None, path: Any = None,
                ) -> tuple[dict[str, np.ndarray], geometry.Grid, np.ndarray]:
     """The study's pyramid of one scan, in memory.
 
     Returns ``(inputs, grid, level0)``: model inputs ``{"level{l}": (1, n, n, n, 1) float32}``
     for ``levels`` (default: all), the scan's :class:`~locnet.geometry.Grid`, and the windowed
     finest level (for overlays). Identical to :func:`locnet.pyramid.build_pyramid` + reading
-    the levels back.
+    the levels back. ``case`` and ``path`` name the scan in the intensity-window warning.
     """
     n0, s0, n_levels = int(params["finest_shape"]), float(params["finest_spacing_mm"]), \
         int(params["levels"])
@@ -260,7 +283,7 @@ def preprocess(data: np.ndarray, affine: Any, params: Mapping[str, Any],
     # the model's intensity mode (absent: the CT window), as build_pyramid applies it
     try:
         window, background = scan_window(data, params.get("intensity"), params["window_hu"],
-                                         float(params["background_hu"]))
+                                         float(params["background_hu"]), case=case, path=path)
     except InputError as exc:  # percentile mode on a constant scan
         raise ScanError(_strip_where(exc)) from None
     level = resample_to_grid(data, affine, grid, background, window=window, threads=threads)
@@ -359,6 +382,86 @@ def case_id_from_path(path: Any) -> str:
     return Path(name).stem
 
 
+def scan_problems(items: Sequence[tuple[str, Any, str]]) -> list[str]:
+    """Every problem of a list of scans ``(case id, image path, where it was given)``, all at
+    once: a case id that breaks :data:`locnet.fileio.CASE_ID_PATTERN` (the rule of ingest: it
+    names the files ``OUT/{case}.mrk.json`` and ``OUT/{case}_overlay.png``, so ``..``, ``/``
+    or an absolute path would write outside the output folder), and a case id given twice.
+    Ids taken from file names are checked the same way. Empty when there is none."""
+    problems, seen = [], {}
+    for case, path, where in items:
+        bad = case_id_problem(case)
+        if bad:
+            problems.append(f"{where}: {bad}")
+        elif case in seen:
+            problems.append(f"{where}: duplicate case id {case!r} (also {seen[case]}; image "
+                            f"{path})")
+        else:
+            seen[case] = where
+    return problems
+
+
+def read_scan_manifest(path: Any, check_ids: bool = True,
+                       ) -> tuple[list[tuple[str, Path, str]], list[str]]:
+    """The scans of a manifest ``case_id,image`` (``locnet predict --manifest``, rule
+    ``infer``'s ``inference.manifest``) and every problem of it, all at once (an unreadable
+    file, empty cells and, with ``check_ids``, :func:`scan_problems`). Returns
+    ``(items, problems)`` with items ``(case id, resolved image path, "manifest FILE, line
+    N")``."""
+    try:
+        table, empty = parse_manifest_table(path)
+    except InputError as exc:
+        return [], [" ".join(str(exc).split())]
+    skip = {row for row, _ in empty}
+    items = [(str(c), resolve_image(path, im), f"manifest {path}, line {row + 2}")
+             for row, (c, im) in enumerate(zip(table["case_id"], table["image"]))
+             if row not in skip]
+    return items, [msg for _, msg in empty] + (scan_problems(items) if check_ids else [])
+
+
+#: the files of ``OUT`` that a batch writes whatever its scans (:func:`predict_batch`)
+BATCH_FILES = ("landmarks.csv", "landmarks.json")
+
+
+def case_files(case: str) -> tuple[str, str]:
+    """The names of the files a batch writes per scan: markups and overlay."""
+    return f"{case}.mrk.json", f"{case}_overlay.png"
+
+
+def remove_previous_outputs(out: Any, whole_folder: bool = False) -> list[Path]:
+    """Remove the files an earlier batch wrote to ``out`` and nothing else: the
+    :data:`BATCH_FILES` and, for every case its ``landmarks.json`` lists (answered or failed),
+    :func:`case_files` (only where they resolve inside ``out``). Files of other origin stay.
+    ``whole_folder`` (rule ``infer``, whose folder no one else writes to, and whose
+    ``landmarks.json`` Snakemake has deleted before the job starts): every file named as
+    :func:`case_files` names them, for any allowed case id. Returns the removed paths."""
+    out = Path(out)
+    cases: list[str] = []
+    if whole_folder and out.is_dir():
+        for p in out.iterdir():
+            for suffix in (".mrk.json", "_overlay.png"):
+                if p.name.endswith(suffix):
+                    cases.append(p.name[: -len(suffix)])
+    try:
+        doc = read_json(out / "landmarks.json")
+        for key in ("cases", "failed"):
+            cases += [str(c.get("case_id")) for c in doc.get(key) or [] if isinstance(c, dict)]
+    except (OSError, ValueError, AttributeError):
+        pass  # no readable record of an earlier batch: only its fixed files are known
+    removed = []
+    names = list(BATCH_FILES) + [n for c in dict.fromkeys(cases) if not case_id_problem(c)
+                                 for n in case_files(c)]
+    for name in names:
+        try:
+            path = inside(out, name)
+        except InputError:
+            continue
+        if path.is_file() or path.is_symlink():
+            path.unlink()
+            removed.append(path)
+    return removed
+
+
 def _strip_where(msg: str) -> str:
     """One line, without the ``case 'x' (file ...)`` prefix the CLI prints itself."""
     return " ".join(str(msg).split())
@@ -429,7 +532,8 @@ def predict_scan(lm: LoadedModel, path: Any, case_id: str | None = None, passes:
     reason = _no_content(value_range, None, params, path.name)
     if reason:
         raise ScanError(reason)
-    inputs, grid, level0 = preprocess(data, affine, params, lm.levels, threads=threads)
+    inputs, grid, level0 = preprocess(data, affine, params, lm.levels, threads=threads,
+                                      case=case, path=path)
     reason = _no_content(value_range, level0, params, path.name)
     if reason:
         raise ScanError(reason)
@@ -466,6 +570,10 @@ def predict_scan(lm: LoadedModel, path: Any, case_id: str | None = None, passes:
         s = lm.sd_scale
         flags = ([quality.flag(v * s**3, None if threshold_mm3 is None else threshold_mm3 * s**3)
                   for v in vol] if s else [quality.flag(v, threshold_mm3) for v in vol])
+    if outliers:
+        # a scan unlike the training cohort is never 'ok', whatever its volumes say: the
+        # threshold was chosen on scans like the training ones
+        flags = [quality.REVIEW] * len(flags)
     return ScanResult(case_id=case, image=str(path), landmarks=list(lm.landmarks), world=world,
                       voxel=voxel, sd=sd, conf_volume_mm3=vol, flags=flags, coverage=coverage,
                       grid=grid, level0=level0, confidence=conf, intensity=stats,
@@ -577,6 +685,8 @@ def _batch_document(lm: LoadedModel, s: BatchSettings, cases: list, failed: list
         "preprocessing": lm.params, "noisy": lm.noisy,
         "passes": s.passes if lm.noisy else 0, "seed": s.seed, "seed_source": s.seed_source,
         "sd_scale": lm.sd_scale,
+        "calibrated": (lm.quality or {}).get("calibrated", lm.sd_scale is not None),
+        "calibration_reason": (lm.quality or {}).get("calibration_reason") or None,
         "estimator": s.estimator if lm.noisy and s.passes > 0 else None,
         "confidence": lm.confidence, "quality_threshold_mm3": s.threshold_mm3,
         "min_coverage": s.min_coverage,
@@ -605,6 +715,11 @@ def predict_batch(lm: LoadedModel, scans: Sequence[tuple[str, Any]], out: Any,
     ``OUT/landmarks.json`` (settings, per-case records, failures). A scan that fails is
     recorded under ``"failed"`` with its reason and the others go on. ``report`` receives one
     line per failure or warning (``case: reason``). Returns the JSON document.
+
+    A case id that is not allowed (:func:`scan_problems`: it would name a file outside
+    ``out``) or given twice raises :class:`~locnet.fileio.InputError` before anything is
+    written, and every path written is checked to lie inside ``out``
+    (:func:`locnet.fileio.inside`).
     """
     import pandas as pd
     from tqdm import tqdm
@@ -613,6 +728,9 @@ def predict_batch(lm: LoadedModel, scans: Sequence[tuple[str, Any]], out: Any,
     from .fileio import write_csv_atomic, write_json_atomic
 
     out = Path(out)
+    problems = scan_problems([(str(c), p, f"scan {p}") for c, p in scans])
+    if problems:  # before anything is written
+        raise InputError("cannot write these scans' results:\n" + "\n".join(problems))
     say = report or (lambda line: None)
     rows, cases, failed = [], [], []
     bar = tqdm(scans, desc="scans", unit="scan", disable=not progress, file=sys.stderr)
@@ -627,12 +745,13 @@ def predict_batch(lm: LoadedModel, scans: Sequence[tuple[str, Any]], out: Any,
                 say(f"{case}: warning: intensities atypical of the training cases: "
                     f"{'; '.join(res.intensity_outliers)} ({path})")
             case_rows = res.rows()
-            slicer.write_markups(out / f"{case}.mrk.json", res.landmarks, res.world,
+            markups, overlay = (inside(out, n) for n in case_files(case))
+            slicer.write_markups(markups, res.landmarks, res.world,
                                  _markup_descriptions(lm, case_rows))
             if settings.overlays:
                 from .figures import write_overlay
 
-                write_overlay(res, out / f"{case}_overlay.png")
+                write_overlay(res, overlay)
         except ScanError as exc:
             failed.append({"case_id": case, "image": str(path), "reason": str(exc)})
             say(f"{case}: {exc}")
@@ -646,6 +765,7 @@ def predict_batch(lm: LoadedModel, scans: Sequence[tuple[str, Any]], out: Any,
         cases.append(_case_record(res, Path(path), case_rows))
     bar.close()
     doc = _batch_document(lm, settings, cases, failed)
-    write_csv_atomic(pd.DataFrame(rows, columns=BATCH_COLUMNS), out / "landmarks.csv", na_rep="")
-    write_json_atomic(doc, out / "landmarks.json")
+    write_csv_atomic(pd.DataFrame(rows, columns=BATCH_COLUMNS), inside(out, BATCH_FILES[0]),
+                     na_rep="")
+    write_json_atomic(doc, inside(out, BATCH_FILES[1]))
     return doc

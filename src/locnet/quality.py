@@ -100,19 +100,39 @@ def choose_threshold(val_predictions_df: pd.DataFrame, target_error_mm: float = 
 
 def add_calibration(result: dict, val_predictions_df: pd.DataFrame, confidence: float) -> dict:
     """Add the split-conformal scale of the sds (:func:`locnet.stats.conformal_scale`, fitted
-    on the validation rows) to a :func:`choose_threshold` result: ``sd_scale`` and
-    ``threshold_calibrated_mm3 = threshold_mm3 * sd_scale^3`` (the same threshold on the
-    calibrated volumes, whose ellipsoids hold the truth at the stated level on validation
-    data). Both are ``None`` when the scale cannot be fitted (too few validation landmarks)."""
+    on the validation cases) to a :func:`choose_threshold` result.
+
+    Calibrated (at least :data:`locnet.stats.MIN_CALIBRATION_CASES` validation cases):
+    ``sd_scale`` and ``threshold_calibrated_mm3 = threshold_mm3 * sd_scale^3`` (the same
+    threshold on the calibrated volumes, whose ellipsoids hold every landmark of a case at
+    the stated level on validation data). Otherwise both are ``None``: the raw ellipsoids are
+    kept. Always: ``calibrated``, ``calibration_reason`` (why not; empty when calibrated),
+    ``sd_scale_n`` (validation cases), ``sd_scale_n_landmarks``, ``calibration_min_cases``
+    and ``calibration_coverage`` (the coverage such a calibration gives new cases: expected
+    value and central 95% range over calibration sets of this size; nulls when not
+    calibrated)."""
     from .stats import conformal_scale
 
     fit = conformal_scale(val_predictions_df, "val" if "subset" in val_predictions_df.columns
                           else None, float(confidence))
-    scale = fit["scale"]
-    ok = scale is not None and math.isfinite(float(scale)) and float(scale) > 0
-    result["sd_scale"] = float(scale) if ok else None
+    ok = bool(fit["calibrated"])
+    scale = float(fit["scale"]) if ok else None
+    finite = lambda v: float(v) if v is not None and math.isfinite(float(v)) else None  # noqa: E731
+    result["sd_scale"] = scale
+    result["calibrated"] = ok
+    result["calibration_reason"] = fit["reason"]
     result["sd_scale_n"] = int(fit["n"])
-    result["threshold_calibrated_mm3"] = (float(result["threshold_mm3"]) * float(scale) ** 3
+    result["sd_scale_n_landmarks"] = int(fit["n_landmarks"])
+    result["calibration_min_cases"] = int(fit["min_cases"])
+    result["calibration_unit"] = ("case: a case's score is the largest Mahalanobis radius of "
+                                  "its landmarks over the ellipsoid's")
+    result["calibration_coverage"] = {
+        "expected": finite(fit["coverage_expected"]), "low": finite(fit["coverage_low"]),
+        "high": finite(fit["coverage_high"]),
+        "meaning": ("coverage of all landmarks of a new case by the scaled ellipsoids: "
+                    "Beta(k, n + 1 - k) over calibration sets of n cases (k = ceil((n + 1) "
+                    "confidence)); expected value and central 95% range")}
+    result["threshold_calibrated_mm3"] = (float(result["threshold_mm3"]) * scale ** 3
                                           if ok else None)
     return result
 
@@ -139,7 +159,10 @@ def read_quality(model_dir: Any) -> dict | None:
     path = Path(model_dir) / QUALITY_FILE
     if not path.is_file():
         return None
-    d = read_json(path)
+    try:
+        d = read_json(path)
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError name no file
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(d, dict) or "threshold_mm3" not in d:
         raise ValueError(f"{path}: not a quality file (no 'threshold_mm3')")
     return d

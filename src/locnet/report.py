@@ -546,19 +546,7 @@ def _uncertainty_lines(stats: pd.DataFrame, label) -> list[str]:
              f"[{_pct(g('calibration', 'coverage_ci_low'))}, "
              f"{_pct(g('calibration', 'coverage_ci_high'))}] of {_i(g('calibration', 'n'))} "
              f"test landmarks (ideal {100 * lvl:.0f}%)."]
-    scale = g("calibration_conformal", "scale")
-    if np.isfinite(scale):
-        lines.append(
-            f"- Calibrated (split-conformal scale {_f(scale)} fitted on "
-            f"{_i(g('calibration_conformal', 'n_calibration'))} validation landmarks, "
-            f"`calibration_conformal`): coverage {_pct(g('calibration_conformal', 'coverage'))} "
-            f"[{_pct(g('calibration_conformal', 'coverage_ci_low'))}, "
-            f"{_pct(g('calibration_conformal', 'coverage_ci_high'))}].")
-    else:
-        conf = stats[stats["test"] == "calibration_conformal"]
-        why = (conf["note"].iloc[0].split("; ")[-1] if len(conf) and conf["note"].iloc[0]
-               else "no calibration_conformal rows")
-        lines.append(f"- Calibrated coverage: not computed ({why}).")
+    lines += _conformal_lines(stats, g)
     cm = f"{comp} [case means]"
     r = g("confidence_vs_error", "pearson_r", cm)
     if np.isfinite(r):
@@ -567,6 +555,36 @@ def _uncertainty_lines(stats: pd.DataFrame, label) -> list[str]:
                      f"n = {_i(g('confidence_vs_error', 'n', cm))} cases); the paper reports "
                      "r = 0.608 on 54 cases.")
     return lines
+
+
+def _conformal_lines(stats: pd.DataFrame, g) -> list[str]:
+    """The calibrated ellipsoids in words: the scale, its own uncertainty (the coverage a
+    calibration on n cases gives new cases), or why there is none and that the raw ellipsoids
+    are the ones to use."""
+    conf = stats[stats["test"] == "calibration_conformal"]
+    scale = g("calibration_conformal", "scale")
+    calibrated = g("calibration_conformal", "calibrated")
+    n_cases = _i(g("calibration_conformal", "n_calibration"))
+    if np.isfinite(scale) and calibrated != 0:
+        line = (f"- Calibrated (split-conformal scale {_f(scale)} fitted on {n_cases} "
+                f"validation cases, `calibration_conformal`): coverage "
+                f"{_pct(g('calibration_conformal', 'coverage'))} "
+                f"[{_pct(g('calibration_conformal', 'coverage_ci_low'))}, "
+                f"{_pct(g('calibration_conformal', 'coverage_ci_high'))}].")
+        lo, hi = (g("calibration_conformal", q)
+                  for q in ("coverage_guarantee_low", "coverage_guarantee_high"))
+        if np.isfinite(lo):
+            line += (f" A scale fitted on {n_cases} cases is itself uncertain: over "
+                     f"validation sets of that size, the share of new cases whose landmarks all "
+                     f"fall inside the scaled ellipsoids ranges from {_pct(lo)} to {_pct(hi)} "
+                     "(central 95%).")
+        return [line]
+    note = conf["note"].iloc[0] if len(conf) else ""
+    why = note.split("; ")[-1] if note else "no calibration_conformal rows"
+    if calibrated == 0 and np.isfinite(g("calibration_conformal", "n_calibration")):
+        return [f"- Not calibrated: {why}. The raw ellipsoids above are the ones to use; "
+                "`locnet predict` reports no calibrated volume for this model."]
+    return [f"- Calibrated coverage: not computed ({why})."]
 
 
 def _seed_lines(pooled: pd.DataFrame) -> list[str]:

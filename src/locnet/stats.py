@@ -75,7 +75,9 @@ __all__ = [
     "confidence_correlation",
     "confidence_correlation_case_means",
     "case_means",
+    "MIN_CALIBRATION_CASES",
     "conformal_scale",
+    "conformal_coverage_interval",
     "calibrated_coverage",
     "min_detectable_difference",
     "calibration",
@@ -382,32 +384,75 @@ def calibration(
     return out
 
 
-def conformal_scale(pred: pd.DataFrame, subset: str | None = "val",
-                    level: float = 0.90) -> dict[str, float | str]:
-    """Split-conformal scale factor of the sds, fitted on ``subset`` (the validation cases).
+#: the least number of validation cases a conformal scale is fitted on; with fewer, the raw
+#: ellipsoids are kept (:func:`conformal_scale`)
+MIN_CALIBRATION_CASES = 10
 
-    The score of an annotated landmark is its Mahalanobis radius divided by the ``level``
-    ellipsoid's radius, ``r = sqrt(mahalanobis^2 / chi2_3(level))`` (inside: r <= 1). The scale
-    ``s`` is the ``ceil((n + 1) level) / n`` empirical quantile of the n scores, so that, for a
-    new landmark exchangeable with the calibration ones, the ellipsoid with sds ``s * sd``
-    holds the truth with probability at least ``level``. ``s > 1``: the raw ellipsoids are
-    over-confident. Returns ``n, scale`` and a ``note`` (NaN scale without calibration data,
-    and when ``(n + 1) level > n``, i.e. too few landmarks for that level).
+
+def conformal_coverage_interval(n: int, k: int, level: float = 0.95) -> tuple[float, float]:
+    """Central ``level`` interval of the coverage a split-conformal set gives new cases when
+    its threshold is the ``k``-th smallest of ``n`` calibration scores: over calibration sets,
+    that coverage is Beta(k, n + 1 - k) distributed (continuous scores; mean k / (n + 1)).
+    NaNs when ``k`` is not in 1..n."""
+    if not 1 <= k <= n:
+        return float("nan"), float("nan")
+    a = (1.0 - level) / 2.0
+    lo, hi = _sps.beta.ppf([a, 1.0 - a], k, n + 1 - k)
+    return float(lo), float(hi)
+
+
+def conformal_scale(pred: pd.DataFrame, subset: str | None = "val", level: float = 0.90,
+                    min_cases: int = MIN_CALIBRATION_CASES) -> dict:
+    """Split-conformal scale factor of the sds, fitted on the cases of ``subset`` (validation).
+
+    The landmarks of one case share its errors (its anatomy, its scan), so they are not
+    exchangeable units; the cases are. A landmark's score is its Mahalanobis radius over the
+    ``level`` ellipsoid's, ``r = sqrt(mahalanobis^2 / chi2_3(level))`` (inside: r <= 1), and a
+    **case's score is the largest r of its annotated landmarks**. The scale ``s`` is the
+    ``k = ceil((n + 1) level)``-th smallest of the n case scores: for a new case exchangeable
+    with the calibration cases, the ellipsoids with sds ``s * sd`` hold the truths of *all*
+    its landmarks at once with probability at least ``level`` (so each landmark's with at
+    least ``level``; with several landmarks per case this is conservative per landmark).
+
+    Fewer than ``min_cases`` cases (or ``k > n``) gives no scale: ``calibrated`` False with a
+    ``reason``, and the raw ellipsoids stay the ones to use. Returns ``n`` (cases),
+    ``n_landmarks``, ``scale`` (NaN when not calibrated), ``calibrated``, ``rank`` (k),
+    ``coverage_expected`` (k / (n + 1)), ``coverage_low`` / ``coverage_high`` (the central
+    95% range of the coverage such a calibration gives new cases, over calibration sets of n
+    cases: :func:`conformal_coverage_interval`), ``reason`` and ``note`` (the same).
     """
     df = _annotated(pred, subset)
     sds = ["sd_x", "sd_y", "sd_z"]
+    out = {"n": 0, "n_landmarks": 0, "scale": np.nan, "calibrated": False, "rank": np.nan,
+           "coverage_expected": np.nan, "coverage_low": np.nan, "coverage_high": np.nan,
+           "min_cases": int(min_cases), "reason": ""}
     if not set(sds) <= set(df.columns):
-        return {"n": 0, "scale": np.nan, "note": "no sd_x, sd_y, sd_z columns"}
+        out["reason"] = out["note"] = "no sd_x, sd_y, sd_z columns"
+        return out
     d2 = mahalanobis_sq(df[["x", "y", "z"]].to_numpy(float),
                         df[["true_x", "true_y", "true_z"]].to_numpy(float), df[sds].to_numpy(float))
-    d2 = d2[~np.isnan(d2)]  # +inf (a zero sd missed) stays: it is a miss
-    n = int(d2.size)
+    keep = ~np.isnan(d2)  # +inf (a zero sd missed) stays: it is a miss
+    r = pd.Series(np.sqrt(d2[keep] / chi2_radius_sq(level)), index=df.index[keep])
+    case_scores = np.sort(r.groupby(df.loc[keep, "case_id"]).max().to_numpy(float))
+    n = int(case_scores.size)
     k = math.ceil((n + 1) * level)
-    if n == 0 or k > n:
-        return {"n": n, "scale": np.nan,
-                "note": f"{n} calibration landmarks: too few for a {100 * level:g}% conformal scale"}
-    scores = np.sort(np.sqrt(d2 / chi2_radius_sq(level)))
-    return {"n": n, "scale": float(scores[k - 1]), "note": ""}
+    out.update(n=n, n_landmarks=int(keep.sum()))
+    if n < min_cases:
+        out["reason"] = (f"{n} validation case(s) ({out['n_landmarks']} landmarks): a conformal "
+                         f"scale needs at least {min_cases} cases, as the landmarks of one case "
+                         "share its errors, so the raw ellipsoids are kept")
+    elif k > n:
+        out["reason"] = (f"{n} validation cases: too few for a {100 * level:g}% conformal scale "
+                         f"(needs ceil((n + 1) x {level:g}) <= n), so the raw ellipsoids are kept")
+    elif not math.isfinite(case_scores[k - 1]):
+        out["reason"] = ("a zero sd missed the truth in too many validation cases: no finite "
+                         "scale, so the raw ellipsoids are kept")
+    else:
+        lo, hi = conformal_coverage_interval(n, k)
+        out.update(scale=float(case_scores[k - 1]), calibrated=True, rank=k,
+                   coverage_expected=k / (n + 1), coverage_low=lo, coverage_high=hi)
+    out["note"] = out["reason"]
+    return out
 
 
 def calibrated_coverage(pred: pd.DataFrame, scale: float, subset: str | None = "test",
@@ -558,11 +603,18 @@ def statistics_table(
         conf = conformal_scale(pred, "val", level)
         cov = calibrated_coverage(pred, conf["scale"], subset, level)
         add_unc("calibration_conformal", proposed,
-            {"n_calibration": conf["n"], "scale": conf["scale"], **cov},
+            {"n_calibration": conf["n"], "n_calibration_landmarks": conf["n_landmarks"],
+             "min_cases": conf["min_cases"], "calibrated": float(conf["calibrated"]),
+             "scale": conf["scale"], "coverage_expected": conf["coverage_expected"],
+             "coverage_guarantee_low": conf["coverage_low"],
+             "coverage_guarantee_high": conf["coverage_high"], **cov},
             "; ".join(x for x in (
-                f"split-conformal scale of the sds fitted on the validation landmarks, coverage "
+                "split-conformal scale of the sds fitted on the validation cases (a case's "
+                "score: the largest scaled Mahalanobis radius of its landmarks), coverage "
                 f"of the scaled {100 * level:g}% ellipsoids on the {subset} landmarks, Wilson "
-                "95% CI (landmarks counted as independent)", conf["note"]) if x))
+                "95% CI (landmarks counted as independent); coverage_guarantee_low/high: the "
+                "central 95% of Beta(k, n + 1 - k), the case coverage such a calibration "
+                "gives", conf["note"]) if x))
         cm = confidence_correlation_case_means(pred, subset, level)
         note = cm.pop("note")
         add_unc("confidence_vs_error", f"{proposed} [case means]", cm, note)
@@ -723,12 +775,19 @@ def statistics_summary(df: pd.DataFrame) -> str:
         c = conf["comparison"].iloc[0]
         g = lambda q: _get(df, "calibration_conformal", c, q)  # noqa: E731
         raw = _get(df, "calibration", c, "coverage")
-        lines += ["## Calibrated ellipsoids (beyond the paper)", "",
-                  f"Scale of the sds from the validation set (split conformal, "
-                  f"{_i(g('n_calibration'))} landmarks): **{_f(g('scale'))}**. Test coverage "
-                  f"raw {_f(100 * raw, 1)}%, calibrated {_f(100 * g('coverage'), 1)}% "
-                  f"[{_f(100 * g('coverage_ci_low'), 1)}, {_f(100 * g('coverage_ci_high'), 1)}] "
-                  f"({_i(g('n'))} landmarks).", ""]
+        lines += ["## Calibrated ellipsoids (beyond the paper)", ""]
+        if g("calibrated") == 1 or (np.isnan(g("calibrated")) and np.isfinite(g("scale"))):
+            lines += [f"Scale of the sds from the validation set (split conformal on "
+                      f"{_i(g('n_calibration'))} cases): **{_f(g('scale'))}**; over calibration "
+                      f"sets of this size it gives new cases a coverage between "
+                      f"{_f(100 * g('coverage_guarantee_low'), 1)}% and "
+                      f"{_f(100 * g('coverage_guarantee_high'), 1)}% (central 95%). Test "
+                      f"coverage raw {_f(100 * raw, 1)}%, calibrated "
+                      f"{_f(100 * g('coverage'), 1)}% [{_f(100 * g('coverage_ci_low'), 1)}, "
+                      f"{_f(100 * g('coverage_ci_high'), 1)}] ({_i(g('n'))} landmarks).", ""]
+        else:
+            lines += [f"Not calibrated: the raw ellipsoids (test coverage {_f(100 * raw, 1)}%) "
+                      "are the ones to use.", ""]
         if conf["note"].iloc[0]:
             lines += [f"Note: {conf['note'].iloc[0]}", ""]
     return "\n".join(lines)

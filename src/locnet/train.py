@@ -752,10 +752,25 @@ def train(
         build_fn: ``(method, method_cfg, grid) -> keras.Model``; default
             ``locnet.models.build_model``.
 
+    Raises :class:`locnet.checkpoint.StateLocked` (naming the other process) when another
+    trainer holds ``state_dir``'s lock (:func:`locnet.checkpoint.state_lock`).
+
     Returns:
         dict with ``completed``, ``epochs_done``, ``best_epoch``, ``best_val_error_mm``,
         ``history`` (DataFrame) and the output paths.
     """
+    # one trainer per state folder: a second one (a re-run after --unlock, a job left running
+    # after its snakemake was killed) is refused, naming the first (checkpoint.state_lock)
+    with checkpoint.state_lock(state_dir, log):
+        return _train_locked(method, method_cfg, train_cfg, grid, landmarks, case_dirs_train,
+                             case_dirs_val, landmark_table, out_dir, state_dir, seed, log,
+                             callbacks, max_epochs_this_run, build_fn)
+
+
+def _train_locked(method, method_cfg, train_cfg, grid, landmarks, case_dirs_train,
+                  case_dirs_val, landmark_table, out_dir, state_dir, seed, log, callbacks,
+                  max_epochs_this_run, build_fn) -> dict:
+    """:func:`train`, with the state folder's lock held."""
     started = _utc_now()
     run = _set_up(method, method_cfg, train_cfg, grid, landmarks, case_dirs_train,
                   case_dirs_val, landmark_table, out_dir, state_dir, seed, log, build_fn)

@@ -27,12 +27,14 @@ with job_logging(snakemake) as log:
     # the calibrated volumes of locnet predict: sds scaled so that the ellipsoids hold the
     # truth at the stated level on the validation cases (split conformal)
     quality.add_calibration(result, preds, result.get("confidence", 0.9))
-    if result["sd_scale"] is None:
-        log.warning("too few validation landmarks (%d) for a calibrated volume at %.0f%%",
-                    result["sd_scale_n"], 100 * result.get("confidence", 0.9))
+    if not result["calibrated"]:
+        log.warning("no calibrated volume at %.0f%%: %s", 100 * result.get("confidence", 0.9),
+                    result["calibration_reason"])
     else:
-        log.info("sd scale %.2f (split conformal on %d validation landmarks)",
-                 result["sd_scale"], result["sd_scale_n"])
+        cov = result["calibration_coverage"]
+        log.info("sd scale %.2f (split conformal on %d validation cases; coverage of new "
+                 "cases %.0f-%.0f%%, central 95%%)", result["sd_scale"], result["sd_scale_n"],
+                 100 * cov["low"], 100 * cov["high"])
     quality.write_quality(result, snakemake.output.quality)
     log.info("%s: threshold %.1f mm^3 (%d of %d validation landmarks accepted)",
              snakemake.wildcards.method, result["threshold_mm3"], result["n_accepted"],
