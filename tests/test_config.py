@@ -216,3 +216,37 @@ def test_model_defaults_come_from_the_schema():
     cfg = cfgmod.validate({})
     for m in KEYS:
         assert cfg["methods"][m]["patch"] == models.MODEL_DEFAULTS["patch"]
+
+
+def _layered(*names):
+    def merge(a, b):
+        out = dict(a)
+        for k, v in b.items():
+            out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        return out
+
+    raw = {}
+    for name in names:
+        raw = merge(raw, yaml.safe_load((ROOT / name).read_text()))
+    return cfgmod.validate(raw)
+
+
+def test_the_map_prior_is_on_by_default_off_for_the_paper_and_only_for_locnets():
+    default = _layered("config.yaml")
+    paper = _layered("config.yaml", "config/paper.yaml")  # as `--configfile config/paper.yaml`
+    for method in KEYS:
+        mc, pc = cfgmod.method_config(default, method), cfgmod.method_config(paper, method)
+        if method in ("locnet_single", "multiscale_multistep", "multiscale_e2e",
+                      "multiscale_e2e_noise"):
+            assert mc["map_supervision"]["weight"] > 0
+            assert pc["map_supervision"]["weight"] == 0  # the paper's Loc-Net, one line away
+            assert mc["map_supervision"]["sigma_voxels"] == pc["map_supervision"]["sigma_voxels"]
+        else:
+            assert "map_supervision" not in mc and "map_supervision" not in pc
+    # a method's own block overrides the shared one for that method only
+    own = dict(default, methods={**default["methods"],
+                                 "multiscale_e2e": {**default["methods"]["multiscale_e2e"],
+                                                    "map_supervision": {"weight": 0.0}}})
+    assert cfgmod.method_config(own, "multiscale_e2e")["map_supervision"]["weight"] == 0
+    assert cfgmod.method_config(own, "locnet_single")["map_supervision"]["weight"] > 0
+    assert cfgmod.method_config(own, "multiscale_e2e")["map_supervision"]["peak"] == 30.0
