@@ -606,3 +606,17 @@ def test_map_prior_targets_sit_at_the_landmark_in_each_nets_own_voxels(method):
     weights = _np(model.loss_weights)
     assert loss == pytest.approx(float(np.dot(weights, positions) + 10.0 * np.sum(priors)),
                                  rel=1e-4)
+
+
+def test_map_prior_leaves_out_a_landmark_its_crop_missed():
+    keras.utils.set_random_seed(0)
+    model = build_model("locnet_single", {**TINY_CFG, "map_supervision": {"weight": 1.0}}, TINY_GRID)
+    logits = ops.convert_to_tensor(np.zeros((1, 8, 8, 8, 2), "float32"))
+    mask = np.ones((1, 2), "float32")
+    inside = np.array([[[3.0, 4.0, 5.0], [3.0, 4.0, 5.0]]], "float32")
+    both = float(_np(model.map_prior(logits, inside, mask)))
+    missed = inside.copy()
+    missed[0, 1] = [3.0, 4.0, 30.0]  # landmark 1 lies outside the 8^3 grid
+    # the empty map's cost of landmark 0 alone, not the mean with a near-free landmark 1
+    assert float(_np(model.map_prior(logits, missed, mask))) == pytest.approx(both, rel=1e-6)
+    assert float(_np(model.map_prior(logits, np.full((1, 2, 3), 30.0, "float32"), mask))) == 0.0

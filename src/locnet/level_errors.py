@@ -8,8 +8,8 @@ and scope (``all`` landmarks pooled, then each landmark); :func:`level_warnings`
 method whose finer level ``l-1`` has a pooled mean error not below that of level ``l``.
 :func:`level_table` also gives how far each finer level moves the prediction (``moved_mm``, the
 median distance from the coarser level's position, which is the centre of the crop the finer
-Loc-Net reads) and calls a level ``dead`` when it hardly moves it at all (median below
-:data:`DEAD_MOVE_MM`): a Loc-Net whose map holds no mass, or mass placed symmetrically about
+Loc-Net reads) and names the training seeds in which a level is ``dead``, hardly moving it at
+all (median below :data:`DEAD_MOVE_MM`): a Loc-Net whose map holds no mass, or mass placed symmetrically about
 the crop centre, returns that centre whatever the image shows. The finest level of a noisy
 chain is the mean over shifted crops, so its move includes the mean shift and a dead finest
 level shows there only as a level that does not improve.
@@ -35,6 +35,29 @@ COLUMNS = ["method", "label", "scope", "level", "step", "n", "mean_mm", "sd_mm",
            "change_mm", "improves", "moved_mm", "dead"]
 #: A finer level whose median move from its crop centre is below this (mm) is dead.
 DEAD_MOVE_MM = 0.05
+
+
+def is_dead(value) -> bool:
+    """Whether a ``dead`` entry of :func:`level_table` (or of its CSV) names a seed."""
+    return isinstance(value, str) and value.startswith("seed")
+
+
+def _dead(df: pd.DataFrame, level: int, coarser: int) -> tuple[float, str | None]:
+    """Median move (mm) of ``level`` from ``coarser`` over all rows, and the training seeds in
+    which that level is dead (median move below :data:`DEAD_MOVE_MM`), as ``"seed 1"`` or
+    ``"seeds 0, 2"`` (never a number, so a CSV reads it back as written); ``""`` when none is,
+    ``None`` without positions. Per seed, because one dead seed of three hides
+    in a median over all rows."""
+    if f"level{level}_x" not in df.columns:
+        return np.nan, None
+    moved = _moves(df, level, coarser)
+    if not moved.size:
+        return np.nan, None
+    seeds = df["seed"] if "seed" in df.columns else pd.Series(0, index=df.index)
+    dead = [str(s) for s, part in df.groupby(seeds, sort=True)
+            if (m := _moves(part, level, coarser)).size and np.median(m) < DEAD_MOVE_MM]
+    label = "" if not dead else ("seed " if len(dead) == 1 else "seeds ") + ", ".join(dead)
+    return float(np.median(moved)), label
 
 
 def _moves(df: pd.DataFrame, level: int, coarser: int) -> np.ndarray:
@@ -81,9 +104,7 @@ def level_table(
             previous = np.nan
             levels = levels_of(chains[m])
             for step, level in enumerate(levels, start=1):
-                moved = (_moves(every, level, levels[step - 2]) if step > 1 and
-                         f"level{level}_x" in every.columns else np.array([]))
-                moved_mm = float(np.median(moved)) if moved.size else np.nan
+                moved_mm, dead = _dead(every, level, levels[step - 2]) if step > 1 else (np.nan, None)
                 e = pd.to_numeric(df[f"error_level{level}_mm"], errors="coerce").dropna()
                 e = e.to_numpy(float)
                 mean = float(e.mean()) if e.size else np.nan
@@ -101,7 +122,7 @@ def level_table(
                     "change_mm": mean - previous if compare else np.nan,
                     "improves": bool(mean < previous) if compare else None,
                     "moved_mm": moved_mm,
-                    "dead": bool(moved_mm < DEAD_MOVE_MM) if np.isfinite(moved_mm) else None,
+                    "dead": dead,
                 })
                 previous = mean
     return pd.DataFrame(rows, columns=COLUMNS)
@@ -124,11 +145,11 @@ def level_warnings(table: pd.DataFrame, scope: str = "all", subset: str | None =
             f"({what}, {where}): mean error {r.mean_mm:.2f} mm after level {r.level}, "
             f"{coarser.mean_mm:.2f} mm after level {int(coarser.level)}"
         )
-    for r in table[(table["scope"] == scope) & (table["dead"] == True)].itertuples():  # noqa: E712
+    for r in table[(table["scope"] == scope) & table["dead"].map(is_dead)].itertuples():
         out.append(
-            f"{r.method}: level {r.level} returns its crop centre (median move {r.moved_mm:.3f} "
-            f"mm from the coarser level's prediction): that Loc-Net is dead, its map holds no "
-            f"mass or mass placed symmetrically about the centre"
+            f"{r.method}: level {r.level} returns its crop centre in {r.dead} (median "
+            f"move below {DEAD_MOVE_MM} mm from the coarser level's prediction): that Loc-Net "
+            f"is dead, its map holds no mass or mass placed symmetrically about the centre"
         )
     return out
 
@@ -144,8 +165,8 @@ def level_markdown(table: pd.DataFrame, subset: str | None = "test") -> str:
         "Euclidean error in mm of the prediction after each level, coarsest (step 1) to finest "
         "(level 0: the reported prediction). Change: mean minus the coarser level's mean "
         "(negative = improved). Moved: median distance from the coarser level's prediction, "
-        "the centre of the crop this level reads; dead: it hardly moves it (below "
-        f"{DEAD_MOVE_MM} mm). Missing (unannotated) landmarks are excluded."
+        "the centre of the crop this level reads; dead: the training seeds in which it hardly "
+        f"moves it (median below {DEAD_MOVE_MM} mm). Missing (unannotated) landmarks are excluded."
     )
     warnings = level_warnings(table, subset=subset)
     lines += ["", "## Warnings", ""]
@@ -159,7 +180,7 @@ def level_markdown(table: pd.DataFrame, subset: str | None = "test") -> str:
         for r in part.itertuples():
             improves = "" if r.improves is None or pd.isna(r.improves) else (
                 "yes" if r.improves else "**no**")
-            dead = "" if r.dead is None or pd.isna(r.dead) else ("**yes**" if r.dead else "no")
+            dead = "" if r.dead is None or pd.isna(r.dead) else (f"**{r.dead}**" if is_dead(r.dead) else "no")
             lines.append(f"| {r.label} | {r.level} | {r.n} | {_num(r.mean_mm)} | {_num(r.sd_mm)} "
                          f"| {_num(r.median_mm)} | {_num(r.change_mm)} | {improves} "
                          f"| {_num(r.moved_mm)} | {dead} |")

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from locnet import level_errors as _level_errors
 from locnet import reference as _reference
 from locnet import slopes as _slopes
 
@@ -475,11 +476,11 @@ def _level_lines(level_errors: pd.DataFrame | None) -> list[str]:
     out = []
     for r in df.to_dict("records"):
         who = r.get("label", r.get("method"))
-        if str(r.get("dead")) == "True":
-            out.append(f"- {who}: level {r['level']} returns its crop centre (median move "
-                       f"{_f(r.get('moved_mm'))} mm): that Loc-Net is dead, and the chain's "
-                       "answer there is the coarser level's.")
-        elif str(r.get("improves")) == "False":
+        if _level_errors.is_dead(r.get("dead")):
+            out.append(f"- {who}: level {r['level']} returns its crop centre in training "
+                       f"{r['dead']}: that Loc-Net is dead there, and the chain's answer is the "
+                       "coarser level's.")
+        if str(r.get("improves")) == "False":
             out.append(f"- {who}: level {r['level']} does not refine the prediction (mean error "
                        f"change {float(r.get('change_mm', np.nan)):+.2f} mm).")
     return out

@@ -114,9 +114,18 @@ class LandmarkModel(keras.Model):
     def map_prior(self, logits, target_vox, mask):
         """The map prior (mean over valid landmarks) of linear maps ``logits`` (B, n, n, n, K)
         against Gaussians of ``map_supervision["sigma_voxels"]`` at ``target_vox`` (B, K, 3),
-        voxel coordinates of those maps (:func:`locnet.models.maps.map_prior_loss`)."""
+        voxel coordinates of those maps (:func:`locnet.models.maps.map_prior_loss`).
+
+        A landmark outside the map's grid (a crop that missed it) is left out: asking for an
+        empty map there taught the finer nets of a chain, whose crops miss the landmark while
+        the coarser nets are still poor, to answer zero everywhere, and their ReLU units died
+        on the way (the finest level then returned its crop centre for good).
+        """
         n = int(logits.shape[1])
-        unit = gaussian_maps(ops.stop_gradient(target_vox), n, self.map_supervision["sigma_voxels"])
+        target_vox = ops.stop_gradient(target_vox)
+        inside = ops.all((target_vox >= -0.5) & (target_vox <= n - 0.5), axis=-1)
+        mask = ops.cast(mask > 0, logits.dtype) * ops.cast(inside, logits.dtype)
+        unit = gaussian_maps(target_vox, n, self.map_supervision["sigma_voxels"])
         peak = self.map_supervision["peak"]
         return masked_mean(map_prior_loss(logits, ops.cast(unit, logits.dtype), peak), mask)
 

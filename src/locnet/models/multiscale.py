@@ -48,7 +48,7 @@ class MultiScaleLocNet(LandmarkModel):
     error is weighted 0): the coarsest net's
     maps against Gaussians at the targets on its level, each finer net's selected map
     against a Gaussian at the target in the coordinates of the patch it was given (wherever
-    the coarser levels put that patch; a target outside the patch asks for an empty map).
+    the coarser levels put that patch; a patch that missed its landmark has no prior).
     In training the model then also outputs ``"logits{l}"`` and ``"origin{l}"`` (the level
     voxel of patch voxel 0).
     """
