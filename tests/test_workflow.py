@@ -238,6 +238,37 @@ def test_bad_config_key_is_named(tmp_path):
     assert "pyramid.finest_shap" in run.stdout + run.stderr
 
 
+def test_config_errors_name_the_file_each_value_came_from(tmp_path):
+    """An overlay that gives two of the three split counts keeps the third from the file
+    below it: the error names the file of each; a YAML error in config.yaml names its line."""
+    import shutil
+
+    overlay = tmp_path / "counts.yaml"
+    overlay.write_text("split:\n  counts: {train: 4, val: 2}\n")
+    run = run_snakemake(tmp_path, "-n", "--cores", "1", "--configfile", str(overlay))
+    out = run.stdout + run.stderr
+    assert run.returncode != 0
+    assert (f"train 4 (from {overlay}), val 2 (from {overlay}), test 32 (from config.yaml) "
+            "sum to 38, but the cohort has 68 cases (synthetic.n_cases: 68, from "
+            "config.yaml)") in out, out[-3000:]
+
+    copy = tmp_path / "checkout"
+    copy.mkdir()
+    for name in ("Snakefile", "config.yaml"):
+        shutil.copy(ROOT / name, copy / name)
+    for name in ("workflow", "src", "envs", "profiles", "config"):
+        shutil.copytree(ROOT / name, copy / name,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    text = (copy / "config.yaml").read_text().replace("\nsplit:\n", "\nsplit:\n seed_x: 1\n", 1)
+    (copy / "config.yaml").write_text(text)
+    bad_line = text[:text.index(" seed_x")].count("\n") + 1
+    run = snakemake_in(copy, tmp_path / "work", "-n", "--cores", "1")
+    out = run.stdout + run.stderr
+    assert run.returncode != 0
+    assert f"config file {copy / 'config.yaml'}: not valid YAML" in out, out[-3000:]
+    assert f"line {bad_line + 1}, column" in out, out[-3000:]  # the line after the bad one
+
+
 def test_html_report_gathers_figures_and_tables(tiny_study):
     report = tiny_study / "report.html"
     run = run_snakemake(tiny_study.parent, "--report", str(report), "--configfile",
@@ -390,6 +421,10 @@ def test_a_failed_re_ingest_keeps_the_last_good_tables(files_study):
     assert "Error in rule ingest" in out, out[-3000:]
     log = (res / "logs" / "ingest.log").read_text()
     assert "'p1'" in log and "gone.nii.gz" in log, log  # the case and the file
+    # one clean message: the problem line once in the terminal, no Python traceback
+    problem = next(l for l in log.splitlines() if "gone.nii.gz" in l)
+    assert out.count(problem.split(" ERROR ")[-1].strip()) == 1, out[-5000:]
+    assert "Traceback" not in out and "Traceback" not in log, out[-5000:]
     for name, content in tables.items():
         assert (res / "data" / name).read_bytes() == content, name
     # nothing downstream ran on the bad cohort; fixed, the same tables come back

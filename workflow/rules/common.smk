@@ -30,8 +30,26 @@ import locnet.methods
 import locnet.metrics
 import locnet.seeds
 
+
+
+def config_layers():
+    """``(name, mapping)`` of each config source in the order Snakemake merged them: the
+    Snakefile's config.yaml, each --configfile, then --config (names checkout-relative)."""
+    cli = [str(f) for f in workflow.config_settings.configfiles]
+    layers = []
+    for f in dict.fromkeys([str(f) for f in workflow.configfiles if str(f) not in cli] + cli):
+        rel = os.path.relpath(os.path.abspath(f), workflow.basedir)
+        layers.append((os.path.abspath(f) if rel.startswith("..") else rel,
+                       locnet.config.load_yaml(f)))
+    if workflow.config_settings.config:
+        layers.append(("--config", dict(workflow.config_settings.config)))
+    return layers
+
+
 try:
-    _validated = locnet.config.validate(config)
+    # which file set each key, so that a problem names the file to edit
+    CONFIG_SOURCES = locnet.config.key_sources(config_layers())
+    _validated = locnet.config.validate(config, sources=CONFIG_SOURCES)
 except locnet.config.ConfigError as err:
     raise WorkflowError(str(err)) from None
 config.clear()
@@ -107,6 +125,24 @@ def raw_scans():
     for case, image in zip(manifest["case_id"], manifest["image"]):
         scans.setdefault(case, image)
     return scans
+
+
+def check_split_counts():
+    """split.counts must sum to the cohort's size: checked before any job runs, naming the
+    file each count came from (a --configfile that gives two of them keeps the third from
+    config.yaml)."""
+    if config["cohort"]["source"] == "synthetic":
+        n = config["synthetic"]["n_cases"]
+        src = locnet.config.source_of(CONFIG_SOURCES, "synthetic", "n_cases") or "the default"
+        cohort = f"synthetic.n_cases: {n}, from {src}"
+    else:
+        n = len(case_ids())
+        if n == 0:
+            return  # unreadable or empty manifest: ingest reports it, naming the file
+        cohort = f"cases in cohort.manifest {config['cohort']['manifest']}"
+    problem = locnet.config.split_counts_problem(config, n, cohort, CONFIG_SOURCES)
+    if problem:
+        raise WorkflowError(problem)
 
 
 def existing_scans():

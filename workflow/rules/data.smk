@@ -1,5 +1,7 @@
 # Data stage: synthetic cohort (optional) -> checked cohort tables -> per-case pyramid -> split.
 
+check_split_counts()
+
 
 rule synthetic_case:
     """One synthetic neck-CTA scan and its two bifurcation landmarks (world RAS mm)."""
