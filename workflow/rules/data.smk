@@ -121,13 +121,19 @@ rule pyramid:
 
 
 rule split:
-    """Seeded train/val/test split, written once and read by every later rule."""
+    """Seeded train/val/test split, written once and read by every later rule.
+
+    Refuses a subset with too few annotated landmarks (locnet.split.MIN_ANNOTATED), before
+    any model trains on it.
+    """
     input:
         manifest=f"{RES}/data/manifest.csv",
+        landmarks=f"{RES}/data/landmarks.csv",
     output:
         split=f"{RES}/data/split.csv",
     params:
         split=config["split"],
+        raw_landmarks=raw_landmarks_path(),
     log:
         f"{RES}/logs/split.log",
     localrule: True
