@@ -33,6 +33,9 @@ include: "workflow/rules/train.smk"
 include: "workflow/rules/infer.smk"
 include: "workflow/rules/evaluate.smk"
 
+# every rule after ingest is planned once ingest has checked the inputs (common.smk)
+gate_on_ingest()
+
 
 rule all:
     input:
