@@ -33,11 +33,12 @@ include: "workflow/rules/train.smk"
 include: "workflow/rules/infer.smk"
 include: "workflow/rules/evaluate.smk"
 
-# every rule after ingest is planned once ingest has checked the inputs (common.smk)
-gate_on_ingest()
-
 
 rule all:
     input:
         study_outputs(),
     default_target: True
+
+
+# every rule after ingest (all included) is planned once ingest has checked the inputs
+gate_on_ingest()

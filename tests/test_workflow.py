@@ -194,6 +194,26 @@ def test_rerun_has_nothing_to_do(tiny_study):
     assert "Nothing to be done" in run.stdout + run.stderr
 
 
+def test_a_re_ingest_with_identical_results_retrains_nothing(tiny_study):
+    """Ingest run again (forced) writes the same tables and digests: Snakemake plans the rest
+    of the study after it, so no pyramid, split, model or prediction is rebuilt."""
+    files = [tiny_study / "data" / n for n in ("manifest.csv", "landmarks.csv", "split.csv")]
+    for pattern in ("pyramid/*/level0.nii", "models/*/seed*/model.keras", "predictions/*.csv",
+                    "tables/table1.csv"):
+        files += sorted(tiny_study.glob(pattern))
+    before = {f: (f.stat().st_mtime_ns, f.read_bytes()) for f in files}
+    run = run_snakemake(tiny_study.parent, "--cores", "2", "--resources", "gpu=1",
+                        "--forcerun", "ingest", "--configfile",
+                        str(ROOT / "config" / "tiny.yaml"), "--config", "results=results")
+    out = run.stdout + run.stderr
+    assert run.returncode == 0, out[-3000:]
+    assert "0 of 8 scan(s) changed" in (tiny_study / "logs" / "ingest.log").read_text()
+    ran = {l.split()[-1].rstrip(":") for l in out.splitlines()
+           if l.startswith(("localrule ", "rule ", "localcheckpoint ", "checkpoint "))}
+    assert ran == {"ingest"}, out[-5000:]
+    assert [f for f in files if (f.stat().st_mtime_ns, f.read_bytes()) != before[f]] == []
+
+
 def test_quality_threshold_and_a_change_of_estimator(tiny_study, tmp_path):
     import json
 

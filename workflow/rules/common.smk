@@ -201,15 +201,15 @@ def after_ingest(wildcards=None):
     return []
 
 
-#: the rules that do not wait for ingest: the ones before it, and the target rule
-BEFORE_INGEST = {"synthetic_case", "synthetic_cohort", "ingest", "all"}
+#: the rules that do not wait for ingest: the ones before it
+BEFORE_INGEST = {"synthetic_case", "synthetic_cohort", "ingest"}
 
 
 def gate_on_ingest():
     """Make every later step wait for ingest (input ``checked``, :func:`after_ingest`).
 
-    Called once by the Snakefile after every rule file is included, so a rule added later
-    waits too.
+    Called once at the end of the Snakefile, after every rule is defined (the target rule
+    all too), so a rule added later waits as well.
     """
     for r in workflow.rules:
         if r.name not in BEFORE_INGEST:
