@@ -8,8 +8,23 @@
 
 import os
 
+import yaml
+from snakemake.exceptions import WorkflowError
+
 # The default config lives beside this file, so the workflow also runs with --directory.
-configfile: os.path.join(workflow.basedir, "config.yaml")
+DEFAULT_CONFIG = os.path.join(workflow.basedir, "config.yaml")
+# Read once here first: a YAML error then names the file, line and column, where Snakemake
+# says only "Config file is not valid JSON or YAML". (Snakemake reads each --configfile
+# before this file; scripts/study.sh checks those with python -m locnet.config.)
+try:
+    with open(DEFAULT_CONFIG, encoding="utf-8") as _fh:
+        yaml.safe_load(_fh)
+except yaml.YAMLError as _err:
+    raise WorkflowError(f"config file {DEFAULT_CONFIG}: not valid YAML: "
+                        + " ".join(str(_err).split())) from None
+
+
+configfile: DEFAULT_CONFIG
 
 
 include: "workflow/rules/common.smk"
@@ -23,3 +38,7 @@ rule all:
     input:
         study_outputs(),
     default_target: True
+
+
+# every rule after ingest (all included) is planned once ingest has checked the inputs
+gate_on_ingest()

@@ -12,4 +12,7 @@ bash scripts/setup-venv.sh
 export PATH="$PWD/.venv/bin:$PATH"
 read -ra profile < <(bash scripts/local-profile.sh)
 echo "study.sh: ${profile[*]}" >&2
+# Snakemake reads each --configfile before the workflow and names neither file nor line for a
+# YAML error: check them here first, with the locnet of this checkout
+PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" python -m locnet.config "$@" || exit 2
 exec snakemake "${profile[@]}" --cores "${LOCNET_CORES:-all}" "$@"

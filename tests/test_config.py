@@ -250,3 +250,53 @@ def test_the_map_prior_is_on_by_default_off_for_the_paper_and_only_for_locnets()
     assert cfgmod.method_config(own, "multiscale_e2e")["map_supervision"]["weight"] == 0
     assert cfgmod.method_config(own, "locnet_single")["map_supervision"]["weight"] > 0
     assert cfgmod.method_config(own, "multiscale_e2e")["map_supervision"]["peak"] == 30.0
+
+
+# ---- config errors name their source ---------------------------------------------------------
+
+BAD_INDENT = "split:\n  seed: 3\n pyramid:\n    levels: 3\n"
+
+
+def test_a_yaml_error_names_the_file_and_the_line(tmp_path):
+    bad = tmp_path / "overlay.yaml"
+    bad.write_text(BAD_INDENT)
+    with pytest.raises(cfgmod.ConfigError) as info:
+        cfgmod.load_yaml(bad)
+    msg = str(info.value)
+    assert f"{bad}, line 3, column 2: not valid YAML" in msg and "indentation" in msg
+    assert "(while parsing a block mapping, line 1)" in msg
+    # python -m locnet.config checks every --configfile of a snakemake command line
+    good = tmp_path / "good.yaml"
+    good.write_text("seed: 1\n")
+    assert cfgmod.configfiles_of(["-n", "--configfile", str(good), str(bad), "--cores", "2",
+                                  f"--configfiles={good}"]) == [str(good), str(bad), str(good)]
+    assert cfgmod.main(["--configfile", str(good)]) == 0
+    assert cfgmod.main(["-n", "--configfile", str(good), str(bad)]) == 1
+
+
+def test_split_counts_name_the_file_each_count_came_from():
+    layers = [("config.yaml", {"split": {"seed": 1, "counts": {"train": 24, "val": 12,
+                                                               "test": 32}},
+                               "synthetic": {"n_cases": 68}}),
+              ("overlay.yaml", {"split": {"counts": {"train": 4, "val": 2}}})]
+    sources = cfgmod.key_sources(layers)
+    assert sources[("split", "counts", "train")] == "overlay.yaml"
+    assert sources[("split", "counts", "test")] == "config.yaml"
+    cfg = {"split": {"counts": {"train": 4, "val": 2, "test": 32}}}
+    msg = cfgmod.split_counts_problem(cfg, 68, "synthetic.n_cases: 68, from config.yaml",
+                                      sources)
+    assert ("train 4 (from overlay.yaml), val 2 (from overlay.yaml), test 32 (from "
+            "config.yaml) sum to 38, but the cohort has 68 cases") in msg
+    assert cfgmod.split_counts_problem(cfg, 38, "x", sources) is None
+    # a value that is not a mapping replaces the keys under it
+    sources = cfgmod.key_sources(layers + [("--config", {"split": {"counts": None}})])
+    assert sources[("split", "counts")] == "--config"
+    assert ("split", "counts", "test") not in sources
+
+
+def test_a_schema_error_names_the_file_of_its_key():
+    sources = cfgmod.key_sources([("config.yaml", {"pyramid": {"levels": 4}}),
+                                  ("mine.yaml", {"pyramid": {"finest_shap": 64}})])
+    with pytest.raises(cfgmod.ConfigError,
+                       match=r"pyramid\.finest_shap: .* \(from mine\.yaml\)"):
+        cfgmod.validate({"pyramid": {"levels": 4, "finest_shap": 64}}, sources=sources)

@@ -1,5 +1,7 @@
 """Ingest and io: good cohorts pass through, every bad input is reported with case and file."""
 
+import json
+
 import nibabel as nib
 import numpy as np
 import pandas as pd
@@ -338,8 +340,9 @@ def test_case_ids_outside_the_allowed_pattern_are_refused(tmp_path, write_nifti,
 
 def test_allowed_case_ids_pass(tmp_path, write_nifti, oblique_affine):
     make_cohort(tmp_path, write_nifti, oblique_affine)
-    write_nifti(ct_like(), oblique_affine(), "images/odd.nii.gz")
-    add_cases(tmp_path, {"P-001.b_2": "images/odd.nii.gz", "9" * 100: "images/odd.nii.gz"})
+    write_nifti(ct_like(seed=5), oblique_affine(), "images/odd.nii.gz")
+    write_nifti(ct_like(seed=6), oblique_affine(), "images/odd2.nii.gz")
+    add_cases(tmp_path, {"P-001.b_2": "images/odd.nii.gz", "9" * 100: "images/odd2.nii.gz"})
     write_rows(tmp_path / "landmarks.csv", [])
     man, _ = run(tmp_path)
     assert man.case_id.tolist()[3:] == ["P-001.b_2", "9" * 100]
@@ -428,3 +431,71 @@ def test_window_check_follows_the_intensity_mode():
     assert pyramid_checks(pyr)["min_extent_mm"] == 28.0     # the paper's 56 voxels at 0.5 mm
     assert pyramid_checks({**pyr, "intensity": {"mode": "ct_window"}})["window"] == (-200, 800)
     assert pyramid_checks({**pyr, "intensity": {"mode": "percentile"}})["window"] is None
+
+
+# ---- content digests, one scan per case, a table with something to learn -------------------
+
+def test_the_same_image_under_two_case_ids_is_refused(tmp_path, write_nifti, oblique_affine):
+    """By path (the same file listed twice) and by content (the same voxels and affine in
+    another file, saved uncompressed: every byte differs), naming both case ids and files."""
+    affs = make_cohort(tmp_path, write_nifti, oblique_affine)
+    img = nib.load(str(tmp_path / "images/c1.nii.gz"))
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), img.affine), str(tmp_path / "copy.nii"))
+    add_cases(tmp_path, {"again": "images/c0.nii.gz", "twin": "copy.nii"})
+    write_rows(tmp_path / "landmarks.csv", [("c0", "left_bifurcation", *centre(affs["c0"]))])
+    lines = problem_lines(tmp_path)
+    assert len(lines) == 2, lines
+    only_hit(lines, "cases 'c0' and 'again'", "manifest.csv", "c0.nii.gz", "same image file")
+    only_hit(lines, "cases 'c1' (file", "c1.nii.gz", "and 'twin' (file", "copy.nii",
+             "same image (voxel data and affine", "sha256:")
+
+
+def test_scan_digest_follows_content_not_file_bytes(tmp_path, write_nifti, oblique_affine):
+    from locnet.fileio import load_volume
+    from locnet.ingest import scan_digest, write_digest
+
+    aff = oblique_affine()
+    a = write_nifti(ct_like(seed=1), aff, "a.nii.gz")
+    b = write_nifti(ct_like(seed=1), aff, "b.nii")            # same image, other bytes
+    c = write_nifti(ct_like(seed=2), aff, "c.nii.gz")         # other voxels
+    moved = aff.copy()
+    moved[0, 3] += 0.5
+    d = write_nifti(ct_like(seed=1), moved, "d.nii.gz")       # same voxels, moved
+    digest = {p.name: scan_digest(*load_volume(p, dtype=None)) for p in (a, b, c, d)}
+    assert digest["a.nii.gz"] == digest["b.nii"] and digest["a.nii.gz"].startswith("sha256:")
+    assert len({digest["a.nii.gz"], digest["c.nii.gz"], digest["d.nii.gz"]}) == 3
+    # written only when it changes: an unchanged digest keeps its file and its time stamp
+    path = tmp_path / "digests" / "c0.json"
+    assert write_digest(path, "c0", digest["a.nii.gz"]) is True
+    stamp = path.stat().st_mtime_ns
+    assert write_digest(path, "c0", digest["b.nii"]) is False
+    assert path.stat().st_mtime_ns == stamp
+    assert write_digest(path, "c0", digest["c.nii.gz"]) is True
+    assert json.loads(path.read_text()) == {"case_id": "c0", "digest": digest["c.nii.gz"]}
+
+
+def test_ingest_writes_each_cases_digest(tmp_path, write_nifti, oblique_affine):
+    from locnet.fileio import load_volume
+    from locnet.ingest import scan_digest
+
+    affs = make_cohort(tmp_path, write_nifti, oblique_affine)
+    write_rows(tmp_path / "landmarks.csv", [("c0", "left_bifurcation", *centre(affs["c0"]))])
+    run(tmp_path, digest_dir=tmp_path / "data" / "digests")
+    for case in affs:
+        got = json.loads((tmp_path / "data" / "digests" / f"{case}.json").read_text())
+        want = scan_digest(*load_volume(tmp_path / "images" / f"{case}.nii.gz", dtype=None))
+        assert got == {"case_id": case, "digest": want}
+
+
+def test_a_table_with_only_its_header_is_refused_naming_it(tmp_path, write_nifti,
+                                                             oblique_affine):
+    make_cohort(tmp_path, write_nifti, oblique_affine)
+    write_rows(tmp_path / "landmarks.csv", [])
+    lines = problem_lines(tmp_path, min_annotated=1)
+    assert len(lines) == 1
+    only_hit(lines, "landmark file", "landmarks.csv", "0 annotated landmark(s)",
+             "at least 1 needed", "only its header")
+    # every x, y, z empty is the same
+    write_rows(tmp_path / "landmarks.csv", [("c0", "left_bifurcation", "", "", "")])
+    only_hit(problem_lines(tmp_path, min_annotated=1), "landmarks.csv", "0 annotated")
+

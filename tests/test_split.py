@@ -3,7 +3,9 @@
 import pandas as pd
 import pytest
 
-from locnet.split import SplitExistsError, make_split, read_split, split_sizes, write_split
+from locnet.fileio import InputError
+from locnet.split import (SplitExistsError, check_annotations, make_split, read_split,
+                          split_sizes, write_split)
 
 PAPER = (167, 42, 54)
 
@@ -71,3 +73,39 @@ def test_write_once(tmp_path):
     pd.testing.assert_frame_equal(read_split(path), df)
     assert write_split(other, path, force=True) is True
     pd.testing.assert_frame_equal(read_split(path), other)
+
+
+def annotated(split, empty_subsets=(), empty_table=False):
+    """A landmark table with two landmarks per case, all annotated except in
+    ``empty_subsets`` (or everywhere when ``empty_table``: only the header)."""
+    rows = []
+    if not empty_table:
+        for case, subset in zip(split["case_id"], split["subset"]):
+            xyz = (None, None, None) if subset in empty_subsets else (1.0, 2.0, 3.0)
+            rows += [(case, name, *xyz) for name in ("left", "right")]
+    return pd.DataFrame(rows, columns=["case_id", "landmark", "x", "y", "z"]).astype(
+        {"x": float, "y": float, "z": float})
+
+
+def test_a_training_subset_without_annotations_is_refused_naming_subset_and_table():
+    df = make_split(ids(10), seed=1, counts={"train": 5, "val": 2, "test": 3})
+    table = "results/data/landmarks.csv"
+    assert check_annotations(df, annotated(df), table) == {"train": 10, "val": 4, "test": 6}
+    with pytest.raises(InputError) as info:
+        check_annotations(df, annotated(df, empty_table=True), table, source="/my/lm.csv")
+    msg = str(info.value)
+    assert msg.startswith("3 problem(s) in the split")
+    train = next(l for l in msg.splitlines() if l.startswith("train subset"))
+    assert "0 annotated landmark(s)" in train and table in train and "/my/lm.csv" in train
+    assert "at least 1 needed for training" in train
+    assert all(repr(c) in train for c in df.loc[df.subset == "train", "case_id"])
+
+
+def test_a_validation_subset_without_annotations_is_refused_with_count_and_need():
+    df = make_split(ids(10), seed=1, counts={"train": 5, "val": 2, "test": 3})
+    with pytest.raises(InputError) as info:
+        check_annotations(df, annotated(df, empty_subsets=("val",)), "lm.csv")
+    lines = str(info.value).splitlines()[1:]
+    assert len(lines) == 1 and lines[0].startswith("val subset: 0 annotated landmark(s)")
+    assert "at least 1 needed for model selection and calibration" in lines[0]
+    assert "lm.csv" in lines[0]

@@ -6,6 +6,7 @@ tests then read its outputs. Dry runs check the paper config plans and bad confi
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -193,6 +194,26 @@ def test_rerun_has_nothing_to_do(tiny_study):
     assert "Nothing to be done" in run.stdout + run.stderr
 
 
+def test_a_re_ingest_with_identical_results_retrains_nothing(tiny_study):
+    """Ingest run again (forced) writes the same tables and digests: Snakemake plans the rest
+    of the study after it, so no pyramid, split, model or prediction is rebuilt."""
+    files = [tiny_study / "data" / n for n in ("manifest.csv", "landmarks.csv", "split.csv")]
+    for pattern in ("pyramid/*/level0.nii", "models/*/seed*/model.keras", "predictions/*.csv",
+                    "tables/table1.csv"):
+        files += sorted(tiny_study.glob(pattern))
+    before = {f: (f.stat().st_mtime_ns, f.read_bytes()) for f in files}
+    run = run_snakemake(tiny_study.parent, "--cores", "2", "--resources", "gpu=1",
+                        "--forcerun", "ingest", "--configfile",
+                        str(ROOT / "config" / "tiny.yaml"), "--config", "results=results")
+    out = run.stdout + run.stderr
+    assert run.returncode == 0, out[-3000:]
+    assert "0 of 8 scan(s) changed" in (tiny_study / "logs" / "ingest.log").read_text()
+    ran = {l.split()[-1].rstrip(":") for l in out.splitlines()
+           if l.startswith(("localrule ", "rule ", "localcheckpoint ", "checkpoint "))}
+    assert ran == {"ingest"}, out[-5000:]
+    assert [f for f in files if (f.stat().st_mtime_ns, f.read_bytes()) != before[f]] == []
+
+
 def test_quality_threshold_and_a_change_of_estimator(tiny_study, tmp_path):
     import json
 
@@ -236,6 +257,37 @@ def test_bad_config_key_is_named(tmp_path):
                     str(ROOT / "config" / "tiny.yaml"), "--config", "pyramid={'finest_shap': 3}")
     assert run.returncode != 0
     assert "pyramid.finest_shap" in run.stdout + run.stderr
+
+
+def test_config_errors_name_the_file_each_value_came_from(tmp_path):
+    """An overlay that gives two of the three split counts keeps the third from the file
+    below it: the error names the file of each; a YAML error in config.yaml names its line."""
+    import shutil
+
+    overlay = tmp_path / "counts.yaml"
+    overlay.write_text("split:\n  counts: {train: 4, val: 2}\n")
+    run = run_snakemake(tmp_path, "-n", "--cores", "1", "--configfile", str(overlay))
+    out = run.stdout + run.stderr
+    assert run.returncode != 0
+    assert (f"train 4 (from {overlay}), val 2 (from {overlay}), test 32 (from config.yaml) "
+            "sum to 38, but the cohort has 68 cases (synthetic.n_cases: 68, from "
+            "config.yaml)") in out, out[-3000:]
+
+    copy = tmp_path / "checkout"
+    copy.mkdir()
+    for name in ("Snakefile", "config.yaml"):
+        shutil.copy(ROOT / name, copy / name)
+    for name in ("workflow", "src", "envs", "profiles", "config"):
+        shutil.copytree(ROOT / name, copy / name,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    text = (copy / "config.yaml").read_text().replace("\nsplit:\n", "\nsplit:\n seed_x: 1\n", 1)
+    (copy / "config.yaml").write_text(text)
+    bad_line = text[:text.index(" seed_x")].count("\n") + 1
+    run = snakemake_in(copy, tmp_path / "work", "-n", "--cores", "1")
+    out = run.stdout + run.stderr
+    assert run.returncode != 0
+    assert f"config file {copy / 'config.yaml'}: not valid YAML" in out, out[-3000:]
+    assert f"line {bad_line + 1}, column" in out, out[-3000:]  # the line after the bad one
 
 
 def test_html_report_gathers_figures_and_tables(tiny_study):
@@ -341,21 +393,19 @@ def files_study(tmp_path):
 
 
 def test_a_replaced_scan_rebuilds_its_pyramid_and_a_job_sweeps_its_stale_temporaries(files_study):
-    import os
-
     cohort, res, snakemake = files_study
     run = snakemake("-n")
     assert "Nothing to be done" in run.stdout + run.stderr, run.stdout[-3000:]
     scan = cohort / "images" / "p2.nii.gz"
+    before = stamps(res)
     write_scan(scan, seed=22)  # a new scan under the same name
-    old = os.stat(scan)
-    os.utime(scan, (old.st_atime + 5, old.st_mtime + 5))  # clearly newer than every output
     run = snakemake("-n")
     assert run.returncode == 0, run.stderr[-3000:]
     counts = job_counts(run.stdout + run.stderr)
-    # checked again, and its pyramid rebuilt (all are: they read the re-checked table)
+    # checked again; the plan lists every pyramid, as which scans changed is known only
+    # once ingest has compared their content (the real run below rebuilds p2's alone)
     assert counts.get("ingest") == 1 and counts.get("pyramid") == 4, run.stdout[-3000:]
-    assert "reason: Updated input files: " + str(scan) in run.stdout + run.stderr
+    assert "Updated input files: " + str(scan) in run.stdout + run.stderr
 
     # temporaries of killed writers of this job's outputs (locnet.fileio.atomic_write names)
     stale = [res / "pyramid" / "p2" / ".tmp-0123456789ab-level0.nii",
@@ -368,18 +418,63 @@ def test_a_replaced_scan_rebuilds_its_pyramid_and_a_job_sweeps_its_stale_tempora
     for f in stale + kept:
         f.parent.mkdir(parents=True, exist_ok=True)
         f.write_bytes(b"half a file")
-    before = (res / "pyramid" / "p2" / "level0.nii").read_bytes()
     run = snakemake()
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
-    assert (res / "pyramid" / "p2" / "level0.nii").read_bytes() != before
+    assert (res / "pyramid" / "p2" / "level0.nii").read_bytes() != before["pyramid/p2/level0.nii"][1]
+    after = stamps(res)
+    assert [f for f in before if after[f] != before[f] and "/p2/" not in f] == []
     assert [f for f in stale if f.exists()] == []
     assert all(f.exists() for f in kept)
     assert "left by a killed run" in (res / "logs" / "pyramid" / "p2.log").read_text()
     assert "Nothing to be done" in snakemake("-n").stdout + snakemake("-n").stderr
 
 
-def test_a_failed_re_ingest_keeps_the_last_good_tables(files_study):
+def stamps(res):
+    """``{path: (mtime_ns, bytes)}`` of the study's tables, pyramids and split."""
+    files = [res / "data" / n for n in ("manifest.csv", "landmarks.csv", "split.csv")]
+    files += sorted((res / "pyramid").rglob("*.nii")) + sorted((res / "pyramid").rglob("*.json"))
+    return {str(f.relative_to(res)): (f.stat().st_mtime_ns, f.read_bytes()) for f in files}
+
+
+def test_a_scan_replaced_by_an_older_file_is_rebuilt_by_content_and_alone(files_study):
+    """cp -p (rsync -a, tar) keeps the old modification time of the file it copies: the
+    change is found by the scan's content digest, and only that case's pyramid is rebuilt."""
+    import os
+    import shutil
+    import time
+
     cohort, res, snakemake = files_study
+    before = stamps(res)
+    other = cohort.parent / "elsewhere" / "other.nii.gz"
+    write_scan(other, seed=99)
+    two_days_ago = time.time() - 2 * 86400
+    os.utime(other, (two_days_ago, two_days_ago))
+    scan = cohort / "images" / "p2.nii.gz"
+    shutil.copy2(other, scan)  # what cp -p does: the content and the old times
+    assert scan.stat().st_mtime < min(m for m, _ in before.values()) / 1e9
+    run = snakemake()
+    out = run.stdout + run.stderr
+    assert run.returncode == 0, out[-5000:]
+    after = stamps(res)
+    changed = sorted(f for f in before if after[f] != before[f])
+    # p2's levels and grid are rebuilt; grid.json holds the same grid, so compare levels
+    assert (res / "pyramid" / "p2" / "level0.nii").read_bytes() != before["pyramid/p2/level0.nii"][1]
+    assert [f for f in changed if not f.startswith("pyramid/p2/")] == [], changed
+    digest = json.loads((res / "data" / "digests" / "p2.json").read_text())
+    from locnet.fileio import load_volume
+    from locnet.ingest import scan_digest
+    assert digest["digest"] == scan_digest(*load_volume(other, dtype=None))
+    assert "1 of 4 scan(s) changed (p2)" in (res / "logs" / "ingest.log").read_text()
+    assert "Nothing to be done" in snakemake("-n").stdout
+
+
+def test_a_failed_re_ingest_keeps_the_last_good_tables(files_study):
+    """A re-ingest that fails keeps the tables; once fixed, tables that come out
+    byte-identical rebuild nothing: no table, pyramid or split is rewritten (rebuilds go by
+    content, not by the time stamps ingest's outputs get), and the error is printed once,
+    without a traceback."""
+    cohort, res, snakemake = files_study
+    before = stamps(res)
     tables = {name: (res / "data" / name).read_bytes()
               for name in ("manifest.csv", "landmarks.csv", "split.csv")}
     manifest = cohort / "manifest.csv"
@@ -390,14 +485,25 @@ def test_a_failed_re_ingest_keeps_the_last_good_tables(files_study):
     assert "Error in rule ingest" in out, out[-3000:]
     log = (res / "logs" / "ingest.log").read_text()
     assert "'p1'" in log and "gone.nii.gz" in log, log  # the case and the file
+    # one clean message: the problem line once in the terminal, no Python traceback
+    problem = next(l for l in log.splitlines() if "gone.nii.gz" in l)
+    assert out.count(problem.split(" ERROR ")[-1].strip()) == 1, out[-5000:]
+    assert "Traceback" not in out and "Traceback" not in log, out[-5000:]
     for name, content in tables.items():
         assert (res / "data" / name).read_bytes() == content, name
     # nothing downstream ran on the bad cohort; fixed, the same tables come back
     manifest.write_text(manifest.read_text().replace("images/gone.nii.gz", "images/p1.nii.gz"))
     run = snakemake()
+    out = run.stdout + run.stderr
     assert run.returncode == 0, out[-3000:]
-    for name, content in tables.items():
-        assert (res / "data" / name).read_bytes() == content, name
+    after = stamps(res)
+    assert [f for f in before if after[f] != before[f]] == [], out[-5000:]
+    assert "0 of 4 scan(s) changed" in (res / "logs" / "ingest.log").read_text()
+    counts = job_counts(out)
+    assert counts.get("ingest") == 1 and "cohort_tables" not in out.split("Job stats")[0]
+    assert "Finished jobid" in out and "rule pyramid" not in out and "rule split" not in out, \
+        out[-5000:]
+    assert "Nothing to be done" in snakemake("-n").stdout
 
 
 def test_run_methods_selects_the_methods_and_configfiles_merge(tmp_path):
@@ -433,13 +539,14 @@ def test_run_methods_selects_the_methods_and_configfiles_merge(tmp_path):
     assert run.returncode != 0 and "run_methods" in out and "locnet_double" in out, out[-3000:]
 
 
-@pytest.mark.parametrize("manifest_text", ["bad_ids", "empty"])
+@pytest.mark.parametrize("manifest_text", ["bad_ids", "empty", "no_annotation"])
 def test_bad_case_ids_and_an_empty_manifest_reach_ingest(tmp_path, manifest_text):
     """The DAG is built from the user's manifest before ingest runs: a case id that cannot
     name a file, or a zero-byte manifest, must still end in ingest's own error naming the
-    id and the file, not in a Snakemake or pandas error that names neither."""
+    id and the file, not in a Snakemake or pandas error that names neither. A landmark table
+    with only its header stops there too, naming the table, before anything trains."""
     cohort = tmp_path / "cohort"
-    ids = ["p0", "p 1", "pé2"]
+    ids = ["p0", "p1", "p2"] if manifest_text == "no_annotation" else ["p0", "p 1", "pé2"]
     lms = []
     for i, c in enumerate(ids):
         write_scan(cohort / "images" / f"s{i}.nii.gz", seed=i)
@@ -451,7 +558,9 @@ def test_bad_case_ids_and_an_empty_manifest_reach_ingest(tmp_path, manifest_text
     else:
         pd.DataFrame({"case_id": ids, "image": [f"images/s{i}.nii.gz" for i in range(3)]}
                      ).to_csv(manifest, index=False)
-    pd.DataFrame(lms).to_csv(cohort / "landmarks.csv", index=False)
+    pd.DataFrame(lms[:0] if manifest_text == "no_annotation" else lms,
+                 columns=["case_id", "landmark", "x", "y", "z"]).to_csv(
+        cohort / "landmarks.csv", index=False)
     overlay = tmp_path / "files.yaml"
     overlay.write_text(f"results: results\ncohort: {{source: files, manifest: {manifest}, "
                        f"landmarks: {cohort / 'landmarks.csv'}}}\n")
@@ -462,9 +571,14 @@ def test_bad_case_ids_and_an_empty_manifest_reach_ingest(tmp_path, manifest_text
     assert "MissingInputException" not in out and "EmptyDataError" not in out, out[-3000:]
     assert "Error in rule ingest" in out, out[-3000:]
     log = (tmp_path / "work" / "results" / "logs" / "ingest.log").read_text()
-    assert str(manifest) in log, log
+    assert manifest_text == "no_annotation" or str(manifest) in log, log
+    assert "Traceback" not in out and "Traceback" not in log, out[-3000:]
     if manifest_text == "empty":
         assert "empty" in log, log
+    elif manifest_text == "no_annotation":
+        line = next(l for l in log.splitlines() if "annotated" in l)
+        assert f"landmark file {cohort / 'landmarks.csv'}: 0 annotated landmark(s)" in line
+        assert out.count(line.split(" ERROR ")[-1].split(":", 1)[-1]) == 1, out[-3000:]
     else:
         assert "'p 1'" in log and "'pé2'" in log and "not allowed" in log, log
 

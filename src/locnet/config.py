@@ -6,13 +6,23 @@ silently falls back to a default. A config that passes the schema is then checke
 schema cannot say (:func:`_check_consistency`): every size the models derive from it (pyramid
 levels, U-Net inputs and patches, see :func:`_size_problems`) must be buildable. All such
 problems are reported together, each naming the key to change and values that work.
+
+Where a value came from: a study merges several config files (``config.yaml``, then each
+``--configfile``, then ``--config``). :func:`load_yaml` reads one, naming the file, line and
+column of a YAML error; :func:`key_sources` tells, for each key path, which of them set it
+last, and :func:`validate` and :func:`split_counts_problem` name that source beside each
+value they complain about. ``python -m locnet.config ARGS`` checks the YAML of every
+``--configfile`` in a Snakemake command line (``scripts/study.sh`` runs it first), as
+Snakemake reads those files before the workflow and names neither file nor line.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import sys
 from pathlib import Path
+from typing import Any, Mapping, Sequence
 
 import jsonschema
 import yaml
@@ -65,8 +75,107 @@ def _key_path(error: jsonschema.ValidationError) -> str:
     return ".".join(parts) or "<top level>"
 
 
-def validate(config: dict, schema: dict | None = None) -> dict:
-    """Return a validated deep copy of ``config`` with schema defaults filled in."""
+def load_yaml(path: str | Path) -> dict:
+    """Read one config file: a mapping, or ``{}`` for an empty file.
+
+    A YAML error raises :class:`ConfigError` naming the file, the line and the column (and the
+    line where the construct it breaks began), which Snakemake's "not valid JSON or YAML"
+    does not.
+    """
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: cannot be read ({exc.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
+        what = getattr(exc, "problem", None) or " ".join(str(exc).split())
+        context, cmark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+        if context and cmark is not None:
+            what += f" ({context}, line {cmark.line + 1})"
+        raise ConfigError(f"config file {where}: not valid YAML: {what}; check the "
+                          "indentation (spaces only, the same depth for keys of one "
+                          "mapping)") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: needs keys at its top level (a mapping), got "
+                          f"a {type(data).__name__}")
+    return data
+
+
+def key_sources(layers: Sequence[tuple[str, Mapping]]) -> dict[tuple[str, ...], str]:
+    """``{key path: source}``: which layer set each key last.
+
+    ``layers``: ``(name, mapping)`` in the order Snakemake merges them (``config.yaml``, each
+    ``--configfile``, then ``--config``). A mapping merges into the mapping of the same name
+    key by key, as Snakemake does; any other value replaces what was under its key.
+    """
+    out: dict[tuple[str, ...], str] = {}
+
+    def walk(node: Mapping, prefix: tuple[str, ...], name: str) -> None:
+        for key, value in node.items():
+            path = prefix + (str(key),)
+            if not isinstance(value, Mapping):
+                for old in [p for p in out if p[:len(path)] == path and p != path]:
+                    del out[old]
+            out[path] = name
+            if isinstance(value, Mapping):
+                walk(value, path, name)
+
+    for name, mapping in layers:
+        walk(mapping or {}, (), name)
+    return out
+
+
+def source_of(sources: Mapping[tuple[str, ...], str] | None, *path: str) -> str | None:
+    """The layer that set ``path`` (or the nearest key above it); None if no layer did
+    (the schema's default)."""
+    if not sources:
+        return None
+    for n in range(len(path), 0, -1):
+        if tuple(path[:n]) in sources:
+            return sources[tuple(path[:n])]
+    return None
+
+
+def _from(sources, *path: str) -> str:
+    src = source_of(sources, *path)
+    return f" (from {src})" if src else " (the schema's default)" if sources else ""
+
+
+def split_counts_problem(cfg: Mapping[str, Any], n_cases: int, cohort: str,
+                         sources: Mapping[tuple[str, ...], str] | None = None) -> str | None:
+    """Why ``split.counts`` cannot split a cohort of ``n_cases`` (described by ``cohort``),
+    naming the file each count came from; None when they fit (or are not set)."""
+    counts = (cfg.get("split") or {}).get("counts")
+    if not counts:
+        return None
+    values = counts if isinstance(counts, Mapping) else dict(zip(("train", "val", "test"),
+                                                                counts))
+    try:
+        total = sum(int(v) for v in values.values())
+    except (TypeError, ValueError):
+        return None  # the schema reports a count that is not a number
+    if total == n_cases:
+        return None
+    parts = ", ".join(f"{k} {v}{_from(sources, 'split', 'counts', str(k))}"
+                      for k, v in values.items())
+    return (f"split.counts: {parts} sum to {total}, but the cohort has {n_cases} cases "
+            f"({cohort}); every case goes to one subset, so they must sum to {n_cases}. "
+            "A --configfile merges into config.yaml key by key: give all three counts in "
+            "one file, or split.counts: null for the proportions")
+
+
+def validate(config: dict, schema: dict | None = None,
+             sources: Mapping[tuple[str, ...], str] | None = None) -> dict:
+    """Return a validated deep copy of ``config`` with schema defaults filled in.
+
+    ``sources`` (:func:`key_sources`): each problem also names the file its key came from.
+    """
     schema = load_schema() if schema is None else schema
     cfg = copy.deepcopy(config) if config is not None else {}
     validator = _default_filling_validator()(schema)
@@ -76,6 +185,9 @@ def validate(config: dict, schema: dict | None = None) -> dict:
     errors = sorted(validator.iter_errors(cfg), key=lambda e: list(e.absolute_path))
     if errors:
         lines = [f"  {_key_path(e)}: {e.message}" for e in errors]
+        if sources:
+            lines = [line + _from(sources, *_key_path(e).split("."))
+                     for line, e in zip(lines, errors)]
         raise ConfigError("invalid config:\n" + "\n".join(lines))
     _check_consistency(cfg)
     return cfg
@@ -284,5 +396,38 @@ def _check_consistency(cfg: dict) -> None:
 
 
 def load(path: str | Path) -> dict:
-    with open(path) as fh:
-        return validate(yaml.safe_load(fh) or {})
+    return validate(load_yaml(path))
+
+
+def configfiles_of(argv: Sequence[str]) -> list[str]:
+    """The files after ``--configfile`` / ``--configfiles`` in a Snakemake command line."""
+    files, taking = [], False
+    for arg in argv:
+        if arg in ("--configfile", "--configfiles"):
+            taking = True
+        elif arg.startswith(("--configfile=", "--configfiles=")):
+            files.append(arg.split("=", 1)[1])
+            taking = False
+        elif taking and not arg.startswith("-"):
+            files.append(arg)
+        else:
+            taking = False
+    return files
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m locnet.config SNAKEMAKE_ARGS...``: check the YAML of each --configfile."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    problems = []
+    for path in configfiles_of(argv):
+        try:
+            load_yaml(path)
+        except ConfigError as exc:
+            problems.append(str(exc))
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

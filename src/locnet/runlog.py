@@ -9,6 +9,11 @@ Usage in a workflow script::
 Python warnings, ``logging`` records and an uncaught exception (with traceback) all land in
 the rule's log file as well as on stderr, so a failed job explains itself in one place.
 
+A user error (:data:`USER_ERRORS`: bad input data, :class:`locnet.fileio.InputError`, or a bad
+config, :class:`locnet.config.ConfigError`) is a message for the user, not a bug: it is
+written once, to the log and to stderr, without a traceback, and the job exits with status 1
+(:class:`SystemExit`), so Snakemake reports the failed rule without a second copy of it.
+
 At its start a job also logs where its ``locnet`` was imported from (the workflow puts the
 checkout's ``src/`` first on every job's path) and deletes the temporaries that a killed
 earlier run of the same job left beside its outputs
@@ -25,7 +30,11 @@ import time
 
 import locnet
 
+from . import config as _config
 from . import fileio
+
+#: exceptions whose message is the whole story (it names the case, the file and the reason)
+USER_ERRORS = (fileio.InputError, _config.ConfigError)
 
 
 @contextlib.contextmanager
@@ -67,6 +76,9 @@ def job_logging(smk=None, log_path: str | None = None, name: str = "locnet"):
         )
     try:
         yield log
+    except USER_ERRORS as exc:
+        log.error("%s", exc)
+        raise SystemExit(1) from None
     except BaseException:
         log.exception("job failed")
         raise

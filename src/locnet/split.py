@@ -6,6 +6,8 @@ from explicit ``counts`` or from ``proportions`` by largest-remainder rounding (
 167 / 42 / 54 of 263 is reproduced exactly; other cohort sizes keep the proportions), with at
 least one case in every subset. :func:`write_split` writes ``data/split.csv`` once and refuses
 to replace a different existing split unless forced: every rule reuses the same split.
+:func:`check_annotations` refuses a split whose subsets hold too few annotated landmarks
+(:data:`MIN_ANNOTATED`) for what each subset is for, before any model is trained on it.
 """
 
 from __future__ import annotations
@@ -19,10 +21,20 @@ import pandas as pd
 
 from .fileio import InputError, write_csv_atomic
 
-__all__ = ["SUBSETS", "SplitExistsError", "make_split", "read_split", "split_sizes",
-           "write_split"]
+__all__ = ["MIN_ANNOTATED", "SUBSETS", "SplitExistsError", "check_annotations", "make_split",
+           "read_split", "split_sizes", "write_split"]
 
 SUBSETS = ("train", "val", "test")
+
+#: fewest annotated landmarks (rows with x, y, z) each subset needs, and what for. Training
+#: with none has a loss of 0 and learns nothing; model selection with none compares NaN
+#: validation errors and keeps the untrained epoch 0, and the quality threshold and the
+#: calibration have no sample; a test subset with none has no error to report.
+MIN_ANNOTATED = {
+    "train": (1, "training (the loss needs a target)"),
+    "val": (1, "model selection and calibration (the validation error needs a target)"),
+    "test": (1, "the test errors of Table 1"),
+}
 
 
 class SplitExistsError(FileExistsError):
@@ -156,3 +168,29 @@ def write_split(df: pd.DataFrame, path: Any, force: bool = False) -> bool:
             "kept. Delete it (and the results built on it) or force the rewrite to change it.")
     write_csv_atomic(out, path)
     return True
+
+
+def check_annotations(split: pd.DataFrame, landmarks: pd.DataFrame, table: Any,
+                      source: Any = None) -> dict[str, int]:
+    """Annotated landmarks per subset; raises :class:`InputError` when a subset has fewer
+    than :data:`MIN_ANNOTATED` asks, one line per such subset naming it, its count, what it
+    needs and why, its cases and the landmark ``table`` (``source``: the user's table it
+    was checked from, named too)."""
+    annotated = landmarks.dropna(subset=["x", "y", "z"])
+    per_case = annotated.groupby("case_id").size()
+    counts, problems = {}, []
+    for subset in SUBSETS:
+        cases = split.loc[split["subset"] == subset, "case_id"].astype(str).tolist()
+        counts[subset] = n = int(sum(per_case.get(c, 0) for c in cases))
+        need, why = MIN_ANNOTATED[subset]
+        if n >= need:
+            continue
+        shown = ", ".join(repr(c) for c in cases[:10]) + (", ..." if len(cases) > 10 else "")
+        origin = f" (checked from {source})" if source is not None else ""
+        problems.append(
+            f"{subset} subset: {n} annotated landmark(s) in the landmark file {table}{origin}, "
+            f"at least {need} needed for {why}; its {len(cases)} case(s): {shown}. Annotate "
+            "more of these cases, or change split.seed or split.counts")
+    if problems:
+        raise InputError(f"{len(problems)} problem(s) in the split:\n" + "\n".join(problems))
+    return counts

@@ -1,5 +1,6 @@
 # Shared helpers: config validation, case lists, paths. Imported by every other .smk file.
 import functools
+import hashlib
 import os
 import sys
 
@@ -30,8 +31,26 @@ import locnet.methods
 import locnet.metrics
 import locnet.seeds
 
+
+
+def config_layers():
+    """``(name, mapping)`` of each config source in the order Snakemake merged them: the
+    Snakefile's config.yaml, each --configfile, then --config (names checkout-relative)."""
+    cli = [str(f) for f in workflow.config_settings.configfiles]
+    layers = []
+    for f in dict.fromkeys([str(f) for f in workflow.configfiles if str(f) not in cli] + cli):
+        rel = os.path.relpath(os.path.abspath(f), workflow.basedir)
+        layers.append((os.path.abspath(f) if rel.startswith("..") else rel,
+                       locnet.config.load_yaml(f)))
+    if workflow.config_settings.config:
+        layers.append(("--config", dict(workflow.config_settings.config)))
+    return layers
+
+
 try:
-    _validated = locnet.config.validate(config)
+    # which file set each key, so that a problem names the file to edit
+    CONFIG_SOURCES = locnet.config.key_sources(config_layers())
+    _validated = locnet.config.validate(config, sources=CONFIG_SOURCES)
 except locnet.config.ConfigError as err:
     raise WorkflowError(str(err)) from None
 config.clear()
@@ -92,8 +111,9 @@ def case_ids():
 def raw_scans():
     """Case id -> scan path, from the raw manifest, known when the DAG is built.
 
-    The scans are inputs of ingest and of their pyramid jobs, so a scan replaced under the
-    same name is checked again and rebuilds the pyramids and everything downstream. A manifest that cannot be read
+    The scans are inputs of ingest (by time, and by file status: inputs_stat) and ancient()
+    inputs of their pyramid jobs, which are rebuilt when the scan's content digest changes
+    (written by ingest: docs/data.md). A manifest that cannot be read
     here, a duplicate case or a scan that does not exist is left to rule ingest, which
     reports every problem at once with case and file.
     """
@@ -109,6 +129,24 @@ def raw_scans():
     return scans
 
 
+def check_split_counts():
+    """split.counts must sum to the cohort's size: checked before any job runs, naming the
+    file each count came from (a --configfile that gives two of them keeps the third from
+    config.yaml)."""
+    if config["cohort"]["source"] == "synthetic":
+        n = config["synthetic"]["n_cases"]
+        src = locnet.config.source_of(CONFIG_SOURCES, "synthetic", "n_cases") or "the default"
+        cohort = f"synthetic.n_cases: {n}, from {src}"
+    else:
+        n = len(case_ids())
+        if n == 0:
+            return  # unreadable or empty manifest: ingest reports it, naming the file
+        cohort = f"cases in cohort.manifest {config['cohort']['manifest']}"
+    problem = locnet.config.split_counts_problem(config, n, cohort, CONFIG_SOURCES)
+    if problem:
+        raise WorkflowError(problem)
+
+
 def existing_scans():
     """The scans of the raw manifest that exist (a synthetic one: always, it is made here)."""
     if config["cohort"]["source"] == "synthetic":
@@ -122,6 +160,60 @@ def case_scan(wildcards):
     if path is None or (config["cohort"]["source"] == "files" and not os.path.isfile(path)):
         return []
     return [path]
+
+
+def digest_file(case):
+    """The content digest of a case's scan, written by ingest (locnet.ingest.write_digest)."""
+    return f"{RES}/data/digests/{case}.json"
+
+
+def inputs_stat():
+    """A fingerprint of the file status (size, modification and change time, inode) of the
+    user's tables and scans, a param of ingest; a change re-runs ingest, which compares
+    the scans by content. A file copied in with old modification times (cp -p, rsync -a,
+    tar) still gets a new change time (ctime), which no user program can set back.
+
+    Empty for the synthetic cohort: its scans are made by this workflow, which tracks them.
+    """
+    if config["cohort"]["source"] == "synthetic":
+        return ""
+    h = hashlib.sha256()
+    for p in [config["cohort"]["manifest"], config["cohort"]["landmarks"]] + existing_scans():
+        try:
+            st = os.stat(p)
+        except OSError:
+            h.update(f"{os.path.abspath(p)} missing\n".encode())
+            continue
+        h.update(f"{os.path.abspath(p)} {st.st_size} {st.st_mtime_ns} {st.st_ctime_ns} "
+                 f"{st.st_ino}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def after_ingest(wildcards=None):
+    """An input function that adds no file but makes its job wait for checkpoint ingest.
+
+    When ingest has to run (an input may have changed), Snakemake cannot yet know which later
+    jobs must follow: a job that calls this is planned only after ingest has run, from the
+    files as they then are. Without it, a job planned behind ingest would run because ingest
+    runs, even when ingest's outputs (tables, digests) come out byte-identical.
+    """
+    checkpoints.ingest.get()
+    return []
+
+
+#: the rules that do not wait for ingest: the ones before it
+BEFORE_INGEST = {"synthetic_case", "synthetic_cohort", "ingest"}
+
+
+def gate_on_ingest():
+    """Make every later step wait for ingest (input ``checked``, :func:`after_ingest`).
+
+    Called once at the end of the Snakefile, after every rule is defined (the target rule
+    all too), so a rule added later waits as well.
+    """
+    for r in workflow.rules:
+        if r.name not in BEFORE_INGEST:
+            r.set_input(checked=after_ingest)
 
 
 def pyramid_files(case):

@@ -1,5 +1,7 @@
 # Data stage: synthetic cohort (optional) -> checked cohort tables -> per-case pyramid -> split.
 
+check_split_counts()
+
 
 rule synthetic_case:
     """One synthetic neck-CTA scan and its two bifurcation landmarks (world RAS mm)."""
@@ -40,13 +42,25 @@ rule synthetic_cohort:
         "../scripts/synthetic_cohort.py"
 
 
-rule ingest:
+checkpoint ingest:
     """Check the cohort (images, landmarks) and write the normalised tables (world RAS mm).
 
     They are written beside the study's tables, which rule cohort_tables then replaces with
     them. Snakemake deletes a job's outputs when the job starts, so a re-ingest that fails its
     checks deletes only these staged copies: the tables of the last good ingest stay, and
     nothing downstream runs.
+
+    It also writes each case's content digest (data/digests/{case}.json, of the decoded scan),
+    which the case's pyramid depends on: a scan is rebuilt when its content changes, not when
+    its time stamp does. It runs whenever an input may have changed: newer inputs, and any
+    change to their file status (params inputs_stat), which a copy with old times (cp -p,
+    rsync -a, tar) cannot hide.
+
+    A checkpoint, and every later rule waits for it (gate_on_ingest in common.smk): once it
+    has run, Snakemake plans every later job afresh, and a job whose inputs came out
+    byte-identical (tables and digests are compared by checksum) is not rerun. The digests are
+    update() outputs: Snakemake keeps them while ingest runs (and restores them if it fails),
+    and ingest rewrites only those whose content changed.
     """
     input:
         manifest=raw_manifest_path(),
@@ -57,12 +71,15 @@ rule ingest:
         # same folder as the final tables: relative image paths stay valid in the copy
         manifest=f"{RES}/data/manifest.staged.csv",
         landmarks=f"{RES}/data/landmarks.staged.csv",
+        digests=[update(digest_file(c)) for c in case_ids()],
     params:
         landmark_names=config["landmarks"],
         coordinate_system=config["cohort"]["coordinate_system"],
         split=config["split"],
         # the scan checks depend on the grid and the intensity window (locnet.ingest)
         pyramid=config["pyramid"],
+        # size, times and inode of the user's tables and scans: any change re-runs the checks
+        inputs_stat=inputs_stat(),
     log:
         f"{RES}/logs/ingest.log",
     benchmark:
@@ -77,7 +94,11 @@ rule ingest:
 
 
 rule cohort_tables:
-    """The study's cohort tables: byte copies of the checked tables that ingest staged."""
+    """The study's cohort tables: byte copies of the checked tables that ingest staged.
+
+    Not rerun when the staged tables are byte-identical to the ones it copied last (Snakemake
+    compares the checksums of inputs under 1 MB), so nothing after it reruns either.
+    """
     input:
         manifest=f"{RES}/data/manifest.staged.csv",
         landmarks=f"{RES}/data/landmarks.staged.csv",
@@ -94,11 +115,16 @@ rule cohort_tables:
 
 
 rule pyramid:
-    """Resample one scan to the finest isotropic RAS grid, then average down level by level."""
+    """Resample one scan to the finest isotropic RAS grid, then average down level by level.
+
+    Rebuilt when the scan's content digest changes (ingest rewrites it then), not when the
+    scan's or the table's time stamp does: the checked table (where the job finds the scan)
+    and the scan itself are ancient(), read but not compared by time.
+    """
     input:
-        # the checked table (the cohort passed ingest) and the scan the job reads
-        manifest=f"{RES}/data/manifest.csv",
-        scan=case_scan,
+        digest=f"{RES}/data/digests/{{case}}.json",
+        manifest=ancient(f"{RES}/data/manifest.csv"),
+        scan=lambda wc: [ancient(f) for f in case_scan(wc)],
     output:
         levels=[f"{RES}/pyramid/{{case}}/level{l}.nii" for l in LEVELS],
         grid=f"{RES}/pyramid/{{case}}/grid.json",
@@ -119,13 +145,19 @@ rule pyramid:
 
 
 rule split:
-    """Seeded train/val/test split, written once and read by every later rule."""
+    """Seeded train/val/test split, written once and read by every later rule.
+
+    Refuses a subset with too few annotated landmarks (locnet.split.MIN_ANNOTATED), before
+    any model trains on it.
+    """
     input:
         manifest=f"{RES}/data/manifest.csv",
+        landmarks=f"{RES}/data/landmarks.csv",
     output:
         split=f"{RES}/data/split.csv",
     params:
         split=config["split"],
+        raw_landmarks=raw_landmarks_path(),
     log:
         f"{RES}/logs/split.log",
     localrule: True

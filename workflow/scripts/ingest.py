@@ -1,5 +1,7 @@
 """Check the cohort and write the normalised tables (thin adapter; logic in locnet.ingest)."""
 
+from pathlib import Path
+
 from locnet import ingest
 from locnet.runlog import job_logging
 
@@ -18,6 +20,11 @@ with job_logging(snakemake) as log:
         min_cases=3,
         split_counts=sp.get("counts"),
         threads=snakemake.threads,
+        # a table with no annotated landmark at all trains nothing: stop here, naming it
+        min_annotated=1,
+        # each case's content digest, rewritten only when it changed: the pyramid of a case
+        # depends on it, so a scan is rebuilt when its content changes, not its time stamp
+        digest_dir=Path(snakemake.output.digests[0]).parent if snakemake.output.digests else None,
         **ingest.pyramid_checks(pyramid),
     )
     n_missing = int(landmarks[["x", "y", "z"]].isna().any(axis=1).sum())
