@@ -122,9 +122,9 @@ class LandmarkModel(keras.Model):
         on the way (the finest level then returned its crop centre for good).
         """
         n = int(logits.shape[1])
-        target_vox = ops.stop_gradient(target_vox)
+        target_vox = ops.stop_gradient(ops.convert_to_tensor(target_vox, logits.dtype))
         inside = ops.all((target_vox >= -0.5) & (target_vox <= n - 0.5), axis=-1)
-        mask = ops.cast(mask > 0, logits.dtype) * ops.cast(inside, logits.dtype)
+        mask = ops.cast(ops.convert_to_tensor(mask) > 0, logits.dtype) * ops.cast(inside, logits.dtype)
         unit = gaussian_maps(target_vox, n, self.map_supervision["sigma_voxels"])
         peak = self.map_supervision["peak"]
         return masked_mean(map_prior_loss(logits, ops.cast(unit, logits.dtype), peak), mask)
