@@ -201,16 +201,17 @@ def test_labels_of_the_shipped_configs_and_schema_defaults():
         "heatmap_unet": "U-Net heatmap (2.5 mm)",
         "locnet_single": "Loc-Net single scale (2.5 mm)",
         "patch_baseline": "Patch-based CNN, Noothout 2018 (2.5 mm)",
-        "multiscale_multistep": "Loc-Net multi-scale, multi-step (10-1.25 mm)",
-        "multiscale_e2e": "Loc-Net multi-scale, end to end (10-1.25 mm)",
-        "multiscale_e2e_noise": "Loc-Net multi-scale, end to end + noise (10-1.25 mm)",
+        "multiscale_multistep": "Loc-Net multi-scale, multi-step (5-1.25 mm)",
+        "multiscale_e2e": "Loc-Net multi-scale, end to end (5-1.25 mm)",
+        "multiscale_e2e_noise": "Loc-Net multi-scale, end to end + noise (5-1.25 mm)",
     }
     # the paper's own settings give the paper's spacings (its Table 1 says "1 mm")
     paper = cfgmod.load("config/paper.yaml")
     assert metrics.method_label("heatmap_unet", paper) == "U-Net heatmap (1 mm)"
     assert metrics.method_label("multiscale_e2e_noise", paper).endswith("(4-0.5 mm)")
-    # a partial config takes the schema's defaults
-    assert metrics.method_labels(METHODS, {}) == metrics.method_labels(METHODS, default)
+    # a partial config takes the schema's defaults (4 levels of 1.25 mm and up)
+    assert metrics.method_labels(METHODS, {}) == metrics.method_labels(METHODS, cfgmod.validate({}))
+    assert metrics.method_label("multiscale_e2e", {}).endswith("(10-1.25 mm)")
 
 
 def test_labels_from_config_context():
