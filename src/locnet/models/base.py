@@ -5,13 +5,14 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+from locnet.config import defaults
 from locnet.geometry import grid_mm_to_voxel, voxel_to_grid_mm
 from locnet.models.maps import gaussian_maps, map_prior_loss
 
 __all__ = ["LandmarkModel", "masked_mean", "map_supervision_config", "MAP_SUPERVISION_OFF"]
 
 #: The map prior switched off: the paper's Loc-Net (centre-of-mass loss alone).
-MAP_SUPERVISION_OFF = {"weight": 0.0, "sigma_voxels": 2.0, "threshold": 0.1, "peak": 30.0}
+MAP_SUPERVISION_OFF = defaults("definitions", "map_supervision")  # the schema's: weight 0
 
 
 def masked_mean(values, mask):
