@@ -206,6 +206,30 @@ def test_multistep_phases_freeze_and_resume_mid_phase(cohort, tmp_path):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
+def test_multistep_with_map_prior_trains_finer_nets_on_the_prior_early(cohort, tmp_path):
+    """With the map prior, phase 0 (the coarse level's position error) also moves the finer
+    net (its prior alone: its position error weighs 0); phase 1 leaves the coarse net frozen."""
+    class Snap(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.weights = {}
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.weights[epoch] = [[v.numpy() for v in net.weights]
+                                   for net in self.model.level_nets]
+
+    snap = Snap()
+    cfg = {"patch": 4, "unet": TINY_UNET, "map_supervision": {"weight": 1.0}}
+    r = run(cohort, tmp_path, method="multiscale_multistep", method_cfg=cfg, epochs=4,
+            callbacks=[snap])
+    np.testing.assert_array_equal(r["history"].weight_level0[1:], [0, 0, 1, 1])
+    same = lambda a, b: all(np.array_equal(x, y) for x, y in zip(a, b))  # noqa: E731
+    assert not same(snap.weights[0][0], snap.weights[1][0])  # finer net: prior in phase 0
+    assert not same(snap.weights[0][1], snap.weights[1][1])  # coarse net: its own phase
+    assert same(snap.weights[1][1], snap.weights[3][1])  # coarse net frozen in phase 1
+    assert not same(snap.weights[2][0], snap.weights[3][0])
+
+
 def test_mean_error_masks_missing_landmarks():
     pred = np.array([[[0, 0, 0], [9, 9, 9]]], float)
     true = np.array([[[3, 4, 0], [0, 0, 0]]], float)

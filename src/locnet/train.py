@@ -289,10 +289,17 @@ def _level_net_items(model) -> list[tuple[int, object]]:
 
 
 def _set_trainable_level(model, level: int | None) -> None:
-    """Only ``model.level_nets[level]`` trainable (``None``: everything trainable)."""
+    """Only ``model.level_nets[level]`` trainable (``None``: everything trainable).
+
+    A chain with the map prior (``model.supervised``) also trains the nets of the finer levels
+    ``l < level``: their position errors weigh 0 until their own phase, so the prior alone
+    moves them, and each level's maps are peaks, not silent, when its phase starts. Finished
+    (coarser) levels stay frozen.
+    """
     model.trainable = True
+    prior = bool(getattr(model, "supervised", False))
     for l, net in _level_net_items(model):
-        net.trainable = level is None or l == level
+        net.trainable = level is None or l == level or (prior and l < level)
 
 
 # --------------------------------------------------------------------------------------------
