@@ -358,6 +358,41 @@ def test_patch_baseline_decoding_and_perfect_prediction_loss():
     assert float(_np(model.cls_tracker.result())) < 1e-2
 
 
+def test_patch_baseline_options_cells_soft_labels_positive_weight():
+    # cell_voxels: the whole U-Net averaged over 2^3-voxel cells of level 1 (8^3 at 10 mm -> 4^3)
+    model = _build("patch_baseline", cell_voxels=2)
+    assert model.pool is not None and model.n_cells == 4 and model.cell_mm == 20.0
+    out = model(_tiny_inputs(1))
+    assert tuple(out["logits"].shape) == (1, 4, 4, 4, 2)
+    net_out = _np(model.net(_tiny_inputs(1)["level1"]))  # (1, 8, 8, 8, 8): 4 K channels
+    np.testing.assert_allclose(_np(out["logits"])[0, 1, 2, 3],
+                               net_out[0, 2:4, 4:6, 6:8, :2].mean(axis=(0, 1, 2)), rtol=1e-5)
+    again = type(model).from_config(model.get_config())
+    assert again.cell_voxels == 2 and again.pool is not None
+    with pytest.raises(ValueError, match="not divisible"):
+        _build("patch_baseline", cell_voxels=3)
+    # soft labels: a Gaussian of the distance to the landmark, 1 at a cell centre
+    soft = _build("patch_baseline", label_sigma_mm=10.0)  # 20 mm cells
+    centres = soft._cell_centres_mm
+    target = centres[[5, 40]][None].astype(np.float32)  # (1, K=2, 3) at two cell centres
+    disp = target[:, None] - centres[None, :, None]
+    labels = _np(soft.cell_labels(target, disp))
+    assert labels[0, 5, 0] == pytest.approx(1.0) and labels[0, 40, 1] == pytest.approx(1.0)
+    d = np.linalg.norm(centres - centres[5], axis=1)
+    np.testing.assert_allclose(labels[0, :, 0], np.exp(-0.5 * d**2 / 100.0), rtol=1e-5)
+    hard = _np(_build("patch_baseline").cell_labels(target, disp))
+    assert hard.sum() == 2 and hard[0, 5, 0] == 1 and hard[0, 40, 1] == 1
+    # positive_weight w: one positive cell counts w negative ones (balanced: half the loss)
+    lf = np.random.default_rng(0).normal(size=(1, 64, 2)).astype(np.float32)
+    sp = lambda v: np.log1p(np.exp(v))  # noqa: E731
+    p_term, n_term = sp(-lf[0, 5, 0]), sp(lf[0, :, 0]).sum() - sp(lf[0, 5, 0])
+    weighted = _build("patch_baseline", positive_weight=20.0)
+    got = _np(weighted.class_loss(lf, hard, 1.0 - hard))[0, 0]
+    assert got == pytest.approx((20 * p_term + n_term) / (20 + 63), rel=1e-5)
+    got = _np(soft.class_loss(lf, hard, 1.0 - hard))[0, 0]  # the default: balanced
+    assert got == pytest.approx(p_term + n_term / 63, rel=1e-5)
+
+
 # ----------------------------------------------------------------------------------------
 # Saving and test-time passes
 # ----------------------------------------------------------------------------------------

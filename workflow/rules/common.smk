@@ -353,6 +353,8 @@ def study_summary():
     out["finest grid"] = f"{p['finest_shape']}^3 at {p['finest_spacing_mm']} mm"
     out["levels"] = p["levels"]
     out["epochs"] = config["training"]["epochs"]
+    if overrides := training_overrides_summary():
+        out["epochs"] = f"{out['epochs']} ({overrides})"
     out["seeds per method"] = config["training"]["seeds"]
     w = config["training"]["selection_window"]
     out["model selection"] = ("lowest validation error of a single epoch" if w == 1 else
@@ -361,6 +363,21 @@ def study_summary():
     out["map prior"] = map_prior_summary()
     out["seed"] = config["seed"]
     return out
+
+
+def training_overrides_summary():
+    """The methods whose own block overrides the shared training settings, in words
+    ("Patch-based CNN, Noothout 2018: epochs 50, learning rate 0.002"), or ""."""
+    shared = config["training"]
+    parts = []
+    for m in enabled_methods():
+        own = locnet.config.training_config(config, m)
+        diff = [f"{k.replace('_', ' ')} {own[k]:g}" if isinstance(own[k], (int, float))
+                else f"{k.replace('_', ' ')} {own[k]}"
+                for k in locnet.config.TRAIN_KEYS if own.get(k) != shared.get(k)]
+        if diff:
+            parts.append(f"{locnet.methods.get(m).label}: {', '.join(diff)}")
+    return "; ".join(parts)
 
 
 def map_prior_summary():

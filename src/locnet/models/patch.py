@@ -31,7 +31,9 @@ class PatchBaseline(LandmarkModel):
 
     Network: the shared U-Net builder with ``decoder=False`` (its encoder: conv blocks and
     max pooling, then the 1x1x1 head), i.e. an FCN with output stride ``c``; displacements
-    are predicted in cell widths and scaled to mm. Outputs ``"position"`` (grid mm),
+    are predicted in cell widths and scaled to mm. With ``cell_voxels`` the whole U-Net
+    (encoder and decoder) runs instead and its outputs are averaged over cells of
+    ``cell_voxels^3`` voxels: finer cells that still see the whole level's context. Outputs ``"position"`` (grid mm),
     ``"logits"`` (B, m, m, m, K) and ``"displacement"`` (B, m, m, m, K, 3) in mm.
 
     Deviations from the paper: whole-level FCN training instead of sampled patches (the
@@ -51,6 +53,9 @@ class PatchBaseline(LandmarkModel):
         regress_radius_mm: float | None = None,
         regression_weight: float = 1.0,
         cls_threshold: float = 0.5,
+        cell_voxels: int | None = None,
+        label_sigma_mm: float | None = None,
+        positive_weight: float | None = None,
         **kwargs,
     ):
         self.level = int(level)
@@ -59,24 +64,33 @@ class PatchBaseline(LandmarkModel):
         )
         self.input_levels = (self.level,)
         self.unet_config = unet_kwargs(unet or {})
-        self.cell = 2 ** (len(self.unet_config["filters"]) - 1)
+        self.cell_voxels = None if cell_voxels is None else int(cell_voxels)
+        # encoder only (output stride = the cell), or the whole U-Net averaged over cells
+        decoder = self.cell_voxels is not None
+        self.cell = self.cell_voxels if decoder else 2 ** (len(self.unet_config["filters"]) - 1)
         self.cell_mm = self.cell * self.level_spacing(self.level)
         self.regress_radius_mm = (
             2.0 * self.cell_mm if regress_radius_mm is None else float(regress_radius_mm)
         )
         self.regression_weight = float(regression_weight)
         self.cls_threshold = float(cls_threshold)
+        self.label_sigma_mm = None if label_sigma_mm is None else float(label_sigma_mm)
+        self.positive_weight = None if positive_weight is None else float(positive_weight)
         n = self.level_size(self.level)
+        if n % self.cell:
+            raise ValueError(f"patch_baseline: level {self.level} ({n} voxels) is not divisible "
+                             f"into cells of {self.cell} voxels")
         self.n_cells = n // self.cell
         k = self.n_landmarks
         self.net = build_unet(
             (n, n, n, 1),
             4 * k,
             out_activation="linear",
-            decoder=False,
+            decoder=decoder,
             name=f"patch_fcn_level{self.level}",
             **self.unet_config,
         )
+        self.pool = keras.layers.AveragePooling3D(self.cell, name="cells") if decoder else None
         m = self.n_cells
         idx = np.stack(np.meshgrid(*([np.arange(m)] * 3), indexing="ij"), -1).reshape(-1, 3)
         self._cell_index = idx.astype("float32")  # (C, 3)
@@ -91,6 +105,8 @@ class PatchBaseline(LandmarkModel):
     def call(self, inputs, training=None):
         k, m = self.n_landmarks, self.n_cells
         out = self.net(inputs[f"level{self.level}"], training=training)
+        if self.pool is not None:
+            out = self.pool(out)
         logits = out[..., :k]
         disp = ops.reshape(out[..., k:], (-1, m, m, m, k, 3)) * self.cell_mm
         return {"position": self.decode(logits, disp), "logits": logits, "displacement": disp}
@@ -109,24 +125,43 @@ class PatchBaseline(LandmarkModel):
         pos = ops.sum(w[..., None] * cand, axis=1) / ops.sum(w, axis=1)[..., None]
         return ops.stop_gradient(pos)
 
+    def cell_labels(self, target, disp_t):
+        """Class targets (B, C, K): 1 for the cell holding the landmark, else 0; with
+        ``label_sigma_mm`` a Gaussian of the distance from the cell centre to the landmark
+        (soft labels: a cell next to the landmark's is not a full negative)."""
+        if self.label_sigma_mm is not None:
+            d2 = ops.sum(ops.square(disp_t), axis=-1)
+            return ops.exp(-0.5 * d2 / self.label_sigma_mm**2)
+        v = self.to_voxel(target, self.level)
+        cell = ops.floor((v + 0.5) / self.cell)
+        grid = ops.convert_to_tensor(self._cell_index)
+        return ops.cast(
+            ops.all(ops.equal(grid[None, :, None, :], cell[:, None, :, :]), axis=-1),
+            target.dtype,
+        )
+
+    def class_loss(self, lf, pos, neg):
+        """Cross-entropy (B, K) of the cell logits ``lf`` (B, C, K): balanced (the mean over
+        positive cells + the mean over negative ones), or with ``positive_weight`` w the
+        weighted mean in which a positive cell counts w times a negative one."""
+        pos_term = ops.sum(pos * ops.softplus(-lf), axis=1)
+        neg_term = ops.sum(neg * ops.softplus(lf), axis=1)
+        if self.positive_weight is None:
+            return pos_term / ops.maximum(ops.sum(pos, axis=1), 1e-6) + neg_term / ops.maximum(
+                ops.sum(neg, axis=1), 1.0)
+        w = self.positive_weight
+        return (w * pos_term + neg_term) / (w * ops.sum(pos, axis=1) + ops.sum(neg, axis=1))
+
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         k, c = self.n_landmarks, self.n_cells**3
         lf = ops.reshape(y_pred["logits"], (-1, c, k))
         df = ops.reshape(y_pred["displacement"], (-1, c, k, 3))
         target = ops.cast(y["position"], lf.dtype)  # (B, K, 3)
-        v = self.to_voxel(target, self.level)
-        cell = ops.floor((v + 0.5) / self.cell)
-        grid = ops.convert_to_tensor(self._cell_index)
-        pos = ops.cast(
-            ops.all(ops.equal(grid[None, :, None, :], cell[:, None, :, :]), axis=-1),
-            lf.dtype,
-        )  # (B, C, K)
-        neg = 1.0 - pos
-        bce = ops.sum(pos * ops.softplus(-lf), axis=1) / ops.maximum(
-            ops.sum(pos, axis=1), 1.0
-        ) + ops.sum(neg * ops.softplus(lf), axis=1) / ops.maximum(ops.sum(neg, axis=1), 1.0)
         centres = ops.convert_to_tensor(self._cell_centres_mm)
         disp_t = target[:, None, :, :] - centres[None, :, None, :]  # (B, C, K, 3)
+        pos = self.cell_labels(target, disp_t)  # (B, C, K)
+        neg = 1.0 - pos
+        bce = self.class_loss(lf, pos, neg)
         near = ops.cast(
             ops.sqrt(ops.sum(ops.square(disp_t), axis=-1)) <= self.regress_radius_mm,
             lf.dtype,
@@ -150,6 +185,9 @@ class PatchBaseline(LandmarkModel):
                 "regress_radius_mm": self.regress_radius_mm,
                 "regression_weight": self.regression_weight,
                 "cls_threshold": self.cls_threshold,
+                "cell_voxels": self.cell_voxels,
+                "label_sigma_mm": self.label_sigma_mm,
+                "positive_weight": self.positive_weight,
             }
         )
         return config
@@ -164,5 +202,8 @@ def build(c: dict, common: dict) -> PatchBaseline:
         regress_radius_mm=None if radius is None else float(radius),
         regression_weight=float(c["regression_weight"]),
         cls_threshold=float(c["cls_threshold"]),
+        cell_voxels=None if c["cell_voxels"] is None else int(c["cell_voxels"]),
+        label_sigma_mm=None if c["label_sigma_mm"] is None else float(c["label_sigma_mm"]),
+        positive_weight=None if c["positive_weight"] is None else float(c["positive_weight"]),
         **common,
     )
