@@ -98,6 +98,15 @@ def test_box_is_the_memory_maps_slice(cohort):
                 assert np.all((lo >= corner) | (lo < 0))
                 assert np.all((hi < corner + boxes[l]["shape"]) | (hi >= n))
     assert len(shapes) == len(boxes)  # one shape per level for every case: no retracing
+    # an epoch with readahead (which cuts the next case's boxes on its thread) gives the same
+    for b in range(len(boxed)):
+        x, _ = boxed[b]
+        direct = dataset(cohort, boxes).case_batch(b)[0]
+        assert sorted(x) == sorted(direct)
+        for key in x:
+            np.testing.assert_array_equal(x[key], direct[key])
+    boxed.readahead.wait()
+    assert list(boxed._ready) == []  # every box cut ahead was used
     # a batch of several cases stacks the boxes and their corners
     x, _ = dataset(cohort, boxes).batch([0, 3])
     assert x["offset0"].shape == (2, 3) and x["level0"].shape == (2, *boxes[0]["shape"], 1)

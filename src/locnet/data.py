@@ -233,10 +233,15 @@ class PageCacheReadahead:
     def __init__(self, reader=read_into_page_cache):
         self._thread: threading.Thread | None = None
         self.reader = reader  # reads what a request names (default: whole files)
+        self.pending: list = []  # what the current request names
+
+    def busy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
     def request(self, paths) -> bool:
-        if self._thread is not None and self._thread.is_alive():
+        if self.busy():
             return False
+        self.pending = list(paths)
         self._thread = threading.Thread(
             target=self.reader, args=(list(paths),), name="locnet-readahead", daemon=True
         )
@@ -249,7 +254,7 @@ class PageCacheReadahead:
             self._thread.join(timeout)
 
     def __getstate__(self):  # a dataset copied to another process starts without a thread
-        return {"_thread": None, "reader": self.reader}
+        return {"_thread": None, "reader": self.reader, "pending": []}
 
 
 # --------------------------------------------------------------------------------------------
@@ -269,8 +274,8 @@ class LandmarkDataset(keras.utils.PyDataset):
         cache_size: how many cases keep their memory maps open (LRU). 0 reopens every time.
         mmap: memory-map the level files (default); False reads them into memory per batch.
         readahead: with ``mmap``, read the next batch's level files into the page cache on a
-            background thread while the current batch trains (default on); with ``boxes``, only
-            the boxes' parts of them.
+            background thread while the current batch trains (default on); with ``boxes``, the
+            thread cuts the next batch's boxes (the same arrays the batch would cut).
         boxes: ``{level: {"shape": (3,), "reach": r}}`` (:func:`chain_boxes`): deliver these
             levels as boxes of that shape around each case's landmarks, with their corners as
             inputs ``offset{level}``; the other levels whole. ``None`` (default): all whole.
@@ -318,6 +323,7 @@ class LandmarkDataset(keras.utils.PyDataset):
         # targets are tiny (K x 3 per case): computed once, grid.json read once per case
         self._targets = []
         self._corners = []  # the box corners of each case (boxed levels only)
+        self._ready: dict[int, dict[int, np.ndarray]] = {}  # boxes cut ahead, by case
         for d, cid in zip(self.case_dirs, self.case_ids):
             grid = _pyramid.read_grid(d)
             self._targets.append(case_targets(index.get(cid), self.landmarks, grid.origin))
@@ -344,26 +350,36 @@ class LandmarkDataset(keras.utils.PyDataset):
         c, shape = self.box_corner(i, level), self.boxes[int(level)]["shape"]
         return tuple(slice(int(a), int(a) + int(b)) for a, b in zip(c, shape))
 
-    def level_array(self, i: int, level: int, arrays=None) -> np.ndarray:
-        """What a batch holds of case ``i``'s level: the whole level (a view of its map), or
-        its box (a copy: the only part of the level read from disk)."""
-        arr = (arrays or self.case_arrays(i))[level]
-        if level not in self.boxes:
-            return arr
-        return np.ascontiguousarray(arr[self.box_slices(i, level)])
+    def case_levels(self, i: int) -> dict[int, np.ndarray]:
+        """What a batch holds of case ``i``: ``{level: array}``, whole levels as views of their
+        maps, boxes as copies of the maps' slices (cut ahead by the readahead thread, if any)."""
+        i = int(i)
+        arrays = dict(self.case_arrays(i))
+        if not self.boxes:
+            return arrays
+        if self.readahead is not None and self.readahead.busy() and i in self.readahead.pending:
+            self.readahead.wait()  # it is cutting this case's boxes
+        ready = self._ready.pop(i, None) or {}
+        for l in self.boxes:
+            arrays[l] = ready[l] if l in ready else self.cut_box(arrays[l], i, l)
+        return arrays
+
+    def cut_box(self, level_array: np.ndarray, i: int, level: int) -> np.ndarray:
+        """Case ``i``'s box of ``level`` from its level array: a copy of the slice, the only
+        part of the level read from disk."""
+        return np.ascontiguousarray(level_array[self.box_slices(i, level)])
 
     def _read_boxes(self, idx) -> None:
-        """Readahead of boxed cases: the boxes of boxed levels, the other levels' files."""
+        """Readahead of boxed cases: cut the boxes, read the other levels' files."""
         for i in idx:
             try:
-                for l in self.levels:
-                    if l in self.boxes:
-                        arr = open_level(self.case_dirs[int(i)], l)
-                        np.ascontiguousarray(arr[self.box_slices(int(i), l)])
-                    else:
-                        read_into_page_cache([_pyramid.level_path(self.case_dirs[int(i)], l)])
+                boxes = {l: self.cut_box(open_level(self.case_dirs[i], l), i, l)
+                         for l in self.boxes}
+                read_into_page_cache([_pyramid.level_path(self.case_dirs[i], l)
+                                      for l in self.levels if l not in self.boxes])
             except (OSError, ValueError):
                 continue
+            self._ready[i] = boxes  # one assignment: a batch sees all the boxes or none
 
     # ---- order -------------------------------------------------------------------------------
     def order_for_epoch(self, epoch: int) -> np.ndarray:
@@ -402,8 +418,11 @@ class LandmarkDataset(keras.utils.PyDataset):
 
     def _read_ahead(self, idx) -> None:
         """Ask the readahead thread (if any) for the files (or boxes) of the cases ``idx``."""
-        if self.readahead is not None:
-            self.readahead.request([int(i) for i in idx] if self.boxes else self.level_files(idx))
+        if self.readahead is None:
+            return
+        if self.boxes and not self.readahead.busy():
+            self._ready = {i: b for i, b in self._ready.items() if i in set(map(int, idx))}
+        self.readahead.request([int(i) for i in idx] if self.boxes else self.level_files(idx))
 
     # ---- batches -----------------------------------------------------------------------------
     def case_arrays(self, i: int) -> dict[int, np.ndarray]:
@@ -431,9 +450,7 @@ class LandmarkDataset(keras.utils.PyDataset):
         copy of the box, and ``offset{l}`` (B, 3) float32 holds the boxes' corners.
         """
         idx = [int(i) for i in idx]
-        per_case = [self.case_arrays(i) for i in idx]
-        arrays = [{l: self.level_array(i, l, a) for l in self.levels}
-                  for i, a in zip(idx, per_case)]
+        arrays = [self.case_levels(i) for i in idx]
         if len(idx) == 1:
             x = {f"level{l}": arrays[0][l][None, ..., None] for l in self.levels}
         else:

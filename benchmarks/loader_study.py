@@ -1,0 +1,128 @@
+"""What reading boxes (``training.loader.crop``) changes in a study's chain trainings.
+
+    python benchmarks/loader_study.py --config config/tiny.yaml --results RESULTS --json out.json
+
+``RESULTS`` must hold the study's pyramids and split (``snakemake --until pyramid split``).
+For each multi-scale chain and ``--seeds``, trains it twice as the workflow does (the config's
+method and training blocks, the training and validation cases of the split), with boxes and
+with whole levels, and compares the histories and the kept weights. It also counts how often
+a crop reads beyond its box (where it sees ``background`` instead of the image): for every
+training case, the training-mode forward (noise seeded alike) on the box batch and on the
+whole-level batch, at the initial and at the kept weights; a case counts when an annotated
+landmark's output differs by more than 1e-4 (mm, or map value).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+CHAINS = ("multiscale_multistep", "multiscale_e2e", "multiscale_e2e_noise")
+
+
+def beyond_box(model, whole, boxed, seed: int) -> dict:
+    """Training cases whose training forward differs between boxes and whole levels."""
+    import keras
+    import numpy as np
+
+    from locnet import train as T
+
+    def forward(x):
+        T.reseed(model, seed, 0, "train")
+        return {k: keras.ops.convert_to_numpy(v) for k, v in model(x, training=True).items()}
+
+    n, differ, worst = len(whole.case_dirs), 0, 0.0
+    for i in range(n):
+        (xw, y), (xb, _) = whole.case_batch(i), boxed.case_batch(i)
+        a, b, valid = forward(xw), forward(xb), y["mask"][0] > 0
+        diff = 0.0
+        for key in a:
+            sel = (slice(None),) * 4 + (valid,) if key.startswith("logits") else (slice(None), valid)
+            diff = max(diff, float(np.abs(a[key][sel] - b[key][sel]).max()))
+        differ += diff > 1e-4
+        worst = max(worst, float(np.abs(a["position"] - b["position"])[0][valid].max()))
+    return {"cases": n, "cases_differing": int(differ), "max_position_diff_mm": worst}
+
+
+def compare(config: dict, results: Path, method: str, seed: int, work: Path) -> dict:
+    import keras
+    import numpy as np
+    import pandas as pd
+
+    from locnet import config as C
+    from locnet import split as S
+    from locnet import train as T
+    from locnet.data import LandmarkDataset
+
+    subsets = S.read_split(results / "data" / "split.csv")
+    dirs = {s: [results / "pyramid" / c for c in subsets.loc[subsets.subset == s, "case_id"]]
+            for s in ("train", "val")}
+    mcfg, tcfg = C.method_config(config, method), C.training_config(config, method)
+    grid, landmarks = C.model_grid(config), list(config["landmarks"])
+    table = results / "data" / "landmarks.csv"
+    out = {}
+    for crop in (True, False):
+        cfg = {**tcfg, "loader": {**T.loader_config(tcfg), "crop": crop}}
+        name = f"{method}-{seed}-{'boxes' if crop else 'whole'}"
+        res = T.train(method, mcfg, cfg, grid, landmarks, dirs["train"], dirs["val"], table,
+                      work / name / "out", work / name / "state", seed)
+        model = keras.models.load_model(work / name / "out" / "model.keras", compile=False)
+        out[crop] = (res, model, cfg)
+    (res_b, model_b, cfg_b), (res_w, model_w, _) = out[True], out[False]
+    hist_b, hist_w = (r["history"].drop(columns=["time"]) for r in (res_b, res_w))
+    diff = {c: float(np.nanmax(np.abs(hist_b[c] - hist_w[c]))) for c in hist_b.columns
+            if c in hist_w.columns and pd.api.types.is_numeric_dtype(hist_b[c])}
+    weights = max(float(np.abs(a.numpy() - b.numpy()).max())
+                  for a, b in zip(model_b.weights, model_w.weights))
+    whole = LandmarkDataset(dirs["train"], model_b.input_levels, table, landmarks, shuffle=False)
+    boxes = T.training_boxes(model_b, whole, cfg_b)
+    boxed = LandmarkDataset(dirs["train"], model_b.input_levels, table, landmarks,
+                            shuffle=False, boxes=boxes)
+    keras.utils.set_random_seed(0)
+    fresh = T._build_model(method, mcfg, grid, landmarks, seed, None)
+    return {
+        "boxes": {str(l): b for l, b in (boxes or {}).items()},
+        "val_error_mm": {"boxes": hist_b.val_error_mm.tolist(),
+                         "whole": hist_w.val_error_mm.tolist()},
+        "best_epoch": {"boxes": res_b["best_epoch"], "whole": res_w["best_epoch"]},
+        "max_history_diff": diff,
+        "max_weight_diff": weights,
+        "beyond_box_initial": beyond_box(fresh, whole, boxed, seed),
+        "beyond_box_kept": beyond_box(model_b, whole, boxed, seed),
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True)
+    p.add_argument("--results", required=True)
+    p.add_argument("--methods", nargs="+", default=list(CHAINS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    from locnet import config as C
+
+    config = C.load(args.config)
+    res = {}
+    with tempfile.TemporaryDirectory(prefix="locnet_loader_study_") as work:
+        for method in args.methods:
+            for seed in args.seeds:
+                r = compare(config, Path(args.results), method, seed, Path(work))
+                res[f"{method} seed {seed}"] = r
+                print(f"{method} seed {seed}: boxes {r['boxes']}\n  val error (boxes) "
+                      f"{r['val_error_mm']['boxes']}\n  val error (whole) "
+                      f"{r['val_error_mm']['whole']}\n  max weight diff {r['max_weight_diff']:.3g}"
+                      f", beyond box: initial {r['beyond_box_initial']}, kept "
+                      f"{r['beyond_box_kept']}", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
