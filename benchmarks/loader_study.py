@@ -1,8 +1,10 @@
 """What reading boxes (``training.loader.crop``) changes in a study's chain trainings.
 
-    python benchmarks/loader_study.py --config config/tiny.yaml --results RESULTS --json out.json
+    python benchmarks/loader_study.py --config config.yaml config/tiny.yaml --results RESULTS
 
-``RESULTS`` must hold the study's pyramids and split (``snakemake --until pyramid split``).
+A crop counts as beyond its box when it reads a voxel outside the box and inside the level
+(from the map prior's ``origin{l}`` outputs, so only with ``map_supervision`` on). ``RESULTS``
+must hold the study's pyramids and split (``snakemake --until pyramid split``).
 For each multi-scale chain and ``--seeds``, trains it twice as the workflow does (the config's
 method and training blocks, the training and validation cases of the split), with boxes and
 with whole levels, and compares the histories and the kept weights. It also counts how often
@@ -36,20 +38,32 @@ def beyond_box(model, whole, boxed, seed: int) -> dict:
         T.reseed(model, seed, 0, "train")
         return {k: keras.ops.convert_to_numpy(v) for k, v in model(x, training=True).items()}
 
-    n, differ, worst = len(whole.case_dirs), 0, 0.0
+    n, differ, worst, crops, beyond = len(whole.case_dirs), 0, 0.0, 0, 0
     for i in range(n):
         (xw, y), (xb, _) = whole.case_batch(i), boxed.case_batch(i)
         a, b, valid = forward(xw), forward(xb), y["mask"][0] > 0
+        for l, box in boxed.boxes.items():  # the crops' reads, from the map prior's origins
+            if f"origin{l}" not in a:
+                continue
+            first = np.floor(a[f"origin{l}"][0][valid])  # (K', 3) first voxel read per crop
+            last = np.floor(a[f"origin{l}"][0][valid] + model.patch - 1) + 1
+            lo, hi = boxed.box_corner(i, l), boxed.box_corner(i, l) + box["shape"]
+            size = model.level_size(l)
+            out = ((first < lo) & (lo > 0)) | ((last >= hi) & (hi < size))
+            crops += len(first)
+            beyond += int(out.any(axis=-1).sum())
         diff = 0.0
         for key in a:
             sel = (slice(None),) * 4 + (valid,) if key.startswith("logits") else (slice(None), valid)
             diff = max(diff, float(np.abs(a[key][sel] - b[key][sel]).max()))
         differ += diff > 1e-4
         worst = max(worst, float(np.abs(a["position"] - b["position"])[0][valid].max()))
-    return {"cases": n, "cases_differing": int(differ), "max_position_diff_mm": worst}
+    return {"cases": n, "cases_differing": int(differ), "max_position_diff_mm": worst,
+            "crops": crops, "crops_beyond_box": beyond}
 
 
-def compare(config: dict, results: Path, method: str, seed: int, work: Path) -> dict:
+def compare(config: dict, results: Path, method: str, seed: int, work: Path,
+            epochs: int | None = None) -> dict:
     import keras
     import numpy as np
     import pandas as pd
@@ -63,6 +77,8 @@ def compare(config: dict, results: Path, method: str, seed: int, work: Path) -> 
     dirs = {s: [results / "pyramid" / c for c in subsets.loc[subsets.subset == s, "case_id"]]
             for s in ("train", "val")}
     mcfg, tcfg = C.method_config(config, method), C.training_config(config, method)
+    if epochs:
+        tcfg["epochs"] = int(epochs)
     grid, landmarks = C.model_grid(config), list(config["landmarks"])
     table = results / "data" / "landmarks.csv"
     out = {}
@@ -83,8 +99,7 @@ def compare(config: dict, results: Path, method: str, seed: int, work: Path) -> 
     boxes = T.training_boxes(model_b, whole, cfg_b)
     boxed = LandmarkDataset(dirs["train"], model_b.input_levels, table, landmarks,
                             shuffle=False, boxes=boxes)
-    keras.utils.set_random_seed(0)
-    fresh = T._build_model(method, mcfg, grid, landmarks, seed, None)
+    fresh = T._build_model(method, mcfg, grid, landmarks, seed, T._default_build)
     return {
         "boxes": {str(l): b for l, b in (boxes or {}).items()},
         "val_error_mm": {"boxes": hist_b.val_error_mm.tolist(),
@@ -97,22 +112,37 @@ def compare(config: dict, results: Path, method: str, seed: int, work: Path) -> 
     }
 
 
+def merged_config(paths) -> dict:
+    """The config files layered as Snakemake's ``--configfile`` does (dicts merged key by key,
+    later files win), validated."""
+    from locnet import config as C
+
+    def update(into: dict, new: dict) -> dict:
+        for k, v in new.items():
+            into[k] = update(dict(into.get(k) or {}), v) if isinstance(v, dict) else v
+        return into
+
+    out: dict = {}
+    for path in paths:
+        update(out, C.load_yaml(path))
+    return C.validate(out)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", required=True)
+    p.add_argument("--config", nargs="+", required=True, help="config files, layered")
     p.add_argument("--results", required=True)
     p.add_argument("--methods", nargs="+", default=list(CHAINS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--epochs", type=int, default=None, help="instead of the config's")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    from locnet import config as C
-
-    config = C.load(args.config)
+    config = merged_config(args.config)
     res = {}
     with tempfile.TemporaryDirectory(prefix="locnet_loader_study_") as work:
         for method in args.methods:
             for seed in args.seeds:
-                r = compare(config, Path(args.results), method, seed, Path(work))
+                r = compare(config, Path(args.results), method, seed, Path(work), args.epochs)
                 res[f"{method} seed {seed}"] = r
                 print(f"{method} seed {seed}: boxes {r['boxes']}\n  val error (boxes) "
                       f"{r['val_error_mm']['boxes']}\n  val error (whole) "
