@@ -27,6 +27,61 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 CHAINS = ("multiscale_multistep", "multiscale_e2e", "multiscale_e2e_noise")
 
 
+def count_beyond(model, out: dict, boxed, i: int, valid) -> tuple[int, int]:
+    """``(crops, crops beyond their box)`` of case ``i``'s annotated landmarks, from the map
+    prior's ``origin{l}`` of the training outputs ``out`` on whole levels."""
+    import numpy as np
+
+    crops = beyond = 0
+    for l, box in boxed.boxes.items():
+        if f"origin{l}" not in out:
+            continue
+        origin = np.asarray(out[f"origin{l}"])[0][valid]
+        first, last = np.floor(origin), np.floor(origin + model.patch - 1) + 1
+        lo = boxed.box_corner(i, l)
+        hi = lo + np.asarray(box["shape"])
+        size = model.level_size(l)
+        reach_out = ((first < lo) & (lo > 0)) | ((last >= hi) & (hi < size))
+        crops += len(first)
+        beyond += int(reach_out.any(axis=-1).sum())
+    return crops, beyond
+
+
+def crop_watch(dirs, levels, table, landmarks, boxes, seed: int):
+    """A callback that counts, before every training step, the step's crops that reach beyond
+    their boxes: a training forward on the step's case with whole levels, the random states
+    put back afterwards so the step draws the same noise."""
+    import keras
+
+    from locnet import seeds
+    from locnet import train as T
+    from locnet.data import LandmarkDataset
+
+    class CropWatch(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.crops = self.beyond = 0
+            kw = dict(shuffle=True, seed=seeds.derive(seed, "data"), readahead=False)
+            self.whole = LandmarkDataset(dirs, levels, table, landmarks, **kw)
+            self.boxed = LandmarkDataset(dirs, levels, table, landmarks, boxes=boxes, **kw)
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.whole.set_epoch(epoch)
+            self.boxed.set_epoch(epoch)
+
+        def on_train_batch_begin(self, batch, logs=None):
+            states = [(v, v.numpy()) for v in T._seed_state_variables(self.model)]
+            x, y = self.whole[batch]
+            out = self.model(x, training=True)
+            for v, value in states:
+                v.assign(value)
+            i = int(self.whole._order[batch])
+            c, b = count_beyond(self.model, out, self.boxed, i, y["mask"][0] > 0)
+            self.crops, self.beyond = self.crops + c, self.beyond + b
+
+    return CropWatch()
+
+
 def beyond_box(model, whole, boxed, seed: int) -> dict:
     """Training cases whose training forward differs between boxes and whole levels."""
     import keras
@@ -42,16 +97,8 @@ def beyond_box(model, whole, boxed, seed: int) -> dict:
     for i in range(n):
         (xw, y), (xb, _) = whole.case_batch(i), boxed.case_batch(i)
         a, b, valid = forward(xw), forward(xb), y["mask"][0] > 0
-        for l, box in boxed.boxes.items():  # the crops' reads, from the map prior's origins
-            if f"origin{l}" not in a:
-                continue
-            first = np.floor(a[f"origin{l}"][0][valid])  # (K', 3) first voxel read per crop
-            last = np.floor(a[f"origin{l}"][0][valid] + model.patch - 1) + 1
-            lo, hi = boxed.box_corner(i, l), boxed.box_corner(i, l) + box["shape"]
-            size = model.level_size(l)
-            out = ((first < lo) & (lo > 0)) | ((last >= hi) & (hi < size))
-            crops += len(first)
-            beyond += int(out.any(axis=-1).sum())
+        c, o = count_beyond(model, a, boxed, i, valid)
+        crops, beyond = crops + c, beyond + o
         diff = 0.0
         for key in a:
             sel = (slice(None),) * 4 + (valid,) if key.startswith("logits") else (slice(None), valid)
@@ -85,8 +132,19 @@ def compare(config: dict, results: Path, method: str, seed: int, work: Path,
     for crop in (True, False):
         cfg = {**tcfg, "loader": {**T.loader_config(tcfg), "crop": crop}}
         name = f"{method}-{seed}-{'boxes' if crop else 'whole'}"
+        watch = []
+        if crop:
+            model = T._build_model(method, mcfg, grid, landmarks, seed, T._default_build)
+            probe = LandmarkDataset(dirs["train"], model.input_levels, table, landmarks,
+                                    shuffle=False)
+            boxes = T.training_boxes(model, probe, cfg)
+            watch = [crop_watch(dirs["train"], model.input_levels, table, landmarks, boxes,
+                                seed)]
         res = T.train(method, mcfg, cfg, grid, landmarks, dirs["train"], dirs["val"], table,
-                      work / name / "out", work / name / "state", seed)
+                      work / name / "out", work / name / "state", seed, callbacks=watch)
+        if watch:
+            res["crops during training"] = {"crops": watch[0].crops,
+                                            "beyond_box": watch[0].beyond}
         model = keras.models.load_model(work / name / "out" / "model.keras", compile=False)
         out[crop] = (res, model, cfg)
     (res_b, model_b, cfg_b), (res_w, model_w, _) = out[True], out[False]
@@ -107,6 +165,7 @@ def compare(config: dict, results: Path, method: str, seed: int, work: Path,
         "best_epoch": {"boxes": res_b["best_epoch"], "whole": res_w["best_epoch"]},
         "max_history_diff": diff,
         "max_weight_diff": weights,
+        "crops_during_training": res_b.get("crops during training"),
         "beyond_box_initial": beyond_box(fresh, whole, boxed, seed),
         "beyond_box_kept": beyond_box(model_b, whole, boxed, seed),
     }
@@ -147,6 +206,7 @@ def main(argv=None) -> int:
                 print(f"{method} seed {seed}: boxes {r['boxes']}\n  val error (boxes) "
                       f"{r['val_error_mm']['boxes']}\n  val error (whole) "
                       f"{r['val_error_mm']['whole']}\n  max weight diff {r['max_weight_diff']:.3g}"
+                      f", during training {r['crops_during_training']}"
                       f", beyond box: initial {r['beyond_box_initial']}, kept "
                       f"{r['beyond_box_kept']}", flush=True)
     if args.json:
