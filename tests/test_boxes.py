@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from locnet import train as T
-from locnet.data import LandmarkDataset, chain_boxes, open_level
+from locnet.data import LandmarkDataset, advise_box, chain_boxes, open_level
 from locnet.models import build_model
 from locnet.geometry import Grid
 from locnet.pyramid import write_level
@@ -110,6 +110,15 @@ def test_box_is_the_memory_maps_slice(cohort):
     # a batch of several cases stacks the boxes and their corners
     x, _ = dataset(cohort, boxes).batch([0, 3])
     assert x["offset0"].shape == (2, 3) and x["level0"].shape == (2, *boxes[0]["shape"], 1)
+
+
+def test_advise_box_is_a_hint_on_maps_only(cohort):
+    arr = open_level(cohort[0][0], 0)
+    before = np.array(arr)
+    sl = (slice(3, 20), slice(5, 9), slice(0, 32))
+    advise_box(arr, sl)  # the box's file ranges, asked for; nothing changes
+    advise_box(before, sl)  # not a map: nothing to ask for
+    np.testing.assert_array_equal(np.asarray(arr), before)
 
 
 def forward(model, x, seed=3):
