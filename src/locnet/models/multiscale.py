@@ -54,8 +54,9 @@ class MultiScaleLocNet(LandmarkModel):
 
     Boxes (training input, ``locnet.data.chain_boxes``): ``inputs`` may hold, for a finer
     level, only a box of it and ``"offset{l}"`` (B, 3), the level voxel of the box's voxel 0.
-    The crop then reads the box at ``centre - offset``; every output stays in level voxels /
-    grid mm. Without ``offset{l}`` the level is whole (offset 0).
+    The crop reads the box with the integer offset taken off after the sampling positions are
+    split into voxel and fraction, so the patches, and every output, are bit for bit those of
+    the whole level while they lie inside the box. Without ``offset{l}`` the level is whole.
     """
 
     def __init__(
@@ -148,8 +149,10 @@ class MultiScaleLocNet(LandmarkModel):
         k, p = self.n_landmarks, self.patch
         m = int(centres_mm.shape[1])
         v = self.to_voxel(centres_mm, level)
-        in_volume = v if offset is None else v - ops.cast(offset, v.dtype)[:, None, :]
-        patches = self.crop(volume, in_volume)  # (B, M, P, P, P, 1)
+        if offset is None:
+            patches = self.crop(volume, v)  # (B, M, P, P, P, 1)
+        else:  # volume is a box of the level: the same patches while they lie inside it
+            patches = self.crop(volume, v, offset=offset)
         net = self.level_nets[level]
         maps = net.logits(
             ops.reshape(patches, (-1, p, p, p, 1)), training=training
