@@ -5,6 +5,7 @@ when the crops stay inside the boxes, and training on boxes is deterministic."""
 from __future__ import annotations
 
 import json
+import logging
 
 import keras
 import numpy as np
@@ -201,17 +202,21 @@ def annotated(got, ref, valid) -> dict:
     return out
 
 
-def test_training_on_boxes_is_deterministic(cohort, tmp_path):
+def test_training_on_boxes_is_deterministic(cohort, tmp_path, caplog):
     dirs, table = cohort
     runs = []
     for name in ("a", "b"):
-        res = T.train("multiscale_e2e_noise",
-                      {"patch": PATCH, "noise_mm": 4.0, "unet": {"filters": [2, 4]}},
-                      {"epochs": 2, "learning_rate": 0.01, "loader": {"margin_mm": 4.0}},
-                      GRID, LANDMARKS, dirs[:3], dirs[3:], table, tmp_path / name / "out",
-                      tmp_path / name / "state", seed=1)
+        with caplog.at_level(logging.INFO, logger="locnet.train"):
+            res = T.train("multiscale_e2e_noise",
+                          {"patch": PATCH, "noise_mm": 4.0, "unet": {"filters": [2, 4]}},
+                          {"epochs": 2, "learning_rate": 0.01, "loader": {"margin_mm": 4.0}},
+                          GRID, LANDMARKS, dirs[:3], dirs[3:], table, tmp_path / name / "out",
+                          tmp_path / name / "state", seed=1)
         model = keras.models.load_model(tmp_path / name / "out" / "model.keras", compile=False)
         runs.append((res["history"].drop(columns=["time"]), [v.numpy() for v in model.weights]))
+    # the chain's training read boxes (the default loader), the same both times
+    said = [r.getMessage() for r in caplog.records if "reads boxes" in r.getMessage()]
+    assert len(said) == 2 and said[0] == said[1]
     pd.testing.assert_frame_equal(runs[0][0], runs[1][0])
     for a, b in zip(runs[0][1], runs[1][1]):
         np.testing.assert_array_equal(a, b)
