@@ -113,6 +113,27 @@ def test_box_is_the_memory_maps_slice(cohort):
     assert x["offset0"].shape == (2, 3) and x["level0"].shape == (2, *boxes[0]["shape"], 1)
 
 
+def test_crop_of_a_box_is_the_crop_of_the_volume():
+    from locnet.layers import crop_resample
+
+    rng = np.random.default_rng(0)
+    vol = rng.random((2, 20, 18, 16, 1), dtype=np.float32)
+    centres = rng.uniform(6, 10, (2, 3, 3)).astype("float32")
+    corner = np.array([[3, 2, 1], [4, 3, 2]])
+    box = np.stack([vol[b, c[0]:c[0] + 12, c[1]:c[1] + 12, c[2]:c[2] + 12]
+                    for b, c in enumerate(corner)])
+    whole = keras.ops.convert_to_numpy(crop_resample(vol, centres, 4))
+    boxed = keras.ops.convert_to_numpy(crop_resample(box, centres, 4,
+                                                     offset=corner.astype("float32")))
+    np.testing.assert_array_equal(boxed, whole)  # bit for bit, inside the box
+    # a crop reaching beyond the box reads the background there
+    far = centres.copy()
+    far[0, 0] = [15.0, 8.0, 8.0]  # reads voxels 13..17 on axis 0; the box ends at 14
+    cut = keras.ops.convert_to_numpy(crop_resample(box, far, 4, background=-1.0,
+                                                   offset=corner.astype("float32")))
+    assert np.all(cut[0, 0, -1] == -1.0) and np.all(cut[0, 0, 0] >= 0.0)
+
+
 def test_advise_box_is_a_hint_on_maps_only(cohort):
     arr = open_level(cohort[0][0], 0)
     before = np.array(arr)
