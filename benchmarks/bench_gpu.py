@@ -21,7 +21,8 @@ Parts (``--parts``), each in a child process so that memory peaks do not mix:
   training steps of ``multiscale_e2e_noise`` fed (a) from arrays already on the device,
   (b) from host arrays in memory, (c) by ``locnet.data.LandmarkDataset`` (memory maps,
   readahead) with a hot and, when ``/proc/sys/vm/drop_caches`` is writable, a cold page
-  cache, and (d) one ``model.fit`` epoch over the cases from a cold cache. An epoch of the
+  cache, whole levels and the chains' training boxes (``training.loader``, margin 20 mm), and
+  (d) one ``model.fit`` epoch over the cases from a cold cache, whole levels and boxes. An epoch of the
   paper's 167 training cases is estimated from each per-step median (target <= 60 s; loader
   within 1.2x of in-memory).
 
@@ -217,6 +218,7 @@ def child_epoch(a):
     import pandas as pd
 
     from locnet.data import LandmarkDataset
+    from locnet.train import training_boxes
 
     class EpochTimer(keras.callbacks.Callback):
         """Seconds per epoch; drops the page cache before each when ``drop``."""
@@ -244,9 +246,13 @@ def child_epoch(a):
                               for k, n in enumerate(names)],
                              columns=["case_id", "landmark", "x", "y", "z"])
 
-        def dataset(readahead=True):
+        def dataset(readahead=True, boxes=None):
             return LandmarkDataset(dirs, levels, table, names, shuffle=False,
-                                   readahead=readahead)
+                                   readahead=readahead, boxes=boxes)
+
+        # the boxes training reads (training.loader, margin 20 mm as in config/paper.yaml)
+        boxes = training_boxes(model, dataset(), {"loader": {"crop": True, "margin_mm": 20.0}})
+        res["boxes"] = {str(l): b for l, b in boxes.items()}
 
         host = dataset().case_batch(0)[0]
         host = {k: v.copy() for k, v in host.items()}
@@ -270,17 +276,26 @@ def child_epoch(a):
             return times
 
         steps["dataset, hot cache"] = over_dataset(dataset())
+        # boxes: the first step traces the step for the boxes' shapes
+        steps["dataset, boxes, hot cache"] = over_dataset(dataset(boxes=boxes))[1:]
         res["cold_ok"] = drop_caches()
         if res["cold_ok"]:
             steps["dataset, cold cache, no readahead"] = over_dataset(dataset(readahead=False))[1:]
             drop_caches()
             steps["dataset, cold cache, readahead"] = over_dataset(dataset())[1:]
             drop_caches()
+            steps["dataset, boxes, cold cache, readahead"] = over_dataset(
+                dataset(boxes=boxes))[1:]
+            drop_caches()
         # model.fit as training runs it: the second epoch (the first sets fit up), cold cache
         epochs = EpochTimer(drop=res["cold_ok"])
         model.fit(dataset(), epochs=2, verbose=0, shuffle=False, callbacks=[epochs])
         res["fit_epoch_s"] = epochs.seconds
         res["fit_s_per_case"] = epochs.seconds[-1] / a["cases"]
+        epochs = EpochTimer(drop=res["cold_ok"])
+        model.fit(dataset(boxes=boxes), epochs=2, verbose=0, shuffle=False, callbacks=[epochs])
+        res["fit_boxes_epoch_s"] = epochs.seconds
+        res["fit_boxes_s_per_case"] = epochs.seconds[-1] / a["cases"]
         res["steps_s"] = steps
         res["median_s"] = {k: median(v) for k, v in steps.items() if v}
     finally:
@@ -366,6 +381,10 @@ def report(a: dict, res: dict) -> None:
               f"{_ms(ep['fit_s_per_case'])}"
               f" per case | {ep['fit_s_per_case'] / base:.2f} | "
               f"{TRAIN_CASES * ep['fit_s_per_case']:,.1f} s |")
+        if "fit_boxes_s_per_case" in ep:
+            v = ep["fit_boxes_s_per_case"]
+            print(f"| model.fit with boxes, second epoch, cold cache | {_ms(v)} per case | "
+                  f"{v / base:.2f} | {TRAIN_CASES * v:,.1f} s |")
     elif ep:
         print(f"\nepoch failed: {ep['error']}")
 

@@ -19,6 +19,14 @@ step instead of page by page inside it. Neither changes a value: a batch is the 
 with or without them. The order of the
 cases in an epoch depends only on ``(seed, epoch)``, never on how many epochs ran in this process,
 so a resumed training run sees exactly the batches an uninterrupted one would.
+
+Boxes (training of the multi-scale chains, ``training.loader.crop``): a chain reads its finer
+levels only through ``P^3`` crops around the coarser level's answer, so a dataset given
+``boxes`` delivers each of those levels as a fixed-size box around the case's annotated
+landmarks (:func:`chain_boxes`, :meth:`LandmarkDataset.box_corner`) plus its corner as the input
+``offset{l}`` (float32 (B, 3), level voxels), instead of the whole level. A box is sized once
+from every training case's landmarks, so its shape is the same for every case and compiled
+steps are not traced again. See docs/methods.md, "Training input: boxes".
 """
 
 from __future__ import annotations
@@ -132,6 +140,69 @@ def model_levels(model) -> list[int]:
 
 
 # --------------------------------------------------------------------------------------------
+# boxes: the part of a level a chain's crops can reach
+# --------------------------------------------------------------------------------------------
+def box_reach_voxels(level: int, finest_spacing_mm: float, patch: int, shift_mm: float) -> float:
+    """How far (level voxels, per axis) from a landmark a chain's ``patch^3`` crop at ``level``
+    reads when its centre lies within ``shift_mm`` of the landmark: half the patch plus the
+    shift (the trilinear crop reads one voxel beyond, counted by :func:`chain_boxes`)."""
+    return (int(patch) - 1) / 2.0 + float(shift_mm) / (float(finest_spacing_mm) * 2**int(level))
+
+
+def landmark_span_voxels(position_mm, mask, level: int, finest_spacing_mm: float):
+    """``(lo (3,), hi (3,))``: the bounding box of a case's valid landmarks in level voxels;
+    ``None`` when none is annotated."""
+    from locnet.geometry import grid_mm_to_voxel
+
+    valid = np.asarray(mask) > 0
+    if not valid.any():
+        return None
+    v = grid_mm_to_voxel(np.asarray(position_mm, np.float64)[valid], level, finest_spacing_mm)
+    return v.min(axis=0), v.max(axis=0)
+
+
+def chain_boxes(targets, levels, finest_shape: int, finest_spacing_mm: float, patch: int,
+                noise_mm: float, margin_mm: float) -> dict[int, dict]:
+    """The training boxes of a multi-scale chain: ``{level: {"shape": (3,) int, "reach":
+    float}}`` for every level but the coarsest (whose Loc-Net reads the whole level).
+
+    ``targets``: ``[(position (K, 3) grid mm, mask (K,)), ...]`` of the training cases. On each
+    axis a box holds the largest landmark spread of any case plus ``reach`` on either side
+    (:func:`box_reach_voxels` with ``margin_mm`` for the coarser level's error, plus
+    ``noise_mm`` at level 0 where the noisy chain shifts its crop) plus 2 voxels (the trilinear
+    neighbour and the rounding of the corner), and at most the level.
+    """
+    levels = sorted(int(l) for l in levels)
+    out = {}
+    for level in levels[:-1]:
+        n = int(finest_shape) // 2**level
+        shift = float(margin_mm) + (float(noise_mm) if level == 0 else 0.0)
+        reach = box_reach_voxels(level, finest_spacing_mm, patch, shift)
+        spread = np.zeros(3)
+        for pos, mask in targets:
+            span = landmark_span_voxels(pos, mask, level, finest_spacing_mm)
+            if span is not None:
+                spread = np.maximum(spread, span[1] - span[0])
+        shape = np.minimum(np.ceil(spread + 2 * reach).astype(int) + 2, n)
+        out[level] = {"shape": tuple(int(b) for b in shape), "reach": float(reach)}
+    return out
+
+
+def box_corner(span, shape, reach: float, n: int) -> np.ndarray:
+    """The first voxel (3,) int of a box of ``shape`` at a level of ``n`` voxels per axis: the
+    voxels a crop within ``reach`` of the landmarks' span ``(lo, hi)`` can read, centred in the
+    box, and the box moved to lie inside the level. No landmark (``span`` None): the level's
+    centre."""
+    shape = np.asarray(shape, int)
+    if span is None:
+        return (n - shape) // 2
+    first = np.floor(span[0] - reach).astype(int)
+    need = np.floor(span[1] + reach).astype(int) + 2 - first  # voxels the crops can read
+    corner = first - np.maximum(shape - need, 0) // 2
+    return np.clip(corner, 0, n - shape).astype(int)
+
+
+# --------------------------------------------------------------------------------------------
 # page-cache readahead
 # --------------------------------------------------------------------------------------------
 def read_into_page_cache(paths, chunk_mib: int = 8) -> None:
@@ -149,6 +220,35 @@ def read_into_page_cache(paths, chunk_mib: int = 8) -> None:
             continue
 
 
+def advise_box(arr: np.ndarray, slices) -> None:
+    """Ask the kernel to read the file ranges a box of the memory-mapped C-order 3D ``arr``
+    lies in (one range per slab of the first axis) into the page cache, asynchronously
+    (``posix_fadvise(WILLNEED)``). A hint: nothing happens for an array that is not a map."""
+    filename, offset = getattr(arr, "filename", None), getattr(arr, "offset", None)
+    if filename is None or offset is None or not hasattr(os, "posix_fadvise") or arr.ndim != 3:
+        return
+    base = arr.__array_interface__["data"][0] - _map_start(arr)
+    si, sj, sk = arr.strides
+    if min(si, sj, sk) <= 0:
+        return
+    length = (slices[1].stop - slices[1].start) * sj
+    fd = os.open(filename, os.O_RDONLY)
+    try:
+        for i in range(slices[0].start, slices[0].stop):
+            start = offset + base + i * si + slices[1].start * sj
+            os.posix_fadvise(fd, start, length, os.POSIX_FADV_WILLNEED)
+    finally:
+        os.close(fd)
+
+
+def _map_start(arr: np.ndarray) -> int:
+    """The address of the first byte of the mapping ``arr`` views."""
+    b = arr
+    while isinstance(getattr(b, "base", None), np.ndarray):
+        b = b.base
+    return b.__array_interface__["data"][0]
+
+
 class PageCacheReadahead:
     """Reads files into the page cache on one background thread, one request at a time.
 
@@ -159,14 +259,20 @@ class PageCacheReadahead:
     depend on the kernel honouring a hint.
     """
 
-    def __init__(self):
+    def __init__(self, reader=read_into_page_cache):
         self._thread: threading.Thread | None = None
+        self.reader = reader  # reads what a request names (default: whole files)
+        self.pending: list = []  # what the current request names
+
+    def busy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
     def request(self, paths) -> bool:
-        if self._thread is not None and self._thread.is_alive():
+        if self.busy():
             return False
+        self.pending = list(paths)
         self._thread = threading.Thread(
-            target=read_into_page_cache, args=(list(paths),), name="locnet-readahead", daemon=True
+            target=self.reader, args=(list(paths),), name="locnet-readahead", daemon=True
         )
         self._thread.start()
         return True
@@ -177,7 +283,7 @@ class PageCacheReadahead:
             self._thread.join(timeout)
 
     def __getstate__(self):  # a dataset copied to another process starts without a thread
-        return {"_thread": None}
+        return {"_thread": None, "reader": self.reader, "pending": []}
 
 
 # --------------------------------------------------------------------------------------------
@@ -197,7 +303,11 @@ class LandmarkDataset(keras.utils.PyDataset):
         cache_size: how many cases keep their memory maps open (LRU). 0 reopens every time.
         mmap: memory-map the level files (default); False reads them into memory per batch.
         readahead: with ``mmap``, read the next batch's level files into the page cache on a
-            background thread while the current batch trains (default on).
+            background thread while the current batch trains (default on); with ``boxes``, the
+            thread cuts the next batch's boxes (the same arrays the batch would cut).
+        boxes: ``{level: {"shape": (3,), "reach": r}}`` (:func:`chain_boxes`): deliver these
+            levels as boxes of that shape around each case's landmarks, with their corners as
+            inputs ``offset{level}``; the other levels whole. ``None`` (default): all whole.
 
     Call :meth:`set_epoch` before each epoch; the order then depends only on ``(seed, epoch)``.
     ``fit`` must be called with ``shuffle=False`` (this class shuffles itself).
@@ -215,6 +325,7 @@ class LandmarkDataset(keras.utils.PyDataset):
         cache_size: int = 2,
         mmap: bool = True,
         readahead: bool = True,
+        boxes: dict | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -231,19 +342,75 @@ class LandmarkDataset(keras.utils.PyDataset):
         self.seed = int(seed)
         self.cache_size = int(cache_size)
         self.mmap = bool(mmap)
-        self.readahead = PageCacheReadahead() if (readahead and self.mmap) else None
+        self.boxes = {int(l): dict(b) for l, b in (boxes or {}).items()}
+        if set(self.boxes) - set(self.levels):
+            raise ValueError(f"boxes for levels {sorted(self.boxes)} not all read ({self.levels})")
+        reader = self._read_boxes if self.boxes else read_into_page_cache
+        self.readahead = PageCacheReadahead(reader) if (readahead and self.mmap) else None
         table = read_landmark_table(landmark_table)
         index = landmark_index(table)
         # targets are tiny (K x 3 per case): computed once, grid.json read once per case
         self._targets = []
+        self._corners = []  # the box corners of each case (boxed levels only)
+        self._ready: dict[int, dict[int, np.ndarray]] = {}  # boxes cut ahead, by case
         for d, cid in zip(self.case_dirs, self.case_ids):
-            origin = _pyramid.read_grid(d).origin
-            self._targets.append(case_targets(index.get(cid), self.landmarks, origin))
+            grid = _pyramid.read_grid(d)
+            self._targets.append(case_targets(index.get(cid), self.landmarks, grid.origin))
+            self._corners.append(self._case_corners(*self._targets[-1], grid))
         self._cache: collections.OrderedDict[int, dict[int, np.ndarray]] = (
             collections.OrderedDict()
         )
         self.epoch = 0
         self._order = self.order_for_epoch(0)
+
+    def _case_corners(self, pos, mask, grid) -> dict[int, np.ndarray]:
+        out = {}
+        for l, box in self.boxes.items():
+            span = landmark_span_voxels(pos, mask, l, grid.spacing)
+            out[l] = box_corner(span, box["shape"], box["reach"], grid.shape // 2**l)
+        return out
+
+    def box_corner(self, i: int, level: int) -> np.ndarray:
+        """The first voxel (3,) int of case ``i``'s box at ``level`` (a boxed level)."""
+        return self._corners[int(i)][int(level)]
+
+    def box_slices(self, i: int, level: int) -> tuple[slice, slice, slice]:
+        """The part of the level array that is case ``i``'s box."""
+        c, shape = self.box_corner(i, level), self.boxes[int(level)]["shape"]
+        return tuple(slice(int(a), int(a) + int(b)) for a, b in zip(c, shape))
+
+    def case_levels(self, i: int) -> dict[int, np.ndarray]:
+        """What a batch holds of case ``i``: ``{level: array}``, whole levels as views of their
+        maps, boxes as copies of the maps' slices (cut ahead by the readahead thread, if any)."""
+        i = int(i)
+        arrays = dict(self.case_arrays(i))
+        if not self.boxes:
+            return arrays
+        if self.readahead is not None and self.readahead.busy() and i in self.readahead.pending:
+            self.readahead.wait()  # it is cutting this case's boxes
+        ready = self._ready.pop(i, None) or {}
+        for l in self.boxes:
+            arrays[l] = ready[l] if l in ready else self.cut_box(arrays[l], i, l)
+        return arrays
+
+    def cut_box(self, level_array: np.ndarray, i: int, level: int) -> np.ndarray:
+        """Case ``i``'s box of ``level`` from its level array: a copy of the slice, the only
+        part of the level read from disk."""
+        return np.ascontiguousarray(level_array[self.box_slices(i, level)])
+
+    def _read_boxes(self, idx) -> None:
+        """Readahead of boxed cases: cut the boxes, read the other levels' files."""
+        for i in idx:
+            try:
+                maps = {l: open_level(self.case_dirs[i], l) for l in self.boxes}
+                for l, arr in maps.items():  # the kernel reads while the box is cut
+                    advise_box(arr, self.box_slices(i, l))
+                boxes = {l: self.cut_box(arr, i, l) for l, arr in maps.items()}
+                read_into_page_cache([_pyramid.level_path(self.case_dirs[i], l)
+                                      for l in self.levels if l not in self.boxes])
+            except (OSError, ValueError):
+                continue
+            self._ready[i] = boxes  # one assignment: a batch sees all the boxes or none
 
     # ---- order -------------------------------------------------------------------------------
     def order_for_epoch(self, epoch: int) -> np.ndarray:
@@ -281,9 +448,12 @@ class LandmarkDataset(keras.utils.PyDataset):
         return [_pyramid.level_path(self.case_dirs[int(i)], l) for i in idx for l in self.levels]
 
     def _read_ahead(self, idx) -> None:
-        """Ask the readahead thread (if any) for the files of the cases ``idx``."""
-        if self.readahead is not None:
-            self.readahead.request(self.level_files(idx))
+        """Ask the readahead thread (if any) for the files (or boxes) of the cases ``idx``."""
+        if self.readahead is None:
+            return
+        if self.boxes and not self.readahead.busy():
+            self._ready = {i: b for i, b in self._ready.items() if i in set(map(int, idx))}
+        self.readahead.request([int(i) for i in idx] if self.boxes else self.level_files(idx))
 
     # ---- batches -----------------------------------------------------------------------------
     def case_arrays(self, i: int) -> dict[int, np.ndarray]:
@@ -305,18 +475,19 @@ class LandmarkDataset(keras.utils.PyDataset):
     def batch(self, idx):
         """Inputs and targets of the cases with indices ``idx`` (stacked along axis 0).
 
-        For one case the level arrays are views of the memory maps (no copy here; the backend
-        copies what it feeds to the device, straight from the page cache since the maps are in
-        C order). Several cases are stacked (one batch-sized copy).
+        For one case the whole level arrays are views of the memory maps (no copy here; the
+        backend copies what it feeds to the device, straight from the page cache since the maps
+        are in C order). Several cases are stacked (one batch-sized copy). A boxed level is a
+        copy of the box, and ``offset{l}`` (B, 3) float32 holds the boxes' corners.
         """
         idx = [int(i) for i in idx]
-        per_case = [self.case_arrays(i) for i in idx]
+        arrays = [self.case_levels(i) for i in idx]
         if len(idx) == 1:
-            x = {f"level{l}": per_case[0][l][None, ..., None] for l in self.levels}
+            x = {f"level{l}": arrays[0][l][None, ..., None] for l in self.levels}
         else:
-            x = {
-                f"level{l}": np.stack([a[l] for a in per_case])[..., None] for l in self.levels
-            }
+            x = {f"level{l}": np.stack([a[l] for a in arrays])[..., None] for l in self.levels}
+        for l in sorted(self.boxes):
+            x[f"offset{l}"] = np.stack([self.box_corner(i, l) for i in idx]).astype(np.float32)
         pos = np.stack([self._targets[i][0] for i in idx])
         mask = np.stack([self._targets[i][1] for i in idx])
         return x, {"position": pos, "mask": mask}

@@ -98,7 +98,7 @@ def _patch_offsets(patch_size: int, dtype="float32"):
     return ops.stack([gi, gj, gk], axis=-1)
 
 
-def crop_resample(volume, centres, patch_size: int, background: float = 0.0):
+def crop_resample(volume, centres, patch_size: int, background: float = 0.0, offset=None):
     """Trilinear crop of ``P^3`` patches centred on (sub-voxel) positions.
 
     ``volume``: (B, D, H, W, C); ``centres``: (B, M, 3) voxel coordinates of ``volume``.
@@ -110,6 +110,12 @@ def crop_resample(volume, centres, patch_size: int, background: float = 0.0):
     Memory: one gather of ``B * M * P^3`` values per corner from the flattened volume (the
     volume itself is never copied or padded), so a 448^3 volume with 56^3 patches costs
     a few MB per landmark.
+
+    ``offset`` (B, 3), integer-valued: ``volume`` is a box of a larger volume whose voxel
+    ``offset`` is the box's voxel 0, and ``centres`` are in the larger volume's coordinates.
+    The integer offset is taken off after the sampling positions are split into voxel and
+    fraction, so a patch inside the box is bit for bit the patch of the larger volume; a
+    sample outside the box reads ``background``.
     """
     vshape = volume.shape
     d, h, w, c = int(vshape[1]), int(vshape[2]), int(vshape[3]), int(vshape[4])
@@ -121,6 +127,9 @@ def crop_resample(volume, centres, patch_size: int, background: float = 0.0):
     base = ops.floor(ops.stop_gradient(coords))
     frac = coords - base  # gradient w.r.t. centres flows through here
     base = ops.cast(base, "int32")
+    if offset is not None:
+        shift = ops.cast(ops.round(ops.stop_gradient(ops.convert_to_tensor(offset))), "int32")
+        base = base - ops.reshape(shift, (-1, 1, 1, 1, 1, 3))
     bi, bj, bk = base[..., 0], base[..., 1], base[..., 2]
     fi, fj, fk = frac[..., 0], frac[..., 1], frac[..., 2]
 
@@ -234,7 +243,7 @@ def cut_centres_of_mass(maps, centres, patch_size: int, epsilon: float = 1e-6):
 class CropResample(keras.layers.Layer):
     """Differentiable crop: ``(volume (B,D,H,W,C), centres (B,M,3)) -> (B,M,P,P,P,C)``.
 
-    See :func:`crop_resample`. ``background`` is the value of samples outside the volume:
+    See :func:`crop_resample` (also for ``offset``, when ``volume`` is a box). ``background`` is the value of samples outside the volume:
     0 is air once intensities are windowed to [0, 1].
     """
 
@@ -244,10 +253,10 @@ class CropResample(keras.layers.Layer):
         self.background = float(background)
         self.built = True  # weightless (see CenterOfMass)
 
-    def call(self, volume, centres):
-        return crop_resample(volume, centres, self.patch_size, self.background)
+    def call(self, volume, centres, offset=None):
+        return crop_resample(volume, centres, self.patch_size, self.background, offset)
 
-    def compute_output_shape(self, volume_shape, centres_shape):
+    def compute_output_shape(self, volume_shape, centres_shape, offset_shape=None):
         p = self.patch_size
         return (volume_shape[0], centres_shape[1], p, p, p, volume_shape[-1])
 

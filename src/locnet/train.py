@@ -68,7 +68,8 @@ import numpy as np
 from locnet import checkpoint, fileio, seeds
 from locnet.checkpoint import restore_snapshot
 from locnet.config import defaults as schema_defaults
-from locnet.data import LandmarkDataset, case_id_of, model_levels, read_landmark_table
+from locnet.data import (LandmarkDataset, case_id_of, chain_boxes, model_levels,
+                         read_landmark_table)
 from locnet.methods import REGISTRY
 from locnet.models import predict_position
 from locnet.schedules import Phases, level_weights
@@ -411,13 +412,48 @@ def _training_phases(method, model, total: int, n_levels: int, log) -> Phases:
     return phases
 
 
-def _datasets(case_dirs_train, case_dirs_val, levels, landmark_table, landmarks, cfg, seed, log):
-    """The training dataset (shuffled per epoch) and the validation dataset (or ``None``)."""
+def loader_config(cfg: dict) -> dict:
+    """The ``training.loader`` block of ``cfg`` with the schema's defaults filled in."""
+    return {**schema_defaults("training", "loader"), **(cfg.get("loader") or {})}
+
+
+def training_boxes(model, dataset: LandmarkDataset, cfg: dict, log=None) -> dict | None:
+    """The boxes (``locnet.data.chain_boxes``) a chain's training reads its finer levels as,
+    sized from ``dataset``'s landmarks; ``None`` for other models or ``loader.crop`` off."""
+    from locnet.models.multiscale import MultiScaleLocNet
+
+    loader = loader_config(cfg)
+    if not (loader["crop"] and isinstance(model, MultiScaleLocNet)):
+        return None
+    targets = [dataset.targets(i) for i in range(len(dataset.case_dirs))]
+    boxes = chain_boxes(targets, dataset.levels, model.finest_shape, model.finest_spacing_mm,
+                        model.patch, model.noise_mm, float(loader["margin_mm"]))
+    if log is not None:
+        whole = sum(model.level_size(l) ** 3 for l in dataset.levels)
+        read = sum(int(np.prod(boxes[l]["shape"])) if l in boxes else model.level_size(l) ** 3
+                   for l in dataset.levels)
+        log.info("training reads boxes of the finer levels (%s): %.1f%% of the voxels of whole "
+                 "levels", ", ".join(f"level{l} {'x'.join(map(str, b['shape']))}"
+                                     for l, b in sorted(boxes.items())), 100.0 * read / whole)
+    return boxes
+
+
+def _datasets(case_dirs_train, case_dirs_val, levels, landmark_table, landmarks, cfg, seed, log,
+              model=None):
+    """The training dataset (shuffled per epoch; a chain's reads boxes of its finer levels, see
+    :func:`training_boxes`) and the validation dataset (or ``None``; whole levels)."""
     table = read_landmark_table(landmark_table)
-    train_ds = LandmarkDataset(
-        case_dirs_train, levels, table, landmarks, batch_size=int(cfg["batch_size"]),
-        shuffle=True, seed=seeds.derive(seed, "data"), cache_size=CACHE_CASES,
-    )
+
+    def training_set(boxes=None):
+        return LandmarkDataset(
+            case_dirs_train, levels, table, landmarks, batch_size=int(cfg["batch_size"]),
+            shuffle=True, seed=seeds.derive(seed, "data"), cache_size=CACHE_CASES, boxes=boxes,
+        )
+
+    train_ds = training_set()
+    boxes = training_boxes(model, train_ds, cfg, log)
+    if boxes:
+        train_ds = training_set(boxes)
     val_ds = None
     if case_dirs_val:
         val_ds = LandmarkDataset(
@@ -456,7 +492,7 @@ def _set_up(method, method_cfg, train_cfg, grid, landmarks, case_dirs_train, cas
     schedule_kind = "multistep" if phases.multistep else method_cfg.get("schedule",
                                                                          cfg["schedule"])
     train_ds, val_ds = _datasets(case_dirs_train, case_dirs_val, levels, landmark_table,
-                                 landmarks, cfg, seed, log)
+                                 landmarks, cfg, seed, log, model=model)
     if not model.built:
         # one eager forward pass creates every variable of a lazily built model, so that the
         # variable list is complete and in the same order for a fresh and for a resumed run

@@ -51,6 +51,12 @@ class MultiScaleLocNet(LandmarkModel):
     the coarser levels put that patch; a patch that missed its landmark has no prior).
     In training the model then also outputs ``"logits{l}"`` and ``"origin{l}"`` (the level
     voxel of patch voxel 0).
+
+    Boxes (training input, ``locnet.data.chain_boxes``): ``inputs`` may hold, for a finer
+    level, only a box of it and ``"offset{l}"`` (B, 3), the level voxel of the box's voxel 0.
+    The crop reads the box with the integer offset taken off after the sampling positions are
+    split into voxel and fraction, so the patches, and every output, are bit for bit those of
+    the whole level while they lie inside the box. Without ``offset{l}`` the level is whole.
     """
 
     def __init__(
@@ -131,18 +137,22 @@ class MultiScaleLocNet(LandmarkModel):
             logits[f"origin{top}"] = ops.zeros_like(ops.stop_gradient(g))
         return g
 
-    def refine(self, level: int, volume, centres_mm, training=None, logits=None):
+    def refine(self, level: int, volume, centres_mm, training=None, logits=None, offset=None):
         """One finer stage: centres (B, M, 3) grid mm -> (B, M, 3) grid mm at ``level``.
 
         ``M`` may be any multiple of K: entry ``m`` is treated as landmark ``m mod K``
         (used to run many test-time passes as one batch). With a dict ``logits`` (M = K),
         the selected linear maps (B, P, P, P, K) go to ``logits["logits{level}"]`` and the
-        level voxel of each patch's voxel 0 to ``logits["origin{level}"]``.
+        level voxel of each patch's voxel 0 to ``logits["origin{level}"]``. ``offset`` (B, 3):
+        the level voxel of ``volume``'s voxel 0 when it is a box of the level (None: 0).
         """
         k, p = self.n_landmarks, self.patch
         m = int(centres_mm.shape[1])
         v = self.to_voxel(centres_mm, level)
-        patches = self.crop(volume, v)  # (B, M, P, P, P, 1)
+        if offset is None:
+            patches = self.crop(volume, v)  # (B, M, P, P, P, 1)
+        else:  # volume is a box of the level: the same patches while they lie inside it
+            patches = self.crop(volume, v, offset=offset)
         net = self.level_nets[level]
         maps = net.logits(
             ops.reshape(patches, (-1, p, p, p, 1)), training=training
@@ -176,7 +186,8 @@ class MultiScaleLocNet(LandmarkModel):
                     c = c + ops.cast(finest_shift_mm, c.dtype)
                 else:
                     c = self.noise(c, training=training, active=noise)
-            g = self.refine(level, inputs[f"level{level}"], c, training=training, logits=logits)
+            g = self.refine(level, inputs[f"level{level}"], c, training=training, logits=logits,
+                            offset=inputs.get(f"offset{level}"))
             out[f"level{level}"] = g
         out["position"] = g
         out.update(logits or {})
