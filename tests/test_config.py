@@ -252,6 +252,25 @@ def test_the_map_prior_is_on_by_default_off_for_the_paper_and_only_for_locnets()
     assert cfgmod.method_config(own, "multiscale_e2e")["map_supervision"]["peak"] == 30.0
 
 
+def test_config_yamls_patch_settings_do_not_leak_into_the_paper_or_tiny_configs():
+    """config/paper.yaml and config/tiny.yaml are layered over config.yaml: the default study's
+    own patch encoder, class weight and budget must not reach them."""
+    default = _layered("config.yaml")
+    mc = cfgmod.method_config(default, "patch_baseline")
+    assert mc["positive_weight"] == 20 and len(mc["unet"]["filters"]) == 5
+    assert cfgmod.training_config(default, "patch_baseline")["epochs"] == 50
+    paper = _layered("config.yaml", "config/paper.yaml")
+    pc, pt = cfgmod.method_config(paper, "patch_baseline"), cfgmod.training_config(paper,
+                                                                                 "patch_baseline")
+    assert pc["positive_weight"] is None and pc["level"] == 1  # balanced, as the paper's
+    assert pc["unet"]["filters"] == paper["unet"]["filters"] == [16, 32, 64, 128]
+    for key in ("epochs", "learning_rate"):
+        assert pt[key] == paper["training"][key] == cfgmod.training_config(paper, "heatmap_unet")[key]
+    tiny = _layered("config.yaml", "config/tiny.yaml")
+    assert cfgmod.method_config(tiny, "patch_baseline")["unet"]["filters"] == [4, 8]
+    assert cfgmod.training_config(tiny, "patch_baseline")["epochs"] == 3
+
+
 # ---- config errors name their source ---------------------------------------------------------
 
 BAD_INDENT = "split:\n  seed: 3\n pyramid:\n    levels: 3\n"

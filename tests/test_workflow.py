@@ -603,6 +603,9 @@ def test_results_page_numbers_are_table1s(tiny_study):
         if isinstance(r.paper_mean_sd, str) and r.paper_mean_sd:
             assert f"| {r.paper_mean_sd} |" in part  # the paper's, in its labelled column
     assert "`config/tiny.yaml`" in page and "### What this run can and cannot conclude" in page
+    # the patch baseline's own budget (config/tiny.yaml: 3 epochs) is named beside the shared 2
+    study = next(line for line in page.splitlines() if line.startswith("- Study:"))
+    assert "epochs 2 (Patch-based CNN, Noothout 2018: epochs 3" in study
 
 
 def test_reference_is_the_training_mean_of_the_study(tiny_study):
