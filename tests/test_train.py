@@ -161,17 +161,20 @@ def test_resume_equals_uninterrupted(cohort, tmp_path, caplog):
     assert "another configuration" in caplog.text and "resuming" not in caplog.text
 
 
+class LevelNetSnapshots(keras.callbacks.Callback):
+    """The weights of every level net at the end of every epoch."""
+
+    def __init__(self):
+        super().__init__()
+        self.weights = {}
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.weights[epoch] = [[v.numpy() for v in net.weights]
+                               for net in self.model.level_nets]
+
+
 def test_multistep_phases_freeze_and_resume_mid_phase(cohort, tmp_path):
-    class Snap(keras.callbacks.Callback):
-        def __init__(self):
-            super().__init__()
-            self.weights = {}
-
-        def on_epoch_end(self, epoch, logs=None):
-            self.weights[epoch] = [[v.numpy() for v in net.weights]
-                                   for net in self.model.level_nets]
-
-    snap = Snap()
+    snap = LevelNetSnapshots()
     cfg = {"patch": 4, "unet": TINY_UNET}
     full = run(cohort, tmp_path, method="multiscale_multistep", method_cfg=cfg, epochs=4,
                name="full", callbacks=[snap])
@@ -209,16 +212,7 @@ def test_multistep_phases_freeze_and_resume_mid_phase(cohort, tmp_path):
 def test_multistep_with_map_prior_trains_finer_nets_on_the_prior_early(cohort, tmp_path):
     """With the map prior, phase 0 (the coarse level's position error) also moves the finer
     net (its prior alone: its position error weighs 0); phase 1 leaves the coarse net frozen."""
-    class Snap(keras.callbacks.Callback):
-        def __init__(self):
-            super().__init__()
-            self.weights = {}
-
-        def on_epoch_end(self, epoch, logs=None):
-            self.weights[epoch] = [[v.numpy() for v in net.weights]
-                                   for net in self.model.level_nets]
-
-    snap = Snap()
+    snap = LevelNetSnapshots()
     cfg = {"patch": 4, "unet": TINY_UNET, "map_supervision": {"weight": 1.0}}
     r = run(cohort, tmp_path, method="multiscale_multistep", method_cfg=cfg, epochs=4,
             callbacks=[snap])
