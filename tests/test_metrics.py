@@ -200,7 +200,7 @@ def test_labels_of_the_shipped_configs_and_schema_defaults():
     assert metrics.method_labels(METHODS, default) == {
         "heatmap_unet": "U-Net heatmap (2.5 mm)",
         "locnet_single": "Loc-Net single scale (2.5 mm)",
-        "patch_baseline": "Patch-based CNN, Noothout 2018 (2.5 mm)",
+        "patch_baseline": "Patch-based CNN, Noothout 2018 (1.25 mm)",  # its own level 0
         "multiscale_multistep": "Loc-Net multi-scale, multi-step (5-1.25 mm)",
         "multiscale_e2e": "Loc-Net multi-scale, end to end (5-1.25 mm)",
         "multiscale_e2e_noise": "Loc-Net multi-scale, end to end + noise (5-1.25 mm)",
@@ -209,6 +209,7 @@ def test_labels_of_the_shipped_configs_and_schema_defaults():
     paper = cfgmod.load("config/paper.yaml")
     assert metrics.method_label("heatmap_unet", paper) == "U-Net heatmap (1 mm)"
     assert metrics.method_label("multiscale_e2e_noise", paper).endswith("(4-0.5 mm)")
+    assert metrics.method_label("patch_baseline", paper).endswith("(1 mm)")
     # a partial config takes the schema's defaults (4 levels of 1.25 mm and up)
     assert metrics.method_labels(METHODS, {}) == metrics.method_labels(METHODS, cfgmod.validate({}))
     assert metrics.method_label("multiscale_e2e", {}).endswith("(10-1.25 mm)")

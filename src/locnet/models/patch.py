@@ -144,6 +144,7 @@ class PatchBaseline(LandmarkModel):
         """Cross-entropy (B, K) of the cell logits ``lf`` (B, C, K): balanced (the mean over
         positive cells + the mean over negative ones), or with ``positive_weight`` w the
         weighted mean in which a positive cell counts w times a negative one."""
+        lf, pos, neg = (ops.convert_to_tensor(v) for v in (lf, pos, neg))
         pos_term = ops.sum(pos * ops.softplus(-lf), axis=1)
         neg_term = ops.sum(neg * ops.softplus(lf), axis=1)
         if self.positive_weight is None:
