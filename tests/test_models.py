@@ -387,9 +387,9 @@ def test_patch_baseline_options_cells_soft_labels_positive_weight():
     sp = lambda v: np.log1p(np.exp(v))  # noqa: E731
     p_term, n_term = sp(-lf[0, 5, 0]), sp(lf[0, :, 0]).sum() - sp(lf[0, 5, 0])
     weighted = _build("patch_baseline", positive_weight=20.0)
-    got = _np(weighted.class_loss(lf, hard, 1.0 - hard))[0, 0]
+    got = _np(weighted.class_loss(lf, hard))[0, 0]
     assert got == pytest.approx((20 * p_term + n_term) / (20 + 63), rel=1e-5)
-    got = _np(soft.class_loss(lf, hard, 1.0 - hard))[0, 0]  # the default: balanced
+    got = _np(soft.class_loss(lf, hard))[0, 0]  # the default: balanced
     assert got == pytest.approx(p_term + n_term / 63, rel=1e-5)
 
 

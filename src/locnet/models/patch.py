@@ -33,8 +33,11 @@ class PatchBaseline(LandmarkModel):
     max pooling, then the 1x1x1 head), i.e. an FCN with output stride ``c``; displacements
     are predicted in cell widths and scaled to mm. With ``cell_voxels`` the whole U-Net
     (encoder and decoder) runs instead and its outputs are averaged over cells of
-    ``cell_voxels^3`` voxels: finer cells that still see the whole level's context. Outputs ``"position"`` (grid mm),
-    ``"logits"`` (B, m, m, m, K) and ``"displacement"`` (B, m, m, m, K, 3) in mm.
+    ``cell_voxels^3`` voxels: finer cells that still see the whole level's context. With
+    ``positive_weight`` w the cross-entropy weighs a positive cell as w negatives instead of
+    balancing the two classes; ``label_sigma_mm`` gives soft class targets (:meth:`cell_labels`).
+    Outputs ``"position"`` (grid mm), ``"logits"`` (B, m, m, m, K) and ``"displacement"``
+    (B, m, m, m, K, 3) in mm.
 
     Deviations from the paper: whole-level FCN training instead of sampled patches (the
     class-balanced BCE stands in for balanced patch sampling); the network is this study's
@@ -140,11 +143,13 @@ class PatchBaseline(LandmarkModel):
             target.dtype,
         )
 
-    def class_loss(self, lf, pos, neg):
-        """Cross-entropy (B, K) of the cell logits ``lf`` (B, C, K): balanced (the mean over
-        positive cells + the mean over negative ones), or with ``positive_weight`` w the
-        weighted mean in which a positive cell counts w times a negative one."""
-        lf, pos, neg = (ops.convert_to_tensor(v) for v in (lf, pos, neg))
+    def class_loss(self, lf, pos):
+        """Cross-entropy (B, K) of the cell logits ``lf`` (B, C, K) against the class targets
+        ``pos`` (B, C, K; negatives ``1 - pos``): balanced (the mean over positive cells + the
+        mean over negative ones), or with ``positive_weight`` w the weighted mean in which a
+        positive cell counts w times a negative one."""
+        lf, pos = ops.convert_to_tensor(lf), ops.convert_to_tensor(pos)
+        neg = 1.0 - pos
         pos_term = ops.sum(pos * ops.softplus(-lf), axis=1)
         neg_term = ops.sum(neg * ops.softplus(lf), axis=1)
         if self.positive_weight is None:
@@ -160,9 +165,7 @@ class PatchBaseline(LandmarkModel):
         target = ops.cast(y["position"], lf.dtype)  # (B, K, 3)
         centres = ops.convert_to_tensor(self._cell_centres_mm)
         disp_t = target[:, None, :, :] - centres[None, :, None, :]  # (B, C, K, 3)
-        pos = self.cell_labels(target, disp_t)  # (B, C, K)
-        neg = 1.0 - pos
-        bce = self.class_loss(lf, pos, neg)
+        bce = self.class_loss(lf, self.cell_labels(target, disp_t))
         near = ops.cast(
             ops.sqrt(ops.sum(ops.square(disp_t), axis=-1)) <= self.regress_radius_mm,
             lf.dtype,
