@@ -161,6 +161,44 @@ def test_resume_equals_uninterrupted(cohort, tmp_path, caplog):
     assert "another configuration" in caplog.text and "resuming" not in caplog.text
 
 
+class LearningRates(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.rates = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.rates.append(float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)))
+
+
+def test_cosine_decay_falls_to_zero_and_resumes_on_its_curve(cohort, tmp_path):
+    """lr_decay cosine: the rate falls from learning_rate to 0 over the run's steps, and a run
+    cut after epoch 2 resumes on the same curve (the same history and weights)."""
+    cfg, _, lr = TOY_METHODS["locnet_single"]
+
+    def go(name, callbacks):
+        return T.train("locnet_single", cfg, {"epochs": 4, "learning_rate": lr,
+                                              "lr_decay": "cosine"},
+                       cohort["grid"], LANDMARKS, cohort["train"], cohort["val"],
+                       cohort["table"], tmp_path / name / "out", tmp_path / name / "state", 1,
+                       callbacks=callbacks)
+
+    rates = LearningRates()
+    go("full", [rates])
+    # 8 cases a epoch: after epoch e (1-based) the rate is lr * (1 + cos(pi * e / 4)) / 2
+    expected = [lr * (1 + np.cos(np.pi * e / 4)) / 2 for e in range(1, 5)]
+    np.testing.assert_allclose(rates.rates, expected, rtol=1e-4, atol=1e-7)
+    with pytest.raises(KeyboardInterrupt):
+        go("cut", [Interrupt(at=2)])
+    resumed_rates = LearningRates()
+    go("cut", [resumed_rates])
+    np.testing.assert_allclose(resumed_rates.rates, expected[2:], rtol=1e-4, atol=1e-7)
+    pd.testing.assert_frame_equal(history_without_time(tmp_path / "cut/out/history.csv"),
+                                  history_without_time(tmp_path / "full/out/history.csv"),
+                                  rtol=1e-6)
+    for a, b in zip(saved_weights(tmp_path / "cut" / "out"), saved_weights(tmp_path / "full" / "out")):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
 class LevelNetSnapshots(keras.callbacks.Callback):
     """The weights of every level net at the end of every epoch."""
 

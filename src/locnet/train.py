@@ -328,7 +328,16 @@ def _weight_names(model, levels: list[int]) -> list[str]:
     return [f"level{i}" for i in range(n)]
 
 
-def _compile(model, learning_rate: float) -> None:
+def _compile(model, learning_rate: float, decay: str = "constant", steps: int = 0) -> None:
+    """Adam at ``learning_rate``; with ``decay`` ``"cosine"`` the rate falls along a half
+    cosine to 0 over ``steps`` optimizer steps (the rate is a function of the optimizer's step
+    count, which the resume state keeps, so a resumed run continues on the same curve)."""
+    if decay == "cosine":
+        if steps < 1:
+            raise ValueError(f"lr_decay cosine needs the number of steps, got {steps}")
+        learning_rate = keras.optimizers.schedules.CosineDecay(learning_rate, int(steps))
+    elif decay != "constant":
+        raise ValueError(f"lr_decay must be 'constant' or 'cosine', got {decay!r}")
     model.compile(optimizer=keras.optimizers.Adam(learning_rate=learning_rate))
 
 
@@ -520,7 +529,10 @@ def _set_up(method, method_cfg, train_cfg, grid, landmarks, case_dirs_train, cas
 def _enter_phase(run: _Run, phase: int) -> None:
     """Make only the level sub-network of ``phase`` trainable and compile afresh."""
     _set_trainable_level(run.model, run.phases.trained_level(phase))
-    _compile(run.model, run.lr)
+    # a new optimizer per phase: its decay runs over the phase's own epochs
+    first, end = run.phases.bounds[phase] if run.phases.multistep else (0, run.total)
+    _compile(run.model, run.lr, run.cfg.get("lr_decay", "constant"),
+             (end - first) * len(run.train_ds))
 
 
 def _save_state(run: _Run, progress: checkpoint.Progress) -> None:
