@@ -531,7 +531,7 @@ def _enter_phase(run: _Run, phase: int) -> None:
     _set_trainable_level(run.model, run.phases.trained_level(phase))
     # a new optimizer per phase: its decay runs over the phase's own epochs
     first, end = run.phases.bounds[phase] if run.phases.multistep else (0, run.total)
-    _compile(run.model, run.lr, run.cfg.get("lr_decay", "constant"),
+    _compile(run.model, run.lr, run.cfg["lr_decay"],
              (end - first) * len(run.train_ds))
 
 
@@ -603,9 +603,9 @@ def fit_one_epoch(model, dataset, epoch: int, callbacks) -> None:
     Known cost: on TensorFlow every ``fit`` call builds a ``tf.data`` pipeline around the
     dataset, and tearing it down on return stalled for about 5 s in a third of the default
     study's epochs. A ``train_on_batch`` loop avoids that (0.65-0.75 of the epoch time,
-    ``benchmarks/epoch_loop.py``), but it traces the step with a fixed batch size and so
-    changes the Loc-Nets' trainings at rounding level; in the study run with it, the
-    multi-step chain's finest level died in one seed. It waits until the chains no longer
+    ``benchmarks/epoch_loop.py``), but it changes the Loc-Nets' trainings at rounding level
+    (probably because it traces the step for a batch of 1; not verified); in the study run
+    with it, the multi-step chain's finest level died in one seed. It waits until the chains no longer
     depend on such rounding (benchmarks/README.md, "Epoch time: fit or a train_on_batch loop").
     """
     model.fit(dataset, initial_epoch=epoch, epochs=epoch + 1, shuffle=False, verbose=0,
