@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from locnet import train as T
-from locnet.data import LandmarkDataset, advise_box, chain_boxes, open_level
+from locnet.data import LandmarkDataset, advise_box, chain_boxes, open_level, shift_volume
 from locnet.models import build_model
 from locnet.geometry import Grid
 from locnet.pyramid import write_level
@@ -247,3 +247,36 @@ def test_training_on_boxes_is_deterministic(cohort, tmp_path, caplog):
         GRID),
         dataset(cohort, n=3), {"loader": {"margin_mm": 4.0}})
     assert np.prod(boxes[0]["shape"]) < N0**3
+
+
+def test_shifted_box_is_the_shifted_levels_slice(cohort):
+    """Augmentation of a chain reading boxes: the box keeps its content and its corner moves
+    by the level's shift, so the box is the slice of the shifted whole level at the new
+    corner, and it stays inside the level."""
+    dirs, table = cohort
+    whole = dataset(cohort)
+    boxes = T.training_boxes(build_model("multiscale_e2e_noise", {
+        "landmarks": LANDMARKS, "patch": PATCH, "noise_mm": 4.0, "unet": {"filters": [2]}},
+        GRID), whole, {"loader": {"crop": True, "margin_mm": 4.0}})
+    aug = LandmarkDataset(dirs, list(range(LEVELS)), table, LANDMARKS, shuffle=False,
+                          boxes=boxes, shift_mm=40.0, seed=1)
+    moved = 0
+    for epoch in range(3):
+        aug.set_epoch(epoch)
+        for i in range(len(dirs)):
+            s = aug.case_shift(i)
+            moved += bool(s.any())
+            x, y = aug.case_batch(i)
+            xw, yw = whole.case_batch(i)
+            top = LEVELS - 1
+            np.testing.assert_array_equal(x[f"level{top}"][0, ..., 0],
+                                          shift_volume(xw[f"level{top}"][0, ..., 0], s))
+            for l in boxes:
+                v = s * 2 ** (top - l)
+                corner = aug.box_corner(i, l) + v
+                np.testing.assert_array_equal(x[f"offset{l}"][0], corner.astype(np.float32))
+                assert np.all(corner >= 0) and np.all(corner + boxes[l]["shape"] <= N0 // 2**l)
+                sl = tuple(slice(c, c + b) for c, b in zip(corner, boxes[l]["shape"]))
+                shifted = shift_volume(open_level(dirs[i], l), v)
+                np.testing.assert_array_equal(x[f"level{l}"][0, ..., 0], shifted[sl])
+    assert moved > 0

@@ -23,6 +23,7 @@ from locnet.data import (
     load_case_inputs,
     model_levels,
     read_landmark_table,
+    shift_volume,
 )
 
 LANDMARKS = ["left_bifurcation", "right_bifurcation"]
@@ -228,3 +229,54 @@ def test_readahead_requests_the_next_batch_and_changes_no_value(cohort, monkeypa
     assert asked == [[dirs[0] / f"level{l}.nii" for l in (0, 2)]]
     # a file that vanished is skipped: the batch that needs it reports the error, not the thread
     data.read_into_page_cache([dirs[0] / "nope.nii", dirs[0] / "level0.nii"])
+
+
+def test_shift_volume_moves_content_and_fills_the_edge():
+    a = np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6) + 1.0
+    b = shift_volume(a, [1, -2, 0])
+    np.testing.assert_array_equal(b[1:, :3, :], a[:-1, 2:, :])  # out[v + s] = in[v]
+    assert np.all(b[0] == 0) and np.all(b[:, 3:, :] == 0)
+    assert np.all(shift_volume(a, [4, 0, 0]) == 0)  # moved out entirely
+    np.testing.assert_array_equal(shift_volume(a, [0, 0, 0]), a)
+
+
+def test_augmentation_moves_image_and_targets_together(cohort):
+    """With ``shift_mm`` every level and every annotated target move by the same whole number
+    of coarsest-level voxels; the draw depends only on (seed, epoch, case); the landmarks stay
+    inside; a missing landmark stays masked at 0; shift_mm 0 changes nothing."""
+    dirs, table, _ = cohort
+    plain = LandmarkDataset(dirs, [0, 2], table, LANDMARKS, shuffle=False)
+    aug = LandmarkDataset(dirs, [0, 2], table, LANDMARKS, shuffle=False, seed=3, shift_mm=40.0)
+    step = 4.0 * 2**2  # level-2 voxel (mm)
+    seen = set()
+    for epoch in range(4):
+        aug.set_epoch(epoch)
+        for i in range(len(dirs)):
+            s = aug.case_shift(i)
+            assert np.all(np.abs(s) <= 2)  # 40 mm // 16 mm
+            seen.add(tuple(s))
+            x, y = aug.case_batch(i)
+            x0, y0 = plain.case_batch(i)
+            for l in (0, 2):
+                np.testing.assert_array_equal(
+                    x[f"level{l}"][0, ..., 0], shift_volume(x0[f"level{l}"][0, ..., 0],
+                                                            s * 2 ** (2 - l)))
+            m = y0["mask"][0] > 0
+            np.testing.assert_array_equal(y["mask"], y0["mask"])
+            np.testing.assert_allclose(y["position"][0][m], y0["position"][0][m] + s * step)
+            assert np.all(y["position"][0][~m] == 0)
+            assert np.all(y["position"][0][m] >= 0) and np.all(y["position"][0][m] <= 31 * 4.0)
+            # the blob of landmark 0 is still where its target says
+            vox = np.unravel_index(np.argmax(x["level0"][0, ..., 0]), (32,) * 3)
+            assert np.all(np.abs(np.array(vox) * 4.0 - y["position"][0, 0]) <= 4.0)
+    assert len(seen) > 3  # the shifts vary between cases and epochs
+    again = LandmarkDataset(dirs, [0, 2], table, LANDMARKS, shuffle=False, seed=3, shift_mm=40.0)
+    again.set_epoch(2)
+    aug.set_epoch(2)
+    assert [tuple(again.case_shift(i)) for i in range(3)] == [tuple(aug.case_shift(i))
+                                                              for i in range(3)]
+    # below one coarsest voxel: no shift at all
+    small = LandmarkDataset(dirs, [0, 2], table, LANDMARKS, shuffle=False, shift_mm=15.0)
+    assert not small.case_shift(0).any()
+    with pytest.raises(ValueError, match="shift_mm"):
+        LandmarkDataset(dirs, [0], table, LANDMARKS, shift_mm=-1.0)

@@ -199,6 +199,60 @@ def test_cosine_decay_falls_to_zero_and_resumes_on_its_curve(cohort, tmp_path):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
+class Targets(keras.callbacks.Callback):
+    """The training set's targets of every batch, as the model is given them."""
+
+    def __init__(self, dataset_of):
+        super().__init__()
+        self.dataset_of, self.seen = dataset_of, []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        ds = self.dataset_of()
+        i = int(ds._order[batch])
+        self.seen.append(ds.batch([i])[1]["position"][0] - ds.targets(i)[0])
+
+
+def test_shift_augmentation_reaches_training_and_resumes_alike(cohort, tmp_path, monkeypatch):
+    """augment_shift_mm: the training batches are shifted by whole level-0 voxels (8 mm here)
+    within the limit, the run differs from an unshifted one, and a run cut after epoch 2
+    resumes to the same history and weights (the shifts depend on seed, epoch and case only)."""
+    cfg, _, lr = TOY_METHODS["patch_baseline"]
+    made = []
+    real = T.LandmarkDataset
+
+    def spy(*args, **kwargs):
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(T, "LandmarkDataset", spy)
+
+    def go(name, shift, callbacks=()):
+        return T.train("patch_baseline", cfg, {"epochs": 4, "learning_rate": lr,
+                                               "augment_shift_mm": shift},
+                       cohort["grid"], LANDMARKS, cohort["train"], cohort["val"],
+                       cohort["table"], tmp_path / name / "out", tmp_path / name / "state", 1,
+                       callbacks=list(callbacks))
+
+    seen = Targets(lambda: next(d for d in made if d.shuffle))
+    go("full", 16.0, [seen])
+    moves = np.concatenate(seen.seen)  # targets moved, masked ones included (0 + 0)
+    assert np.all(np.abs(moves) <= 16.0 + 1e-4) and np.any(np.abs(moves) > 1.0)
+    np.testing.assert_allclose(moves / 8.0, np.round(moves / 8.0), atol=1e-4)
+    made.clear()
+    go("plain", 0.0)
+    assert not np.allclose(history_without_time(tmp_path / "plain/out/history.csv")["loss"][1:],
+                           history_without_time(tmp_path / "full/out/history.csv")["loss"][1:])
+    made.clear()
+    with pytest.raises(KeyboardInterrupt):
+        go("cut", 16.0, [Interrupt(at=2)])
+    go("cut", 16.0)
+    pd.testing.assert_frame_equal(history_without_time(tmp_path / "cut/out/history.csv"),
+                                  history_without_time(tmp_path / "full/out/history.csv"),
+                                  rtol=1e-6)
+    for a, b in zip(saved_weights(tmp_path / "cut" / "out"), saved_weights(tmp_path / "full" / "out")):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
 class LevelNetSnapshots(keras.callbacks.Callback):
     """The weights of every level net at the end of every epoch."""
 

@@ -220,7 +220,7 @@ def defaults(*path: str, schema: dict | None = None) -> dict:
 
 #: Keys of a method block that are training settings (they override the shared ``training``
 #: block), not model settings.
-TRAIN_KEYS = ("epochs", "learning_rate", "lr_decay", "batch_size", "schedule")
+TRAIN_KEYS = ("epochs", "learning_rate", "lr_decay", "batch_size", "schedule", "augment_shift_mm")
 
 
 def method_config(config: dict, method: str) -> dict:

@@ -161,6 +161,21 @@ def landmark_span_voxels(position_mm, mask, level: int, finest_spacing_mm: float
     return v.min(axis=0), v.max(axis=0)
 
 
+def shift_volume(arr: np.ndarray, shift, fill: float = 0.0) -> np.ndarray:
+    """``arr`` translated by ``shift`` (3,) whole voxels: ``out[v + shift] = arr[v]``; what
+    comes in from beyond the edge is ``fill`` (0: the outside of the scan after windowing,
+    :mod:`locnet.pyramid`)."""
+    out = np.full(arr.shape, fill, dtype=arr.dtype)
+    src, dst = [], []
+    for n, d in zip(arr.shape, np.asarray(shift, dtype=int)):
+        if abs(d) >= n:
+            return out
+        src.append(slice(max(0, -d), n - max(0, d)))
+        dst.append(slice(max(0, d), n - max(0, -d)))
+    out[tuple(dst)] = arr[tuple(src)]
+    return out
+
+
 def chain_boxes(targets, levels, finest_shape: int, finest_spacing_mm: float, patch: int,
                 noise_mm: float, margin_mm: float) -> dict[int, dict]:
     """The training boxes of a multi-scale chain: ``{level: {"shape": (3,) int, "reach":
@@ -308,8 +323,12 @@ class LandmarkDataset(keras.utils.PyDataset):
         boxes: ``{level: {"shape": (3,), "reach": r}}`` (:func:`chain_boxes`): deliver these
             levels as boxes of that shape around each case's landmarks, with their corners as
             inputs ``offset{level}``; the other levels whole. ``None`` (default): all whole.
+        shift_mm: augmentation (training): every case of every epoch is translated by a random
+            whole number of voxels of the coarsest level read, up to ``shift_mm`` per axis
+            (:meth:`case_shift`); 0 (default): none. See :func:`shift_volume`.
 
-    Call :meth:`set_epoch` before each epoch; the order then depends only on ``(seed, epoch)``.
+    Call :meth:`set_epoch` before each epoch; the order (and each case's shift) then depends only
+    on ``(seed, epoch)``.
     ``fit`` must be called with ``shuffle=False`` (this class shuffles itself).
     """
 
@@ -326,6 +345,7 @@ class LandmarkDataset(keras.utils.PyDataset):
         mmap: bool = True,
         readahead: bool = True,
         boxes: dict | None = None,
+        shift_mm: float = 0.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -345,6 +365,9 @@ class LandmarkDataset(keras.utils.PyDataset):
         self.boxes = {int(l): dict(b) for l, b in (boxes or {}).items()}
         if set(self.boxes) - set(self.levels):
             raise ValueError(f"boxes for levels {sorted(self.boxes)} not all read ({self.levels})")
+        self.shift_mm = float(shift_mm)
+        if self.shift_mm < 0:
+            raise ValueError(f"shift_mm must be >= 0, got {shift_mm}")
         reader = self._read_boxes if self.boxes else read_into_page_cache
         self.readahead = PageCacheReadahead(reader) if (readahead and self.mmap) else None
         table = read_landmark_table(landmark_table)
@@ -352,9 +375,11 @@ class LandmarkDataset(keras.utils.PyDataset):
         # targets are tiny (K x 3 per case): computed once, grid.json read once per case
         self._targets = []
         self._corners = []  # the box corners of each case (boxed levels only)
+        self._grids = []
         self._ready: dict[int, dict[int, np.ndarray]] = {}  # boxes cut ahead, by case
         for d, cid in zip(self.case_dirs, self.case_ids):
             grid = _pyramid.read_grid(d)
+            self._grids.append(grid)
             self._targets.append(case_targets(index.get(cid), self.landmarks, grid.origin))
             self._corners.append(self._case_corners(*self._targets[-1], grid))
         self._cache: collections.OrderedDict[int, dict[int, np.ndarray]] = (
@@ -455,6 +480,54 @@ class LandmarkDataset(keras.utils.PyDataset):
             self._ready = {i: b for i, b in self._ready.items() if i in set(map(int, idx))}
         self.readahead.request([int(i) for i in idx] if self.boxes else self.level_files(idx))
 
+    # ---- augmentation --------------------------------------------------------------------------
+    def case_shift(self, i: int) -> np.ndarray:
+        """Case ``i``'s translation (3,) int in this epoch, in voxels of the coarsest level
+        read (level ``L``): drawn uniformly per axis from ``derive(seed, "shift", epoch, case)``
+        within ``shift_mm``, and narrowed so that every annotated landmark and every box stays
+        inside its level. Level ``l`` moves by ``shift * 2**(L - l)`` voxels, the targets by
+        ``shift`` x the level-``L`` spacing, so image and targets move together exactly."""
+        i = int(i)
+        grid, top = self._grids[i], self.levels[-1]
+        step_mm = float(grid.spacing) * 2**top
+        reach = int(self.shift_mm // step_mm)
+        if reach == 0:
+            return np.zeros(3, dtype=np.int64)
+        lo, hi = np.full(3, -reach), np.full(3, reach)
+        pos, mask = self._targets[i]
+        n_top = int(grid.shape) // 2**top
+        span = landmark_span_voxels(pos, mask, top, grid.spacing)
+        if span is not None:  # the landmarks stay inside the coarsest level
+            lo = np.maximum(lo, np.ceil(-span[0]).astype(int))
+            hi = np.minimum(hi, np.floor(n_top - 1 - span[1]).astype(int))
+        for l, box in self.boxes.items():  # a box stays inside its level
+            k, c = 2 ** (top - l), self.box_corner(i, l)
+            room = int(grid.shape) // 2**l - np.asarray(box["shape"]) - c
+            lo = np.maximum(lo, -(c // k))
+            hi = np.minimum(hi, room // k)
+        rng = np.random.default_rng(seeds.derive(self.seed, "shift", self.epoch, self.case_ids[i]))
+        return np.array([rng.integers(a, b + 1) if a <= b else 0 for a, b in zip(lo, hi)])
+
+    def _shifted(self, i: int, arrays: dict[int, np.ndarray]):
+        """Case ``i``'s level arrays, box corners and targets after its shift."""
+        pos, mask = self._targets[i]
+        corners = {l: self.box_corner(i, l) for l in self.boxes}
+        if not self.shift_mm:
+            return arrays, corners, pos
+        s, top = self.case_shift(i), self.levels[-1]
+        if not s.any():
+            return arrays, corners, pos
+        out = {}
+        for l, a in arrays.items():
+            v = s * 2 ** (top - l)
+            if l in self.boxes:  # the box's content is the shifted level's at corner + v
+                corners[l] = corners[l] + v
+                out[l] = a
+            else:
+                out[l] = shift_volume(a, v)
+        step_mm = float(self._grids[i].spacing) * 2**top
+        return out, corners, np.where(mask[:, None] > 0, pos + s * step_mm, pos).astype(np.float32)
+
     # ---- batches -----------------------------------------------------------------------------
     def case_arrays(self, i: int) -> dict[int, np.ndarray]:
         """The level arrays (3D memory maps) of case ``i``, through the LRU of open maps."""
@@ -481,14 +554,15 @@ class LandmarkDataset(keras.utils.PyDataset):
         copy of the box, and ``offset{l}`` (B, 3) float32 holds the boxes' corners.
         """
         idx = [int(i) for i in idx]
-        arrays = [self.case_levels(i) for i in idx]
+        cases = [self._shifted(i, self.case_levels(i)) for i in idx]
+        arrays = [c[0] for c in cases]
         if len(idx) == 1:
             x = {f"level{l}": arrays[0][l][None, ..., None] for l in self.levels}
         else:
             x = {f"level{l}": np.stack([a[l] for a in arrays])[..., None] for l in self.levels}
         for l in sorted(self.boxes):
-            x[f"offset{l}"] = np.stack([self.box_corner(i, l) for i in idx]).astype(np.float32)
-        pos = np.stack([self._targets[i][0] for i in idx])
+            x[f"offset{l}"] = np.stack([c[1][l] for c in cases]).astype(np.float32)
+        pos = np.stack([c[2] for c in cases])
         mask = np.stack([self._targets[i][1] for i in idx])
         return x, {"position": pos, "mask": mask}
 

@@ -457,6 +457,7 @@ def _datasets(case_dirs_train, case_dirs_val, levels, landmark_table, landmarks,
         return LandmarkDataset(
             case_dirs_train, levels, table, landmarks, batch_size=int(cfg["batch_size"]),
             shuffle=True, seed=seeds.derive(seed, "data"), cache_size=CACHE_CASES, boxes=boxes,
+            shift_mm=float(cfg["augment_shift_mm"]),
         )
 
     train_ds = training_set()

@@ -355,6 +355,8 @@ def study_summary():
     out["epochs"] = config["training"]["epochs"]
     if overrides := training_overrides_summary():
         out["epochs"] = f"{out['epochs']} ({overrides})"
+    if shift := config["training"]["augment_shift_mm"]:
+        out["augmentation"] = f"random shifts up to {shift:g} mm"
     out["seeds per method"] = config["training"]["seeds"]
     w = config["training"]["selection_window"]
     out["model selection"] = ("lowest validation error of a single epoch" if w == 1 else
