@@ -266,6 +266,17 @@ def test_config_yamls_patch_settings_do_not_leak_into_the_paper_or_tiny_configs(
     assert pc["unet"]["filters"] == paper["unet"]["filters"] == [16, 32, 64, 128]
     for key in ("epochs", "learning_rate"):
         assert pt[key] == paper["training"][key] == cfgmod.training_config(paper, "heatmap_unet")[key]
+    # shift augmentation: the single-level methods of the default study, never the paper's
+    for m in ("heatmap_unet", "locnet_single", "patch_baseline", "multiscale_multistep",
+              "multiscale_e2e", "multiscale_e2e_noise"):
+        want = 10.0 if not m.startswith("multiscale") else 0.0
+        assert cfgmod.training_config(default, m)["augment_shift_mm"] == want, m
+        assert cfgmod.training_config(paper, m)["augment_shift_mm"] == 0.0, m
+        assert "augment_shift_mm" not in cfgmod.method_config(default, m)  # not a model key
+        # leaky units everywhere but the patch encoder; the paper's ReLU in config/paper.yaml
+        want = "relu" if m == "patch_baseline" else "leaky_relu"
+        assert cfgmod.method_config(default, m)["unet"]["activation"] == want, m
+        assert cfgmod.method_config(paper, m)["unet"]["activation"] == "relu", m
     tiny = _layered("config.yaml", "config/tiny.yaml")
     assert cfgmod.method_config(tiny, "patch_baseline")["unet"]["filters"] == [4, 8]
     assert cfgmod.training_config(tiny, "patch_baseline")["epochs"] == 3

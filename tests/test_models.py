@@ -190,6 +190,33 @@ def test_finest_loss_reaches_coarsest_net_only_end_to_end():
 
 
 @pytest.mark.tensorflow_only
+def test_leaky_relu_units_switched_off_still_learn():
+    """A unit whose input is negative everywhere gets no gradient with ReLU (it is dead) and
+    a gradient with unet.activation leaky_relu; build_model passes the key through."""
+    import tensorflow as tf
+
+    x = _blob_volume(8, 2, 6)
+    grads = {}
+    for act in ("relu", "leaky_relu"):
+        keras.utils.set_random_seed(0)
+        net = build_unet((8, 8, 8, 1), 1, filters=(4, 8), activation=act, out_activation="linear")
+        last = net.get_layer("unet_dec0_conv0")
+        kernel, bias = last.get_weights()
+        last.set_weights([kernel, bias - 1e3])  # every unit of the last block off
+        with tf.GradientTape() as tape:
+            loss = ops.sum(ops.square(net(x) - 1.0))
+        grads[act] = tape.gradient(loss, last.trainable_weights)[0].numpy()
+    assert not np.any(grads["relu"]) and np.all(np.abs(grads["leaky_relu"]).sum(axis=(0, 1, 2, 3)) > 0)
+    model = build_model("locnet_single", {**TINY_CFG, "unet": {**TINY_CFG.get("unet", {}),
+                                                                "activation": "leaky_relu"}},
+                        TINY_GRID)
+    acts = {getattr(l, "activation", None) for l in model.locnet.net.layers if "conv" in l.name}
+    assert keras.activations.leaky_relu in acts and keras.activations.relu not in acts
+    with pytest.raises(ValueError, match="activation"):
+        build_unet((8, 8, 8, 1), 1, filters=(4, 8), activation="tanh")
+
+
+@pytest.mark.tensorflow_only
 def test_gradient_flows_through_the_resampled_patch_content():
     # d position / d centre = identity (the additive term) + the content term of the
     # trilinear crop; with an integer-slice crop (authors' code) it would be exactly 1.

@@ -353,16 +353,17 @@ def study_summary():
     out["finest grid"] = f"{p['finest_shape']}^3 at {p['finest_spacing_mm']} mm"
     out["levels"] = p["levels"]
     out["epochs"] = config["training"]["epochs"]
-    if overrides := training_overrides_summary():
-        out["epochs"] = f"{out['epochs']} ({overrides})"
     if shift := config["training"]["augment_shift_mm"]:
         out["augmentation"] = f"random shifts up to {shift:g} mm"
+    if overrides := training_overrides_summary():
+        out["a method's own training settings"] = overrides
     out["seeds per method"] = config["training"]["seeds"]
     w = config["training"]["selection_window"]
     out["model selection"] = ("lowest validation error of a single epoch" if w == 1 else
                               f"{w}-epoch centred window of the validation error")
     out["noise passes"] = config["evaluation"]["passes"]
     out["map prior"] = map_prior_summary()
+    out["U-Net activation"] = activation_summary()
     out["seed"] = config["seed"]
     return out
 
@@ -374,12 +375,30 @@ def training_overrides_summary():
     parts = []
     for m in enabled_methods():
         own = locnet.config.training_config(config, m)
-        diff = [f"{k.replace('_', ' ')} {own[k]:g}" if isinstance(own[k], (int, float))
-                else f"{k.replace('_', ' ')} {own[k]}"
+        diff = [_training_setting(k, own[k])
                 for k in locnet.config.TRAIN_KEYS if own.get(k) != shared.get(k)]
         if diff:
             parts.append(f"{locnet.methods.get(m).label}: {', '.join(diff)}")
     return "; ".join(parts)
+
+
+def _training_setting(key, value):
+    """One training setting in words: "learning rate 0.002", "no augmentation"."""
+    if key == "augment_shift_mm":
+        return f"random shifts up to {value:g} mm" if value else "no augmentation"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"{key.replace('_', ' ')} {value:g}"
+    return f"{key.replace('_', ' ')} {value}"
+
+
+def activation_summary():
+    """The U-Nets' activation in words: "leaky_relu (Patch-based CNN, Noothout 2018: relu)"."""
+    shared = locnet.config.defaults("definitions", "unet")["activation"]
+    shared = config["unet"].get("activation", shared)
+    own = {m: locnet.config.method_config(config, m)["unet"]["activation"]
+           for m in enabled_methods()}
+    other = [f"{locnet.methods.get(m).label}: {a}" for m, a in own.items() if a != shared]
+    return shared + (f" ({'; '.join(other)})" if other else "")
 
 
 def map_prior_summary():

@@ -14,13 +14,13 @@ from locnet.layers import CenterOfMass
 __all__ = ["build_unet", "unet_kwargs", "LocNet"]
 
 
-def _conv_block(x, filters, convs, dropout, prefix):
+def _conv_block(x, filters, convs, dropout, prefix, activation="relu"):
     for c in range(convs):
         x = keras.layers.Conv3D(
             filters,
             3,
             padding="same",
-            activation="relu",
+            activation=activation,
             kernel_initializer="he_normal",
             name=f"{prefix}_conv{c}",
         )(x)
@@ -40,6 +40,7 @@ def build_unet(
     decoder: bool = True,
     upsampling: str = "upsample",
     out_init_std: float | None = None,
+    activation: str = "relu",
 ) -> keras.Model:
     """3D U-Net used by every method (functional ``keras.Model``).
 
@@ -50,6 +51,9 @@ def build_unet(
     connection and applies the same conv block; a final 1x1x1 convolution gives
     ``out_channels`` maps with ``out_activation``. ``dropout > 0`` adds dropout after each
     conv block.
+
+    ``activation``: of every 3x3x3 convolution, ``"relu"`` (the paper) or ``"leaky_relu"``
+    (slope 0.2 below zero: a unit is never off for every input, so it cannot die).
 
     ``out_init_std``: the 1x1x1 head's kernel starts as N(0, out_init_std^2) with a zero bias
     instead of He-normal (``None``), so the first outputs are close to 0 (see
@@ -69,6 +73,8 @@ def build_unet(
             raise ValueError(
                 f"{name}: spatial size {n} is not divisible by 2^(levels-1) = {stride}"
             )
+    if activation not in ("relu", "leaky_relu"):
+        raise ValueError(f"activation must be 'relu' or 'leaky_relu', got {activation!r}")
     if upsampling not in ("upsample", "transpose"):
         raise ValueError(f"upsampling must be 'upsample' or 'transpose', got {upsampling!r}")
     inputs = keras.Input(shape=input_shape, name=f"{name}_input")
@@ -77,7 +83,7 @@ def build_unet(
     for d, f in enumerate(filters):
         if d > 0:
             x = keras.layers.MaxPooling3D(2, name=f"{name}_pool{d}")(x)
-        x = _conv_block(x, f, convs_per_level, dropout, f"{name}_down{d}")
+        x = _conv_block(x, f, convs_per_level, dropout, f"{name}_down{d}", activation)
         skips.append(x)
     if decoder:
         for d in range(depth - 2, -1, -1):
@@ -89,7 +95,8 @@ def build_unet(
                     name=f"{name}_up{d}",
                 )(x)
             x = keras.layers.Concatenate(axis=-1, name=f"{name}_concat{d}")([skips[d], x])
-            x = _conv_block(x, filters[d], convs_per_level, dropout, f"{name}_dec{d}")
+            x = _conv_block(x, filters[d], convs_per_level, dropout, f"{name}_dec{d}",
+                            activation)
     head_init = ("he_normal" if out_init_std is None
                  else keras.initializers.RandomNormal(stddev=float(out_init_std)))
     outputs = keras.layers.Conv3D(
@@ -111,6 +118,7 @@ def unet_kwargs(cfg_unet: dict) -> dict:
         "convs_per_level": int(c["convs_per_level"]),
         "dropout": float(c["dropout"]),
         "upsampling": str(c["upsampling"]),
+        "activation": str(c["activation"]),
     }
 
 
@@ -136,8 +144,10 @@ class LocNet(keras.layers.Layer):
     (:func:`locnet.models.maps.map_prior_loss`), and the mass of the centre of mass is
     ``relu(logits - map_threshold * map_peak)``: the part of the map above a tenth of the
     target peak (default), exactly zero elsewhere. The linear logits always get a gradient
-    from the prior, so the map cannot die, and the threshold keeps the small residuals of
-    the background (a quarter of a million voxels at 64^3) out of the centre of mass.
+    from the prior, and the threshold keeps the small residuals of the background (a quarter
+    of a million voxels at 64^3) out of the centre of mass. The ReLU units that feed the head
+    can still all switch off, leaving the map at its bias; ``unet.activation: leaky_relu``
+    prevents that (docs/methods.md, "Dead units").
     ``out_activation`` is then unused.
     """
 
