@@ -228,6 +228,8 @@ def main(argv=None) -> int:
     p.add_argument("--landmarks", type=int, default=2)
     p.add_argument("--filters", type=int, nargs="+", default=[16, 32, 64, 128],
                    help="U-Net filters per level (the default study: 8 16 32 64)")
+    p.add_argument("--activation", default="relu", choices=["relu", "leaky_relu"],
+                   help="U-Net activation (unet.activation; the default study: leaky_relu)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--timeout", type=float, default=1800.0, help="per method (s)")
@@ -245,7 +247,8 @@ def main(argv=None) -> int:
         if a.methods == list(METHODS):
             a.methods = ["multiscale_e2e_noise", "locnet_single"]
     grid = {"finest_shape": a.finest_shape, "finest_spacing_mm": a.spacing, "levels": a.levels}
-    cfg = {"patch": a.patch, "level": a.level, "unet": {"filters": list(a.filters)}}
+    cfg = {"patch": a.patch, "level": a.level,
+           "unet": {"filters": list(a.filters), "activation": a.activation}}
     results = []
     for m in a.methods:
         r = run_child(m, cfg, grid, a.landmarks, a.warmup, a.steps, a.timeout, a.min_free_mib)
