@@ -150,7 +150,7 @@ LAYER_CASES = {
         LocNet,
         {"input_size": 8, "out_channels": 2,
          "unet": {"filters": [2, 4], "convs_per_level": 2, "dropout": 0.1,
-                  "upsampling": "transpose"},
+                  "upsampling": "transpose", "activation": "leaky_relu"},
          "out_activation": "relu", "com_epsilon": 1e-4, "name": "locnet"},
         lambda: [_rng().random((2, 8, 8, 8, 1), dtype=np.float32)],
         False,

@@ -606,9 +606,13 @@ def test_results_page_numbers_are_table1s(tiny_study):
         if isinstance(r.paper_mean_sd, str) and r.paper_mean_sd:
             assert f"| {r.paper_mean_sd} |" in part  # the paper's, in its labelled column
     assert "`config/tiny.yaml`" in page and "### What this run can and cannot conclude" in page
-    # the patch baseline's own budget (config/tiny.yaml: 3 epochs) is named beside the shared 2
+    # the patch baseline's own budget (config/tiny.yaml: 3 epochs) is named beside the shared
+    # 2, and so are config.yaml's shifts (the chains' own: none) and leaky units (patch: relu)
     study = next(line for line in page.splitlines() if line.startswith("- Study:"))
-    assert "epochs 2 (Patch-based CNN, Noothout 2018: epochs 3" in study
+    assert "epochs 2, augmentation random shifts up to 10 mm, " in study
+    assert "a method's own training settings Patch-based CNN, Noothout 2018: epochs 3" in study
+    assert "Loc-Net multi-scale, end to end + noise: no augmentation" in study
+    assert "U-Net activation leaky_relu (Patch-based CNN, Noothout 2018: relu)" in study
 
 
 def test_reference_is_the_training_mean_of_the_study(tiny_study):
