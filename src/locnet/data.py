@@ -481,6 +481,10 @@ class LandmarkDataset(keras.utils.PyDataset):
         self.readahead.request([int(i) for i in idx] if self.boxes else self.level_files(idx))
 
     # ---- augmentation --------------------------------------------------------------------------
+    def _shift_step_mm(self, i: int) -> float:
+        """One voxel of the coarsest level read, for case ``i``: the unit of its shift (mm)."""
+        return float(self._grids[int(i)].spacing) * 2 ** self.levels[-1]
+
     def case_shift(self, i: int) -> np.ndarray:
         """Case ``i``'s translation (3,) int in this epoch, in voxels of the coarsest level
         read (level ``L``): drawn uniformly per axis from ``derive(seed, "shift", epoch, case)``
@@ -489,8 +493,7 @@ class LandmarkDataset(keras.utils.PyDataset):
         ``shift`` x the level-``L`` spacing, so image and targets move together exactly."""
         i = int(i)
         grid, top = self._grids[i], self.levels[-1]
-        step_mm = float(grid.spacing) * 2**top
-        reach = int(self.shift_mm // step_mm)
+        reach = int(self.shift_mm // self._shift_step_mm(i))
         if reach == 0:
             return np.zeros(3, dtype=np.int64)
         lo, hi = np.full(3, -reach), np.full(3, reach)
@@ -525,8 +528,8 @@ class LandmarkDataset(keras.utils.PyDataset):
                 out[l] = a
             else:
                 out[l] = shift_volume(a, v)
-        step_mm = float(self._grids[i].spacing) * 2**top
-        return out, corners, np.where(mask[:, None] > 0, pos + s * step_mm, pos).astype(np.float32)
+        moved = pos + s * self._shift_step_mm(i)
+        return out, corners, np.where(mask[:, None] > 0, moved, pos).astype(np.float32)
 
     # ---- batches -----------------------------------------------------------------------------
     def case_arrays(self, i: int) -> dict[int, np.ndarray]:
