@@ -354,7 +354,7 @@ def study_summary():
     out["levels"] = p["levels"]
     out["epochs"] = config["training"]["epochs"]
     if shift := config["training"]["augment_shift_mm"]:
-        out["augmentation"] = f"random shifts up to {shift:g} mm"
+        out["augmentation"] = _training_setting("augment_shift_mm", shift)
     if overrides := training_overrides_summary():
         out["a method's own training settings"] = overrides
     out["seeds per method"] = config["training"]["seeds"]
