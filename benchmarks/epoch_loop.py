@@ -1,13 +1,12 @@
-"""Epoch time of a method's training: ``keras.Model.fit`` per epoch against a ``train_on_batch`` loop.
+"""Epoch time of a method's training: ``keras.Model.fit`` per epoch against ``train.run_epoch``.
 
     python benchmarks/epoch_loop.py --results RESULTS --method heatmap_unet --epochs 20 \
         --threads 1 --out benchmarks/runs/epoch_loop_cpu_DATE.json
 
 ``RESULTS`` must hold a study's pyramids and split (``snakemake --until pyramid split``).
 Trains the method twice as the workflow does (the config's blocks, the study's seed 0, the
-split's training and validation cases), once with each epoch run by ``model.fit``
-(``locnet.train.fit_one_epoch``, what the workflow does) and once by :func:`run_epoch`, a
-``train_on_batch`` loop, and records every
+split's training and validation cases), once with each epoch run by ``model.fit`` (what
+``locnet.train`` did before) and once by ``locnet.train.run_epoch``, and records every
 epoch's time (training and validation, as ``history.csv``'s ``time``) and whether the two
 histories agree. Start two copies side by side to see the study's setting (two one-thread
 jobs on a 2-core machine); times are only comparable within one run.
@@ -27,41 +26,10 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
-def run_epoch(model, dataset, epoch: int, callbacks) -> dict:
-    """Train ``model`` one epoch over ``dataset`` (a ``keras.utils.PyDataset``), batch by batch
-    with ``train_on_batch``, calling ``callbacks`` as ``fit`` would; returns the epoch logs.
-
-    The same ``train_step`` runs on the same batches as in ``fit``, without the ``tf.data``
-    pipeline ``fit`` builds and tears down on every call. The epoch logs are the means of the
-    batch logs weighted by batch size, which is what ``fit`` reports for batches of one.
-    """
-    import keras
-    import numpy as np
-
-    cbs = keras.callbacks.CallbackList(list(callbacks), model=model, add_history=False,
-                                       add_progbar=False, verbose=0, epochs=epoch + 1,
-                                       steps=len(dataset))
-    model.stop_training = False
-    cbs.on_train_begin()
-    cbs.on_epoch_begin(epoch)
-    sums: dict[str, float] = {}
-    seen = 0
-    for step in range(len(dataset)):
-        cbs.on_train_batch_begin(step)
-        batch = dataset[step]
-        x, y = batch[0], batch[1] if len(batch) > 1 else None
-        n = int(np.shape(keras.tree.flatten(x)[0])[0])
-        logs = model.train_on_batch(x, y, return_dict=True)
-        for k, v in logs.items():
-            sums[k] = sums.get(k, 0.0) + n * float(v)
-        seen += n
-        cbs.on_train_batch_end(step, logs)
-        if model.stop_training:
-            break
-    logs = {k: v / max(seen, 1) for k, v in sums.items()}
-    cbs.on_epoch_end(epoch, logs)
-    cbs.on_train_end(logs)
-    return logs
+def fit_epoch(model, dataset, epoch: int, callbacks) -> None:
+    """One epoch the way ``locnet.train`` ran it before ``run_epoch``."""
+    model.fit(dataset, initial_epoch=epoch, epochs=epoch + 1, shuffle=False, verbose=0,
+              callbacks=list(callbacks))
 
 
 def main(argv=None) -> int:
@@ -92,10 +60,10 @@ def main(argv=None) -> int:
     mc, tc = C.method_config(cfg, args.method), C.training_config(cfg, args.method)
     tc["epochs"] = args.epochs
     seed = seeds.derive(cfg["seed"], f"train/{args.method}/seed0")
-    shipped = T.fit_one_epoch
+    loop = T.run_epoch
     runs = {}
-    for how, fn in (("fit", shipped), ("run_epoch", run_epoch)):
-        T.fit_one_epoch = fn
+    for how, fn in (("fit", fit_epoch), ("run_epoch", loop)):
+        T.run_epoch = fn
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
             r = T.train(args.method, mc, tc, C.model_grid(cfg), cfg["landmarks"], dirs["train"],
@@ -105,7 +73,7 @@ def main(argv=None) -> int:
         runs[how] = {"seconds": round(time.perf_counter() - t0, 1),
                      "epoch_s": [round(float(v), 3) for v in hist["time"][1:]],
                      "val_error_mm": [float(v) for v in hist["val_error_mm"]]}
-    T.fit_one_epoch = shipped
+    T.run_epoch = loop
     f, l = runs["fit"], runs["run_epoch"]
     summary = {
         "method": args.method, "epochs": args.epochs, "threads": args.threads,

@@ -151,12 +151,11 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--keep", default=None, help="copy the trained model folder here")
     p.add_argument("--out", default=None, help="append the result as one JSON line here")
-    p.add_argument("--epoch-loop", action="store_true",
-                   help="train each epoch with epoch_loop.run_epoch (train_on_batch) instead "
-                        "of fit; seed 0 of multiscale_multistep then loses its finest level "
-                        "(benchmarks/README.md, 'Epoch time')")
+    p.add_argument("--fit", action="store_true",
+                   help="train each epoch with keras.Model.fit (epoch_loop.fit_epoch), as "
+                        "locnet.train did before run_epoch (benchmarks/README.md, 'Epoch time')")
     args = p.parse_args(argv)
-    if args.epoch_loop:
+    if args.fit:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         import epoch_loop
 
@@ -165,7 +164,7 @@ def main(argv=None) -> int:
         locnet.job_threads(args.threads)  # before TensorFlow is imported
         from locnet import train as T
 
-        T.fit_one_epoch = epoch_loop.run_epoch
+        T.run_epoch = epoch_loop.fit_epoch
     row = run(args)
     line = json.dumps(row)
     print(line)

@@ -346,6 +346,46 @@ def test_every_method_learns(cohort, tmp_path, method):
     assert best < 0.9 * start, (method, list(hist.val_error_mm))
 
 
+def test_run_epoch_equals_fit_and_calls_the_callbacks(cohort):
+    """An epoch of T.run_epoch (train_on_batch, batch by batch) gives fit's weights and epoch
+    logs, and calls the callbacks' epoch and batch hooks in fit's order."""
+    from locnet.models import build_model
+
+    cfg = {**TOY_METHODS["locnet_single"][0], "landmarks": LANDMARKS}
+    results = []
+    for how in ("fit", "loop"):
+        keras.utils.set_random_seed(5)
+        model = build_model("locnet_single", cfg, cohort["grid"])
+        T._compile(model, 0.01)
+        ds = LandmarkDataset(cohort["train"], [0], cohort["table"], LANDMARKS, shuffle=False)
+        seen = []
+
+        class Hooks(keras.callbacks.Callback):
+            def on_epoch_begin(self, epoch, logs=None):
+                seen.append(("begin", epoch))
+
+            def on_train_batch_end(self, batch, logs=None):
+                seen.append(("batch", batch))
+
+            def on_epoch_end(self, epoch, logs=None):
+                seen.append(("end", epoch, dict(logs)))
+
+        if how == "fit":
+            model.fit(ds, initial_epoch=2, epochs=3, shuffle=False, verbose=0, callbacks=[Hooks()])
+        else:
+            T.run_epoch(model, ds, 2, [Hooks()])
+        results.append(([np.asarray(w) for w in model.get_weights()], seen))
+    (w_fit, seen_fit), (w_loop, seen_loop) = results
+    assert [e[:2] for e in seen_loop] == [e[:2] for e in seen_fit]
+    assert seen_loop[0] == ("begin", 2) and len(seen_loop) == len(cohort["train"]) + 2
+    logs_fit, logs_loop = seen_fit[-1][2], seen_loop[-1][2]
+    assert set(logs_loop) == set(logs_fit) and "loss" in logs_loop
+    for k in logs_fit:
+        assert logs_loop[k] == pytest.approx(logs_fit[k], rel=1e-5), k
+    for a, b in zip(w_fit, w_loop):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 # --------------------------------------------------------------------------------------------
 # model selection
 # --------------------------------------------------------------------------------------------

@@ -598,19 +598,44 @@ def _builtin_callbacks(run: _Run) -> list:
             _Recorder()]
 
 
-def fit_one_epoch(model, dataset, epoch: int, callbacks) -> None:
-    """Train ``model`` one epoch over ``dataset`` with ``keras.Model.fit``.
+def run_epoch(model, dataset, epoch: int, callbacks) -> dict:
+    """Train ``model`` one epoch over ``dataset`` (a ``keras.utils.PyDataset``), batch by batch
+    with ``train_on_batch``, calling ``callbacks`` as ``fit`` would; returns the epoch logs.
 
-    Known cost: on TensorFlow every ``fit`` call builds a ``tf.data`` pipeline around the
-    dataset, and tearing it down on return stalled for about 5 s in a third of the default
-    study's epochs. A ``train_on_batch`` loop avoids that (0.65-0.75 of the epoch time,
-    ``benchmarks/epoch_loop.py``), but it changes the Loc-Nets' trainings at rounding level
-    (probably because it traces the step for a batch of 1; not verified); in the study run
-    with it, the multi-step chain's finest level died in one seed. It waits until the chains no longer
-    depend on such rounding (benchmarks/README.md, "Epoch time: fit or a train_on_batch loop").
+    Why not ``model.fit``: on TensorFlow, every ``fit`` call wraps the dataset in a fresh
+    ``tf.data`` pipeline, reads two extra batches to learn its signature, and on leaving ``fit``
+    tearing that pipeline down stalled for about 5 s in a third to a half of the epochs of
+    the default study (epochs of 10.3 s instead of 5.5 s; benchmarks/README.md, "Epoch time").
+    The same ``train_step`` runs here on the same batches. The epoch logs are the means of the
+    batch logs weighted by batch size, which is what ``fit`` reports for batches of one.
+    Weights match ``fit``'s to rounding, not bit for bit. With ReLU U-Nets that rounding once
+    decided whether the multi-step chain's finest level died; with ``unet.activation:
+    leaky_relu`` (config.yaml) no unit can die, and the same case learns (benchmarks/README.md).
     """
-    model.fit(dataset, initial_epoch=epoch, epochs=epoch + 1, shuffle=False, verbose=0,
-              callbacks=list(callbacks))
+    cbs = keras.callbacks.CallbackList(list(callbacks), model=model, add_history=False,
+                                       add_progbar=False, verbose=0, epochs=epoch + 1,
+                                       steps=len(dataset))
+    model.stop_training = False
+    cbs.on_train_begin()
+    cbs.on_epoch_begin(epoch)
+    sums: dict[str, float] = {}
+    seen = 0
+    for step in range(len(dataset)):
+        cbs.on_train_batch_begin(step)
+        batch = dataset[step]
+        x, y = batch[0], batch[1] if len(batch) > 1 else None
+        n = int(np.shape(keras.tree.flatten(x)[0])[0])
+        logs = model.train_on_batch(x, y, return_dict=True)
+        for k, v in logs.items():
+            sums[k] = sums.get(k, 0.0) + n * float(v)
+        seen += n
+        cbs.on_train_batch_end(step, logs)
+        if model.stop_training:
+            break
+    logs = {k: v / max(seen, 1) for k, v in sums.items()}
+    cbs.on_epoch_end(epoch, logs)
+    cbs.on_train_end(logs)
+    return logs
 
 
 def _fit_epoch(run: _Run, epoch: int, phase: int, builtin: list, callbacks) -> dict:
@@ -620,7 +645,7 @@ def _fit_epoch(run: _Run, epoch: int, phase: int, builtin: list, callbacks) -> d
     reseed(run.model, run.seed, epoch, "train")
     run.train_ds.set_epoch(epoch)
     recorder.logs = None
-    fit_one_epoch(run.model, run.train_ds, epoch, builtin + list(callbacks or []))
+    run_epoch(run.model, run.train_ds, epoch, builtin + list(callbacks or []))
     if recorder.logs is None:
         raise RuntimeError(f"epoch {epoch + 1} did not complete")
     row = {"epoch": epoch + 1}
