@@ -744,3 +744,22 @@ def test_a_dead_level_of_a_trained_chain_is_detected_and_reported(tiny_study):
     page = report.results_markdown(pd.read_csv(tiny_study / "tables" / "table1.csv"),
                                    pd.read_csv(tiny_study / "tables" / "statistics.csv"), table)
     assert "level 1 returns its crop centre" in page and "that Loc-Net is dead" in page
+
+
+def test_the_cohort_built_without_snakemake_is_the_workflows(tiny_study, tmp_path, monkeypatch):
+    """benchmarks/device_cohort.py (for a GPU machine without Snakemake) writes the same tables
+    and pyramids as the workflow, and its check notices a single changed voxel."""
+    import nibabel as nib
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import device_cohort as dc
+
+    out = tmp_path / "res"
+    assert dc.main(["--config", str(ROOT / "config.yaml"), str(ROOT / "config" / "tiny.yaml"),
+                    "--out", str(out), "--workers", "2", "--compare", str(tiny_study)]) == 0
+    level = out / "pyramid" / "case_0003" / "level1.nii"
+    img = nib.load(level)
+    data = np.asarray(img.dataobj).copy()
+    data[2, 3, 4] += 0.5
+    nib.save(nib.Nifti1Image(data, img.affine, img.header), level)
+    assert dc.compare(out, tiny_study) == ["pyramid/case_0003/level1.nii"]
