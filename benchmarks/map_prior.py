@@ -85,6 +85,26 @@ def evaluate(model, dataset) -> dict:
     return {"errors": err, "slopes": [float(v) for v in np.nanmean(per, axis=0)]}
 
 
+def _warm_start_build(model_dir: str):
+    """A ``build_fn`` for ``locnet.train.train`` that builds the method's model, then copies
+    into its single U-Net every weight of the U-Net of a trained model (``model_dir``, e.g.
+    the study's heatmap U-Net of the same seed): a warm start. The two U-Nets must have the
+    same shapes (the same ``unet`` block and landmarks)."""
+    from locnet.inference import load_model_dir
+    from locnet.models import build_model
+
+    source = load_model_dir(model_dir).model.net
+
+    def build(method, method_cfg, grid):
+        model = build_model(method, method_cfg, grid)
+        if not hasattr(model, "locnet"):
+            raise SystemExit(f"--warm-start: {method} is not a single Loc-Net")
+        model.locnet.net.set_weights(source.get_weights())
+        return model
+
+    return build
+
+
 def run(args) -> dict:
     import pandas as pd
 
@@ -116,9 +136,10 @@ def run(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         # the study's own seed of this method and seed index (rule train's rule_seed)
         seed = seeds.derive(cfg["seed"], f"train/{args.method}/seed{args.seed}")
+        build = _warm_start_build(args.warm_start.format(seed=args.seed)) if args.warm_start else None
         result = T.train(args.method, mc, tc, grid, cfg["landmarks"], dirs["train"], dirs["val"],
                          table, out_dir=Path(tmp) / "out", state_dir=Path(tmp) / "st",
-                         seed=seed)
+                         seed=seed, build_fn=build)
         model = load_model_dir(Path(tmp) / "out").model
         levels = [int(c) for c in pd.Index(result["history"].columns)
                   .str.extract(r"^loss_level(\d+)$")[0].dropna()]
@@ -151,6 +172,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--keep", default=None, help="copy the trained model folder here")
     p.add_argument("--out", default=None, help="append the result as one JSON line here")
+    p.add_argument("--warm-start", default=None, metavar="MODEL_DIR",
+                   help="start the U-Net from a trained model's ('{seed}' becomes --seed), "
+                        "e.g. RESULTS/models/heatmap_unet/seed{seed}")
     p.add_argument("--fit", action="store_true",
                    help="train each epoch with keras.Model.fit (epoch_loop.fit_epoch), as "
                         "locnet.train did before run_epoch (benchmarks/README.md, 'Epoch time')")
