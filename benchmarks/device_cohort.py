@@ -5,8 +5,9 @@ and split, laid out as ``RESULTS/{data,pyramid}`` for ``benchmarks/map_prior.py`
 
 For a machine that has a Keras backend but neither Snakemake nor room to carry a cohort (the
 GPU machine of ``benchmarks/faithful_gpu.sh``). It calls what the data stage's rules call
-(``locnet.phantom``, ``locnet.ingest``, ``locnet.pyramid``, ``locnet.split``) with the
-config's blocks, so the files equal the workflow's: ``--compare RESULTS`` checks that against
+(``locnet.phantom``, then ``ingest.ingest_cohort``, ``pyramid.build_case`` and
+``split.split_cohort``, the functions the rules' scripts call) with the config's blocks,
+so the files equal the workflow's: ``--compare RESULTS`` checks that against
 a study's own ``data/`` and ``pyramid/`` (tables byte for byte, every level voxel for voxel).
 """
 
@@ -33,9 +34,7 @@ def _pyramid(job: tuple[str, str, dict, str]) -> str:
     from locnet import pyramid
 
     case, image, pcfg, out = job
-    pyramid.build_pyramid(image, pcfg, window_hu=pcfg["window_hu"],
-                          background_hu=pcfg["background_hu"], out_dir=Path(out) / case,
-                          case=case, threads=1, intensity=pcfg.get("intensity"))
+    pyramid.build_case(image, pcfg, out_dir=Path(out) / case, case=case, threads=1)
     return case
 
 
@@ -59,22 +58,18 @@ def build(cfg: dict, out: Path, workers: int) -> None:
     n = int(cfg["synthetic"]["n_cases"])
     _map(_case, [(i, dict(cfg["synthetic"]), str(syn)) for i in range(n)], workers)
     phantom.write_tables(n, dict(cfg["synthetic"]), syn)
-    sp = cfg["split"]
-    ingest.ingest(syn / "manifest.csv", syn / "landmarks.csv",
-                  landmark_names=list(cfg["landmarks"]),
-                  coordinate_system=cfg["cohort"]["coordinate_system"],
-                  out_manifest=data / "manifest.csv", out_landmarks=data / "landmarks.csv",
-                  min_cases=3, split_counts=sp.get("counts"), threads=workers, min_annotated=1,
-                  **ingest.pyramid_checks(cfg["pyramid"]))
+    ingest.ingest_cohort(syn / "manifest.csv", syn / "landmarks.csv",
+                         landmark_names=cfg["landmarks"],
+                         coordinate_system=cfg["cohort"]["coordinate_system"],
+                         split_cfg=cfg["split"], pyramid_cfg=cfg["pyramid"],
+                         out_manifest=data / "manifest.csv", out_landmarks=data / "landmarks.csv",
+                         threads=workers)
     manifest = fileio.read_manifest(data / "manifest.csv")
     jobs = [(c, img, cfg["pyramid"], str(out / "pyramid"))
             for c, img in zip(manifest["case_id"], manifest["image"])]
     _map(_pyramid, jobs, workers)
-    df = split.make_split(manifest["case_id"].tolist(), seed=sp["seed"],
-                          proportions=sp["proportions"], counts=sp.get("counts"))
-    split.check_annotations(df, fileio.read_landmarks(data / "landmarks.csv"),
-                            data / "landmarks.csv", source=syn / "landmarks.csv")
-    split.write_split(df, data / "split.csv", force=True)
+    split.split_cohort(data / "manifest.csv", data / "landmarks.csv", cfg["split"],
+                       data / "split.csv", raw_landmarks=syn / "landmarks.csv")
 
 
 def compare(out: Path, study: Path) -> list[str]:

@@ -499,3 +499,38 @@ def test_a_table_with_only_its_header_is_refused_naming_it(tmp_path, write_nifti
     write_rows(tmp_path / "landmarks.csv", [("c0", "left_bifurcation", "", "", "")])
     only_hit(problem_lines(tmp_path, min_annotated=1), "landmarks.csv", "0 annotated")
 
+
+
+def test_ingest_cohort_is_the_workflows_ingest(tmp_path, write_nifti, oblique_affine):
+    """Rule ingest's call: split counts, the pyramid block's checks, at least one annotated
+    landmark, and the digests; the same call ``benchmarks/device_cohort.py`` makes."""
+    from locnet.ingest import ingest_cohort
+
+    affs = make_cohort(tmp_path, write_nifti, oblique_affine)
+    # an 8 mm finest grid on each scan's centre; 8 mm is also the thinnest scan it takes
+    pyr = {"finest_shape": 4, "finest_spacing_mm": 2.0, "levels": 1,
+           "window_hu": [-200.0, 800.0], "background_hu": -1000.0}
+
+    def cohort(split_cfg):
+        return ingest_cohort(tmp_path / "manifest.csv", tmp_path / "landmarks.csv",
+                             landmark_names=NAMES, coordinate_system="RAS", split_cfg=split_cfg,
+                             pyramid_cfg=pyr, out_manifest=tmp_path / "data/manifest.csv",
+                             out_landmarks=tmp_path / "data/landmarks.csv",
+                             digest_dir=tmp_path / "data/digests")
+
+    c0 = centre(affs["c0"])
+    write_rows(tmp_path / "landmarks.csv", [("c0", "left_bifurcation", "", "", "")])
+    with pytest.raises(InputError, match="at least 1 needed"):
+        cohort({})
+    write_rows(tmp_path / "landmarks.csv", [("c0", "left_bifurcation", *(c0 + [0, 0, 5.0]))])
+    with pytest.raises(InputError, match="outside the pyramid's finest grid"):
+        cohort({})
+    write_rows(tmp_path / "landmarks.csv", [("c0", "left_bifurcation", *c0)])
+    with pytest.raises(InputError, match=r"sum to 4"):
+        cohort({"counts": {"train": 2, "val": 1, "test": 1}})
+    assert not (tmp_path / "data").exists()  # nothing written while a check fails
+    man, lm = cohort({"counts": {"train": 1, "val": 1, "test": 1}})
+    assert man["case_id"].tolist() == ["c0", "c1", "c2"]
+    np.testing.assert_allclose(lm.loc[0, ["x", "y", "z"]].to_numpy(float), c0)
+    assert sorted(p.name for p in (tmp_path / "data/digests").iterdir()) == [
+        "c0.json", "c1.json", "c2.json"]

@@ -357,3 +357,27 @@ def test_inference_applies_the_mode_in_the_model_metadata(write_nifti, tmp_path,
         assert params["intensity"] == intensity
     else:
         assert params.get("intensity", {"mode": "ct_window"}) == {"mode": "ct_window"}
+
+
+def test_build_case_takes_every_setting_from_the_pyramid_block(write_nifti, tmp_path):
+    """Rule pyramid's call (and ``benchmarks/device_cohort.py``'s): window, background and
+    intensity mode all come from the config's block, so a changed block changes the level."""
+    from locnet.pyramid import build_case
+
+    path = write_nifti(mri_like_scan(), np.diag([2.0, 2.0, 2.0, 1.0]), "mri.nii.gz")
+    pct = {"mode": "percentile", "percentiles": [1.0, 99.0]}
+    blocks = {"ct": {**PARAMS, "window_hu": [-200.0, 800.0], "background_hu": -1000.0},
+              "wide": {**PARAMS, "window_hu": [0.0, 30000.0], "background_hu": 0.0}}
+    blocks["pct"] = {**blocks["ct"], "intensity": pct}
+    levels = {}
+    for name, block in blocks.items():
+        build_case(path, block, tmp_path / name, case="m1", threads=1)
+        build_pyramid(path, block, block["window_hu"], block["background_hu"],
+                      tmp_path / f"{name}_direct", case="m1", intensity=block.get("intensity"))
+        levels[name], _ = load_level(tmp_path / name, 0, mmap=False)
+        direct, _ = load_level(tmp_path / f"{name}_direct", 0, mmap=False)
+        np.testing.assert_array_equal(levels[name], direct)
+    assert read_json(tmp_path / "pct" / "grid.json")["intensity"] == pct
+    assert read_json(tmp_path / "wide" / "grid.json")["window_hu"] == [0.0, 30000.0]
+    assert not np.array_equal(levels["ct"], levels["wide"])
+    assert not np.array_equal(levels["ct"], levels["pct"])

@@ -109,3 +109,26 @@ def test_a_validation_subset_without_annotations_is_refused_with_count_and_need(
     assert len(lines) == 1 and lines[0].startswith("val subset: 0 annotated landmark(s)")
     assert "at least 1 needed for model selection and calibration" in lines[0]
     assert "lm.csv" in lines[0]
+
+
+def test_split_cohort_is_the_workflows_split(tmp_path):
+    """Rule split's call (and ``benchmarks/device_cohort.py``'s): the config's split of the
+    manifest's cases, refused naming both tables before it is written, then written once."""
+    from locnet.fileio import write_landmarks
+    from locnet.split import split_cohort
+
+    cases = ids(10)
+    pd.DataFrame({"case_id": cases[::-1], "image": [f"{c}.nii.gz" for c in cases[::-1]]}).to_csv(
+        tmp_path / "manifest.csv", index=False)
+    cfg = {"seed": 7, "proportions": [167, 42, 54], "counts": {"train": 5, "val": 2, "test": 3}}
+    want = make_split(cases, seed=7, counts=cfg["counts"])
+    table, out = tmp_path / "landmarks.csv", tmp_path / "split.csv"
+    write_landmarks(annotated(want, empty_subsets=("test",)), table)
+    with pytest.raises(InputError, match="test subset: 0 annotated") as info:
+        split_cohort(tmp_path / "manifest.csv", table, cfg, out, raw_landmarks="/raw/lm.csv")
+    assert str(table) in str(info.value) and "/raw/lm.csv" in str(info.value)
+    assert not out.exists()
+    write_landmarks(annotated(want), table)
+    df, counts = split_cohort(tmp_path / "manifest.csv", table, cfg, out)
+    assert counts == {"train": 10, "val": 4, "test": 6}
+    pd.testing.assert_frame_equal(read_split(out), want)

@@ -61,7 +61,7 @@ from .fileio import (InputError, XYZ, case_id_problem, describe, load_volume, pa
                  parse_manifest_table, read_volume_header, resolve_image, write_csv_atomic,
                  write_landmarks, write_text_atomic)
 
-__all__ = ["ingest", "pyramid_checks", "format_shape", "format_spacing", "scan_digest",
+__all__ = ["ingest", "ingest_cohort", "pyramid_checks", "format_shape", "format_spacing", "scan_digest",
            "write_digest",
            "MIN_VOXELS_PER_AXIS", "MIN_IN_WINDOW_FRACTION", "MIN_WINDOW_SPREAD"]
 
@@ -88,6 +88,21 @@ def format_shape(shape: Sequence[int]) -> str:
 def format_spacing(spacing: Sequence[float]) -> str:
     """``(0.45, 0.45, 0.6)`` -> ``"0.45x0.45x0.6"`` (4 significant digits)."""
     return "x".join(f"{float(s):.4g}" for s in spacing)
+
+
+def ingest_cohort(manifest_csv: Any, landmarks_csv: Any, *, landmark_names: Sequence[str],
+                  coordinate_system: str, split_cfg: Mapping[str, Any],
+                  pyramid_cfg: Mapping[str, Any], out_manifest: Any, out_landmarks: Any,
+                  threads: int = 1, digest_dir: Any = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The data step ``ingest`` as the workflow runs it: :func:`ingest` with the config's
+    ``split`` block (its ``counts``) and ``pyramid`` block (:func:`pyramid_checks`), at least
+    one case per subset and at least one annotated landmark (a table with none trains
+    nothing). Rule ``ingest`` and ``benchmarks/device_cohort.py`` both call this."""
+    return ingest(manifest_csv, landmarks_csv, landmark_names=list(landmark_names),
+                  coordinate_system=coordinate_system, out_manifest=out_manifest,
+                  out_landmarks=out_landmarks, min_cases=3,
+                  split_counts=split_cfg.get("counts"), threads=threads, min_annotated=1,
+                  digest_dir=digest_dir, **pyramid_checks(pyramid_cfg))
 
 
 def pyramid_checks(pyramid: Mapping[str, Any]) -> dict[str, Any]:

@@ -45,6 +45,7 @@ from .geometry import Grid, grid_for_scan
 from .fileio import InputError, load_volume, read_json, save_nifti_atomic, write_json_atomic
 
 __all__ = [
+    "build_case",
     "build_pyramid",
     "downsample2",
     "load_level",
@@ -371,6 +372,17 @@ def build_pyramid(image_path: Any, grid_params: Mapping[str, Any] | Grid,
         meta["scan_window"] = [float(w) for w in window]  # this scan's values mapped to 0 and 1
     write_json_atomic(meta, out_dir / "grid.json")
     return grid
+
+
+def build_case(image_path: Any, pyramid_cfg: Mapping[str, Any], out_dir: Any, case: str,
+               threads: int | None = None) -> Grid:
+    """The data step ``pyramid`` of one case: :func:`build_pyramid` with every setting taken
+    from the config's ``pyramid`` block (grid, ``window_hu``, ``background_hu`` and, where
+    given, ``intensity``; absent: the CT window). Rule ``pyramid`` and
+    ``benchmarks/device_cohort.py`` both call this, so their pyramids cannot differ."""
+    return build_pyramid(image_path, pyramid_cfg, window_hu=pyramid_cfg["window_hu"],
+                         background_hu=pyramid_cfg["background_hu"], out_dir=out_dir, case=case,
+                         threads=threads, intensity=pyramid_cfg.get("intensity"))
 
 
 def read_grid(case_dir: Any) -> Grid:

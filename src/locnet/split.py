@@ -19,10 +19,10 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from .fileio import InputError, write_csv_atomic
+from .fileio import InputError, read_landmarks, read_manifest, write_csv_atomic
 
 __all__ = ["MIN_ANNOTATED", "SUBSETS", "SplitExistsError", "check_annotations", "make_split",
-           "read_split", "split_sizes", "write_split"]
+           "read_split", "split_cohort", "split_sizes", "write_split"]
 
 SUBSETS = ("train", "val", "test")
 
@@ -194,3 +194,21 @@ def check_annotations(split: pd.DataFrame, landmarks: pd.DataFrame, table: Any,
     if problems:
         raise InputError(f"{len(problems)} problem(s) in the split:\n" + "\n".join(problems))
     return counts
+
+
+def split_cohort(manifest_csv: Any, landmarks_csv: Any, split_cfg: Mapping[str, Any],
+                 out: Any, raw_landmarks: Any = None) -> tuple[pd.DataFrame, dict[str, int]]:
+    """The data step ``split``: the seeded split of the checked manifest's cases by the
+    config's ``split`` block, refused (:func:`check_annotations`, naming ``raw_landmarks``
+    too) before anything trains on it, then written to ``out``. Rule ``split`` and
+    ``benchmarks/device_cohort.py`` both call this. Returns the split and the annotated
+    landmarks per subset."""
+    ids = read_manifest(manifest_csv)["case_id"].tolist()
+    df = make_split(ids, seed=split_cfg["seed"], proportions=split_cfg["proportions"],
+                    counts=split_cfg.get("counts"))
+    # a subset without annotated landmarks would train with loss 0, or keep the untrained
+    # epoch 0 on a NaN validation error
+    annotated = check_annotations(df, read_landmarks(landmarks_csv), landmarks_csv,
+                                  source=raw_landmarks)
+    write_split(df, out, force=True)
+    return df, annotated

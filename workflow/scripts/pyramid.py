@@ -11,17 +11,9 @@ with job_logging(snakemake) as log:
     row = manifest.loc[manifest["case_id"] == case]
     if row.empty:
         raise fileio.InputError(f"case {case}: not in {snakemake.input.manifest}")
-    pcfg = snakemake.params.pyramid
-    grid = pyramid.build_pyramid(
-        row["image"].iloc[0],
-        pcfg,
-        window_hu=pcfg["window_hu"],
-        background_hu=pcfg["background_hu"],
-        out_dir=Path(snakemake.output.grid).parent,
-        case=case,
-        threads=snakemake.threads,
-        intensity=pcfg.get("intensity"),  # absent: the CT window
-    )
+    grid = pyramid.build_case(row["image"].iloc[0], snakemake.params.pyramid,
+                              out_dir=Path(snakemake.output.grid).parent, case=case,
+                              threads=snakemake.threads)
     meta = fileio.read_json(snakemake.output.grid)
     if "scan_window" in meta:
         log.info("case %s: percentile normalisation, [%g, %g] -> [0, 1]", case, *meta["scan_window"])
