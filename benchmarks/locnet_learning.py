@@ -104,6 +104,7 @@ def maps(res: Path, radius_mm: float, method: str = "locnet_single") -> None:
 
 def spread_model(base_cls, weight: float):
     """``base_cls`` (SingleLocNet) whose loss adds ``weight`` x the maps' spatial variance."""
+    import keras
     from keras import ops
 
     from locnet.models.base import masked_mean
@@ -118,6 +119,8 @@ def spread_model(base_cls, weight: float):
             out = out + ops.sum(idx * idx * marg, axis=1) / total - e1 * e1
         return out
 
+    # registered, so that a saved model of it loads again in this process (map_prior.py)
+    @keras.saving.register_keras_serializable(package="locnet_benchmarks")
     class Spread(base_cls):
         def call(self, inputs, training=None):
             maps = self.locnet.maps(inputs[f"level{self.level}"], training=training)

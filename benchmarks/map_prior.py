@@ -9,7 +9,9 @@ no-image reference, the slope of the predicted against the true position per gri
 
 ``--set key=value`` overrides config keys (dotted paths, YAML values), e.g.
 ``--set map_supervision.weight=0`` for the paper's Loc-Net or
-``--set methods.locnet_single.out_activation=relu`` for its ReLU maps.
+``--set methods.locnet_single.out_activation=relu`` for its ReLU maps. ``--warm-start``,
+``--head-bias`` and ``--spread-weight`` are the candidates of benchmarks/README.md ("Every
+candidate, 3 seeds each") that are not config keys.
 
     .venv/bin/snakemake --cores 2 --config results=/tmp/cohort -- /tmp/cohort/data/split.csv
     .venv/bin/python benchmarks/map_prior.py --results /tmp/cohort --method locnet_single \\
@@ -105,6 +107,36 @@ def _warm_start_build(model_dir: str):
     return build
 
 
+def _screen_build(args, base=None):
+    """A ``build_fn`` for ``locnet.train.train`` that applies the screens of
+    ``benchmarks/locnet_learning.py`` to ``locnet_single`` at the study's level and seeds:
+    ``--spread-weight`` (the maps' spatial variance added to the loss) and ``--head-bias``
+    (the initial bias of the maps' head). ``base``: the build_fn to start from (e.g. the
+    warm start), else :func:`locnet.models.build_model`."""
+    import numpy as np
+
+    from locnet.models import build_model
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from locnet_learning import spread_model
+    from locnet.models.single import SingleLocNet
+
+    def build(method, method_cfg, grid):
+        model = (base or build_model)(method, method_cfg, grid)
+        if not isinstance(model, SingleLocNet):
+            raise SystemExit(f"--spread-weight/--head-bias: {method} is not a single Loc-Net")
+        if args.spread_weight:
+            weights = model.get_weights()
+            model = spread_model(SingleLocNet, args.spread_weight).from_config(model.get_config())
+            model.set_weights(weights)
+        if args.head_bias:  # start every map near zero: the background holds little mass
+            head = model.locnet.net.layers[-1]
+            head.bias.assign(np.full(head.bias.shape, args.head_bias, dtype="float32"))
+        return model
+
+    return build
+
+
 def run(args) -> dict:
     import pandas as pd
 
@@ -137,6 +169,8 @@ def run(args) -> dict:
         # the study's own seed of this method and seed index (rule train's rule_seed)
         seed = seeds.derive(cfg["seed"], f"train/{args.method}/seed{args.seed}")
         build = _warm_start_build(args.warm_start.format(seed=args.seed)) if args.warm_start else None
+        if args.spread_weight or args.head_bias:
+            build = _screen_build(args, build)
         result = T.train(args.method, mc, tc, grid, cfg["landmarks"], dirs["train"], dirs["val"],
                          table, out_dir=Path(tmp) / "out", state_dir=Path(tmp) / "st",
                          seed=seed, build_fn=build)
@@ -156,6 +190,7 @@ def run(args) -> dict:
            "reference_mm": float(ref_mm), "share": ev["errors"]["position"] / float(ref_mm),
            "slopes": ev["slopes"], "level_mm": {k: v for k, v in ev["errors"].items() if k != "position"},
            "loss_levels": levels, "seconds": round(time.perf_counter() - t0, 1)}
+    row.update({k: getattr(args, k) for k in ("spread_weight", "head_bias") if getattr(args, k)})
     return row
 
 
@@ -175,6 +210,10 @@ def main(argv=None) -> int:
     p.add_argument("--warm-start", default=None, metavar="MODEL_DIR",
                    help="start the U-Net from a trained model's ('{seed}' becomes --seed), "
                         "e.g. RESULTS/models/heatmap_unet/seed{seed}")
+    p.add_argument("--spread-weight", type=float, default=0.0,
+                   help="locnet_single: add this x the maps' spatial variance (mm^2) to the loss")
+    p.add_argument("--head-bias", type=float, default=0.0,
+                   help="locnet_single: initial bias of the maps' 1x1x1 head (0: as built)")
     p.add_argument("--fit", action="store_true",
                    help="train each epoch with keras.Model.fit (epoch_loop.fit_epoch), as "
                         "locnet.train did before run_epoch (benchmarks/README.md, 'Epoch time')")
