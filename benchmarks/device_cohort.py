@@ -97,9 +97,9 @@ def main(argv=None) -> int:
     ap.add_argument("--compare", default=None, metavar="RESULTS",
                     help="check the cohort against a study's RESULTS folder; exit 1 if it differs")
     args = ap.parse_args(argv)
-    import map_prior
+    from bench_config import load_config
 
-    cfg = map_prior.load_config(args.config or [str(ROOT / "config.yaml")], args.set)
+    cfg = load_config(args.config or [str(ROOT / "config.yaml")], args.set)
     out = Path(args.out)
     build(cfg, out, args.workers)
     print(f"cohort: {out}")

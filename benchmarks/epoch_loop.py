@@ -47,12 +47,12 @@ def main(argv=None) -> int:
     locnet.job_threads(args.threads)
     import numpy as np
 
-    import map_prior
+    from bench_config import load_config
     from locnet import config as C
     from locnet import seeds, split as splitmod
     from locnet import train as T
 
-    cfg = map_prior.load_config(args.config or [str(ROOT / "config.yaml")], [])
+    cfg = load_config(args.config or [str(ROOT / "config.yaml")], [])
     res = Path(args.results)
     split = splitmod.read_split(res / "data" / "split.csv")
     dirs = {s: [res / "pyramid" / c for c in split.loc[split["subset"] == s, "case_id"]]

@@ -30,35 +30,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-
-def _set(cfg: dict, dotted: str, value) -> None:
-    node = cfg
-    *path, last = dotted.split(".")
-    for key in path:
-        node = node.setdefault(key, {})
-    node[last] = value
-
-
-def load_config(files, overrides) -> dict:
-    import yaml
-
-    from locnet import config as C
-
-    raw: dict = {}
-    for f in files:
-        raw = _deep_merge(raw, yaml.safe_load(Path(f).read_text()) or {})
-    for item in overrides:
-        key, _, value = item.partition("=")
-        _set(raw, key, yaml.safe_load(value))
-    return C.validate(raw)
-
-
-def _deep_merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+from bench_config import load_config, set_key  # noqa: E402
 
 
 def evaluate(model, dataset) -> dict:
@@ -117,7 +91,6 @@ def _screen_build(args, base=None):
 
     from locnet.models import build_model
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from locnet_learning import spread_model
     from locnet.models.single import SingleLocNet
 
@@ -152,7 +125,7 @@ def run(args) -> dict:
 
     cfg = load_config(args.config or [str(ROOT / "config.yaml")], args.set)
     if args.epochs:
-        _set(cfg, f"methods.{args.method}.epochs", args.epochs)
+        set_key(cfg, f"methods.{args.method}.epochs", args.epochs)
     res = Path(args.results)
     split = splitmod.read_split(res / "data" / "split.csv")
     table = res / "data" / "landmarks.csv"
@@ -219,7 +192,6 @@ def main(argv=None) -> int:
                         "locnet.train did before run_epoch (benchmarks/README.md, 'Epoch time')")
     args = p.parse_args(argv)
     if args.fit:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
         import epoch_loop
 
         import locnet
