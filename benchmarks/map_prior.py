@@ -88,10 +88,9 @@ def _screen_build(args, base=None):
     (the initial bias of the maps' head). ``base``: the build_fn to start from (e.g. the
     warm start), else :func:`locnet.models.build_model`."""
     import numpy as np
+    from locnet_learning import spread_model
 
     from locnet.models import build_model
-
-    from locnet_learning import spread_model
     from locnet.models.single import SingleLocNet
 
     def build(method, method_cfg, grid):
@@ -99,6 +98,10 @@ def _screen_build(args, base=None):
         if not isinstance(model, SingleLocNet):
             raise SystemExit(f"--spread-weight/--head-bias: {method} is not a single Loc-Net")
         if args.spread_weight:
+            # the spread model's loss is the position loss and the variance alone
+            if model.locnet.supervised:
+                raise SystemExit("--spread-weight replaces the loss and would drop the map "
+                                 "prior: run it with --set map_supervision.weight=0")
             weights = model.get_weights()
             model = spread_model(SingleLocNet, args.spread_weight).from_config(model.get_config())
             model.set_weights(weights)

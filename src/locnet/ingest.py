@@ -61,8 +61,8 @@ from .fileio import (InputError, XYZ, case_id_problem, describe, load_volume, pa
                  parse_manifest_table, read_volume_header, resolve_image, write_csv_atomic,
                  write_landmarks, write_text_atomic)
 
-__all__ = ["ingest", "ingest_cohort", "pyramid_checks", "format_shape", "format_spacing", "scan_digest",
-           "write_digest",
+__all__ = ["ingest", "ingest_cohort", "pyramid_checks", "format_shape", "format_spacing",
+           "scan_digest", "write_digest",
            "MIN_VOXELS_PER_AXIS", "MIN_IN_WINDOW_FRACTION", "MIN_WINDOW_SPREAD"]
 
 log = logging.getLogger(__name__)
